@@ -1,0 +1,30 @@
+"""interp_lib: make GPT-2-family transformers transparent and trustworthy.
+
+``import interp_lib as il`` is cheap: analysis submodules (``il.calibration``, ``il.heads``, ...)
+are imported on first use, and TransformerLens only when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .models import BUNDLED_MODELS, DEFAULT_MODEL, ModelLoadError, load_model, select_device
+
+__version__ = "0.1.0"
+
+_SUBMODULES = {
+    "attribution", "calibration", "checkpoint", "cli", "data", "explain", "heads", "models",
+    "notebook", "patching", "paths", "plots", "probing", "runner", "selective",
+}
+
+__all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "ModelLoadError", "load_model", "select_device",
+           "__version__", *sorted(_SUBMODULES)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'interp_lib' has no attribute {name!r}")

@@ -1,0 +1,131 @@
+"""Text and token batches: the bundled corpus, WikiText through ``datasets``, repeated random tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from .paths import data_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+BUNDLED_SPLITS = ("train", "validation", "test", "code")
+WIKITEXT = ("wikitext", "wikitext-103-raw-v1")
+
+
+def load_corpus(split: str = "validation") -> str:
+    """Text of one split of the bundled corpus (Python documentation prose, PSF licence).
+
+    ``code`` is the code blocks of the same documents: an out-of-distribution text set.
+    """
+    if split not in BUNDLED_SPLITS:
+        raise ValueError(f"split={split!r} is not a bundled split; expected one of {BUNDLED_SPLITS}")
+    return (data_dir() / "corpus" / f"{split}.txt").read_text(encoding="utf-8")
+
+
+def load_wikitext(split: str = "validation", name: str = WIKITEXT[1]) -> str:
+    """WikiText-103 (raw) through Hugging Face ``datasets``: needs the hub or a local cache."""
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"split={split!r}: expected 'train', 'validation' or 'test'")
+    try:
+        from datasets import load_dataset
+
+        dataset = load_dataset(WIKITEXT[0], name, split=split)
+    except Exception as error:  # datasets raises many types when offline
+        raise RuntimeError(
+            f"cannot load {WIKITEXT[0]}/{name} ({split}): {type(error).__name__}: {error}. "
+            "It needs network access to the Hugging Face hub once (e.g. on Colab) or a cached "
+            "copy; offline, use dataset='bundled'.") from error
+    return "".join(row["text"] for row in dataset)
+
+
+def load_texts(dataset: str = "bundled", split: str = "validation") -> str:
+    """Text of ``dataset``: 'bundled' (offline corpus), 'wikitext' (hub), or 'auto' (WikiText
+    on Colab, the bundled corpus elsewhere)."""
+    if dataset == "auto":
+        from .checkpoint import in_colab
+
+        dataset = "wikitext" if in_colab() else "bundled"
+    if dataset == "bundled":
+        return load_corpus(split)
+    if dataset == "wikitext":
+        return load_wikitext(split)
+    raise ValueError(f"dataset={dataset!r}: expected 'bundled', 'wikitext' or 'auto'")
+
+
+def _bos_id(tokenizer: "PreTrainedTokenizerBase") -> int:
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise ValueError("tokenizer has neither a BOS nor an EOS token to prepend")
+    return int(bos)
+
+
+def text_windows(tokenizer: "PreTrainedTokenizerBase", text: str | Iterable[str], window_len: int,
+                 n_windows: int | None = None, seed: int = 0, prepend_bos: bool = True,
+                 deduplicate: bool = True) -> Int[Tensor, "window pos"]:
+    """Cut tokenised text into non-overlapping windows of ``window_len`` tokens (BOS included).
+
+    Windows are shuffled with ``seed``; exact duplicates are dropped; at most ``n_windows`` are
+    returned. Accepts a tokenizer or a model with a ``.tokenizer``.
+    """
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if not isinstance(window_len, int) or window_len < 2:
+        raise ValueError(f"window_len={window_len!r}: expected an integer >= 2")
+    if n_windows is not None and (not isinstance(n_windows, int) or n_windows < 1):
+        raise ValueError(f"n_windows={n_windows!r}: expected a positive integer or None")
+    texts = [text] if isinstance(text, str) else list(text)
+    body = window_len - 1 if prepend_bos else window_len
+    ids: list[int] = []
+    for chunk in texts:
+        if chunk.strip():
+            ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+    n_full = len(ids) // body
+    if n_full == 0:
+        raise ValueError(f"text has {len(ids)} tokens: too short for one window of {window_len}")
+    rows = torch.tensor(ids[: n_full * body], dtype=torch.long).view(n_full, body)
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n_full))
+    rows = rows[order]
+    if deduplicate:
+        seen, keep = set(), []
+        for index, row in enumerate(rows):
+            digest = hashlib.sha1(row.numpy().tobytes()).digest()
+            if digest not in seen:
+                seen.add(digest)
+                keep.append(index)
+        rows = rows[keep]
+    if n_windows is not None:
+        rows = rows[:n_windows]
+    if prepend_bos:
+        rows = torch.cat([torch.full((len(rows), 1), _bos_id(tokenizer)), rows], dim=1)
+    return rows
+
+
+def repeated_random_tokens(n_sequences: int, segment_length: int, vocab_size: int, n_repeats: int = 2,
+                           seed: int = 0, bos_id: int | None = 0, low: int = 1,
+                           exclude: Sequence[int] = ()) -> Int[Tensor, "batch pos"]:
+    """``[BOS] + S * n_repeats`` with ``S`` uniformly random tokens of ``segment_length``.
+
+    Token ids are drawn from ``[low, vocab_size)`` minus ``exclude`` (special tokens), so a
+    repeat can only be predicted by copying from context: the standard induction probe.
+    """
+    for name, value, minimum in (("n_sequences", n_sequences, 1), ("segment_length", segment_length, 1),
+                                 ("n_repeats", n_repeats, 1), ("vocab_size", vocab_size, 2)):
+        if not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
+    allowed = np.setdiff1d(np.arange(low, vocab_size), np.asarray(list(exclude), dtype=np.int64))
+    if len(allowed) < 2:
+        raise ValueError(f"vocab_size={vocab_size}, low={low}: fewer than 2 token ids to draw from")
+    rng = np.random.default_rng(seed)
+    segment = torch.from_numpy(rng.choice(allowed, size=(n_sequences, segment_length)))
+    tokens = segment.repeat(1, n_repeats)
+    if bos_id is not None:
+        tokens = torch.cat([torch.full((n_sequences, 1), bos_id), tokens], dim=1)
+    return tokens.long()

@@ -1,0 +1,83 @@
+"""Notebook setup shared by the series: Colab detection, Drive, plotly renderer, parameter resolution.
+
+The mechanism that lets one notebook analyse GPT-2 on Colab and the bundled model offline,
+without edits: the ``parameters`` cell says ``model_name = "auto"``; ``resolve_model_name``
+turns "auto" into ``INTERP_LIB_MODEL`` if set, else ``gpt2`` on Colab, else the bundled
+``toy-lm``. papermill / ``interp-lib run --model NAME`` can always pass an explicit name.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .checkpoint import Checkpointer, default_root, in_colab
+from .models import BUNDLED_MODELS, DEFAULT_MODEL
+
+COLAB_MODEL = "gpt2"
+DRIVE_MOUNT = "/content/drive"
+
+
+def resolve_model_name(model_name: str = "auto", default: str = DEFAULT_MODEL,
+                       colab_default: str = COLAB_MODEL) -> str:
+    """'auto' -> $INTERP_LIB_MODEL, else ``colab_default`` on Colab, else ``default``."""
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"model_name={model_name!r}: expected 'auto', a model name or a directory")
+    if model_name != "auto":
+        return model_name
+    return os.environ.get("INTERP_LIB_MODEL") or (colab_default if in_colab() else default)
+
+
+def resolve_output_dir(output_dir: str | os.PathLike = "auto", notebook: str = "notebook") -> Path:
+    """'auto' -> ``<checkpoint root>/<notebook>`` (Drive on Colab, runs/ elsewhere)."""
+    path = default_root() / notebook if os.fspath(output_dir) == "auto" else Path(output_dir)
+    path = path.expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def mount_drive() -> bool:
+    """Mount Google Drive on Colab (asks the user once); returns True when Drive is available."""
+    if not in_colab():
+        return False
+    if not Path(DRIVE_MOUNT, "MyDrive").is_dir():
+        from google.colab import drive  # type: ignore[import-not-found]
+
+        drive.mount(DRIVE_MOUNT)
+    return Path(DRIVE_MOUNT, "MyDrive").is_dir()
+
+
+def set_plotly_renderer(renderer: str | None = None) -> str:
+    """'colab' on Colab; elsewhere ``$INTERP_LIB_PLOTLY_RENDERER`` or 'notebook_connected'."""
+    import plotly.io as pio
+
+    chosen = renderer or os.environ.get("INTERP_LIB_PLOTLY_RENDERER") or (
+        "colab" if in_colab() else "notebook_connected")
+    pio.renderers.default = chosen
+    return chosen
+
+
+def setup(notebook: str, model_name: str = "auto", output_dir: str | os.PathLike = "auto",
+          seed: int = 0, renderer: str | None = None) -> tuple[str, Path, Checkpointer]:
+    """One call per notebook: mount Drive on Colab, set the renderer and seeds, resolve the
+    model name and output folder, and open the notebook's checkpointer.
+
+    Returns ``(model_name, output_dir, checkpointer)``.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed={seed!r}: expected an integer")
+    mount_drive()
+    set_plotly_renderer(renderer)
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    name = resolve_model_name(model_name)
+    out = resolve_output_dir(output_dir, notebook)
+    ckpt = Checkpointer(out / "checkpoints")
+    where = "bundled toy model" if name in BUNDLED_MODELS else "model"
+    print(f"{notebook}: {where} {name!r}, seed {seed}, outputs in {out}"
+          + (" (Colab)" if in_colab() else ""), file=sys.stdout)
+    return name, out, ckpt
