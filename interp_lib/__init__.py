@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .models import BUNDLED_MODELS, DEFAULT_MODEL, ModelLoadError, load_model, select_device
-
 __version__ = "0.1.0"
 
 _SUBMODULES = {
@@ -19,10 +17,19 @@ _SUBMODULES = {
 }
 
 __all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "ModelLoadError", "load_model", "select_device",
-           "__version__", *sorted(_SUBMODULES)]
+           "__version__"]
+
+
+# Names re-exported from interp_lib.models, which imports torch: resolved on first use so that
+# `interp-lib --help` and notebook kernels that only record metrics start quickly.
+_MODEL_NAMES = {"BUNDLED_MODELS", "DEFAULT_MODEL", "ModelLoadError", "load_model", "select_device"}
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MODEL_NAMES:
+        value = getattr(importlib.import_module(".models", __name__), name)
+        globals()[name] = value
+        return value
     if name in _SUBMODULES:
         module = importlib.import_module(f".{name}", __name__)
         globals()[name] = module

@@ -76,7 +76,7 @@ def setup(notebook: str, model_name: str = "auto", output_dir: str | os.PathLike
     np.random.seed(seed)
     name = resolve_model_name(model_name)
     out = resolve_output_dir(output_dir, notebook)
-    ckpt = Checkpointer(out / "checkpoints")
+    ckpt = Checkpointer(out / "checkpoints" / notebook)  # notebooks of a run share output_dir
     where = "bundled toy model" if name in BUNDLED_MODELS else "model"
     print(f"{notebook}: {where} {name!r}, seed {seed}, outputs in {out}"
           + (" (Colab)" if in_colab() else ""), file=sys.stdout)

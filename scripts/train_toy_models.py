@@ -32,6 +32,12 @@ BOS = 0
 # Segment lengths seen in training; evaluation uses lengths outside this range.
 TRAIN_SEGMENT_LENGTHS = (5, 40)
 HELD_OUT_SEGMENT_LENGTHS = (3, 47, 61)
+# The recipes of the shipped models (command-line flags override).
+MODEL_DEFAULTS = {
+    "toy-lm": {"steps": 3000, "batch": 16, "d_model": 128, "lr": 2e-3},
+    "toy-2l": {"steps": 6000, "batch": 64, "d_model": 64, "lr": 1e-3},
+    "toy-1l": {"steps": 6000, "batch": 64, "d_model": 64, "lr": 1e-3},
+}
 
 
 def sinusoidal(n_positions: int, d_model: int) -> torch.Tensor:
@@ -43,15 +49,26 @@ def sinusoidal(n_positions: int, d_model: int) -> torch.Tensor:
     return table
 
 
-def repeat_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab: int) -> torch.Tensor:
+def repeat_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab: int,
+                 skip_bigram_rows: float = 0.0, permutation: np.ndarray | None = None) -> torch.Tensor:
     """Random tokens where a segment recurs: either periodically (S S S ...) after a random
-    prefix, or twice with random filler between; lengths, starts and gaps vary per row."""
+    prefix, or twice with random filler between; lengths, starts and gaps vary per row.
+
+    A fraction ``skip_bigram_rows`` of rows instead follow ``t[i+1] = permutation[t[i-1]]`` half
+    of the time (random otherwise): a signal that rewards attending to the previous token
+    directly, as n-gram statistics do in natural text.
+    """
     tokens = rng.integers(1, vocab, size=(batch, seq_len))
     tokens[:, 0] = BOS
     lo, hi = TRAIN_SEGMENT_LENGTHS
     for row in range(batch):
         length = int(rng.integers(lo, hi + 1))
-        if rng.random() < 0.5:  # periodic repeats after a random prefix
+        if skip_bigram_rows and rng.random() < skip_bigram_rows:  # no draw when off: same stream
+            follow = rng.random(seq_len) < 0.5
+            for i in range(3, seq_len):
+                if follow[i]:
+                    tokens[row, i] = permutation[tokens[row, i - 2]]
+        elif rng.random() < 0.5:  # periodic repeats after a random prefix
             start = int(rng.integers(1, 1 + max(1, seq_len - 2 * length - 1)))
             segment = tokens[row, start:start + length].copy()
             reps = math.ceil((seq_len - start) / length)
@@ -118,10 +135,11 @@ def train_induction(n_layer: int, out: Path, args) -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / args.warmup))
+    permutation = np.concatenate([[BOS], 1 + np.random.default_rng(args.seed + 1).permutation(vocab - 1)])
     history = []
     start = time.time()
     for step in range(1, args.steps + 1):
-        tokens = repeat_batch(rng, args.batch, args.seq_len, vocab)
+        tokens = repeat_batch(rng, args.batch, args.seq_len, vocab, args.skip_bigram_rows, permutation)
         loss = model(tokens, labels=tokens).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -222,23 +240,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--n-positions", type=int, default=256)
-    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--d-model", type=int, default=None)
     parser.add_argument("--n-heads", type=int, default=4)
     parser.add_argument("--n-layer", type=int, default=4, help="toy-lm only")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--positions", choices=["learned", "sinusoidal"], default="sinusoidal")
-    parser.add_argument("--pos-scale", type=float, default=1.0)
+    parser.add_argument("--positions", choices=["learned", "sinusoidal"], default="sinusoidal",
+                        help="toy-1l / toy-2l: frozen sinusoidal (default) or learned positions")
+    parser.add_argument("--pos-scale", type=float, default=0.05,
+                        help="scale of the frozen sinusoidal table (token embeddings start at std 0.02)")
+    parser.add_argument("--skip-bigram-rows", type=float, default=0.0,
+                        help="fraction of induction-training rows with t[i+1]=perm(t[i-1]) structure")
     parser.add_argument("--log-every", type=int, default=250)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the shipped models used 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = args.out or DATA / "models" / args.model
+    for key, value in MODEL_DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.model == "toy-lm":
-        args.steps, args.batch = args.steps or 4000, args.batch or 32
         train_lm(out, args)
     else:
-        args.steps, args.batch = args.steps or 4000, args.batch or 64
         train_induction(2 if args.model == "toy-2l" else 1, out, args)
 
 

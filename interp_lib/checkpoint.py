@@ -1,0 +1,625 @@
+"""Stage-level memoisation that survives a killed session (Colab, a laptop, a batch job).
+
+A notebook wraps each expensive step in ``ckpt.stage(name, compute_fn, params={...})``. The first
+call computes and stores the result; later calls -- in this process or after a restart -- load
+it, as long as the params are the same. Different params recompute and replace the old result.
+
+Layout of a root (Drive on Colab, ``runs/`` locally, ``$INTERP_LIB_RUNS`` when set)::
+
+    <root>/manifest.json             one entry per finished stage (params, hash, file, timing)
+    <root>/<name>-<hash16>.pt        the stage result, written with torch.save
+
+Guarantees and limits:
+
+* Writes are atomic: a temp file in the same directory, flushed and fsynced, then ``os.replace``.
+  The stage file is written before the manifest names it, and its name carries the params hash,
+  so a process killed at any moment leaves either the old finished state or the new one, never a
+  half-written file that is read as finished. A stage file damaged afterwards (truncated copy,
+  Drive sync trouble) is detected on load, warned about, and recomputed.
+* Secrets are never written: params whose key looks like a credential (see ``is_secret_key``),
+  at any nesting depth, are stored as ``"<redacted>"`` and left out of the hash; so is any string
+  param equal to the value of a credential-named environment variable. A *result* that equals
+  such a value (e.g. ``$OPENAI_API_KEY``) is refused.
+* One writer per root at a time: the manifest is read, updated and replaced without a lock
+  (file locks are unreliable on Drive). ``notebook.setup`` gives each notebook its own root.
+* Results are pickled (``torch.save``) and loaded with ``weights_only=False``: only load roots
+  you wrote yourself.
+
+How params are hashed (``params_hash``): the params are turned into a canonical JSON value and
+hashed with SHA-256 (``json.dumps(sort_keys=True, separators=(",", ":"))``), so key order and
+the process do not matter. The canonical form of
+
+* ``None``, bools, ints, strings: themselves; finite floats: themselves (``repr`` round-trips);
+  NaN / +-inf: the strings ``"nan"``, ``"inf"``, ``"-inf"`` under a ``{"__float__": ...}`` tag;
+* dicts: dicts (non-string keys become ``"<type>:<repr>"``); lists and tuples: lists (so a
+  tuple and a list with the same items hash the same, as papermill passes lists); sets: sorted;
+* ``torch.Tensor``: dtype, shape and SHA-256 of the raw bytes (device is ignored);
+  ``numpy.ndarray``: dtype, shape and SHA-256 of the bytes (object arrays: their items);
+  numpy scalars: the Python value; ``pandas`` DataFrame / Series / Index: columns, dtypes and
+  ``pandas.util.hash_pandas_object`` (index included), which is stable across processes;
+* ``pathlib`` paths: the path string as given (not resolved); enums: ``Class.MEMBER``;
+  ``torch.dtype`` / ``torch.device``: their ``str``; dataclass instances: class name and fields;
+  functions and classes: ``module:qualname``;
+* anything else: ``"<ClassName>:" + repr(obj)``, with a warning when that repr holds a memory
+  address (it changes every run, so the stage would never be reused).
+
+``torch.nn.Module`` params are refused: their repr ignores the weights and hashing the weights is
+slow; pass something that identifies the model (its name or path) instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path, PurePath
+from typing import Any, BinaryIO, Callable, Iterator
+
+import torch
+
+__all__ = ["Checkpointer", "default_root", "in_colab", "is_secret_key", "params_hash",
+           "MANIFEST_NAME", "REDACTED"]
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+REDACTED = "<redacted>"
+DRIVE_HOME = Path("/content/drive/MyDrive")
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_MAX_NAME_LEN = 200  # leaves room for "-<hash16>.pt" and temp suffixes under the 255-byte limit
+_HASH_IN_FILE = 16
+_STAGE_FILE_RE = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)-(?P<hash>[0-9a-f]{%d})\.pt" % _HASH_IN_FILE)
+# Temp files: ".<target>.<host>-<pid>.<random>.tmp" -> the owner can be recognised after a kill.
+_TEMP_RE = re.compile(r"\.(?P<target>.+)\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[^.]+\.tmp")
+_STALE_TEMP_SECONDS = 6 * 3600  # a temp file untouched this long is left over from a dead writer
+
+# Credential-looking key words. "token" must be a whole word so that LM params such as
+# max_tokens, n_tokens or tokenizer stay in the hash; the others may appear inside a word.
+_SECRET_SUBSTRINGS = ("apikey", "secret", "password", "authorization")
+_SECRET_WORDS = {"token"}
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def in_colab() -> bool:
+    """True inside Google Colab (the module is imported, or the runtime's env var is set)."""
+    return "google.colab" in sys.modules or bool(os.environ.get("COLAB_RELEASE_TAG"))
+
+
+def default_root() -> Path:
+    """Where runs are stored: ``$INTERP_LIB_RUNS``; on Colab with Drive mounted
+    ``/content/drive/MyDrive/interp_lib/runs`` (survives the VM); else ``runs/`` in the source
+    checkout (so a notebook opened from ``notebooks/`` writes there too), else ``./runs``."""
+    override = os.environ.get("INTERP_LIB_RUNS")
+    if override:
+        return Path(override).expanduser().resolve()
+    if in_colab() and DRIVE_HOME.is_dir():
+        return DRIVE_HOME / "interp_lib" / "runs"
+    from .paths import repo_root
+
+    checkout = repo_root()
+    return checkout / "runs" if checkout is not None else Path("runs").resolve()
+
+
+# ----------------------------------------------------------------------------- secrets
+
+
+def _key_words(key: str) -> list[str]:
+    """'openaiApiKey' -> ['openai', 'api', 'key']; 'HF_TOKEN' -> ['hf', 'token']."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", key)
+    return [word.lower() for word in re.split(r"[^A-Za-z0-9]+", spaced) if word]
+
+
+def is_secret_key(key: Any) -> bool:
+    """Whether a param (or env var) name looks like a credential.
+
+    Matches, case-insensitively, ``api_key`` / ``apikey`` / ``API-Key``, ``secret``, ``password``
+    and ``authorization`` anywhere in the name, and ``token`` as a whole word (``hf_token``,
+    ``accessToken``, ``TOKEN``) -- but not ``max_tokens`` or ``tokenizer``, which are ordinary
+    language-model params that must stay in the hash.
+    """
+    if not isinstance(key, str):
+        return False
+    words = _key_words(key)
+    compact = "".join(words)
+    return any(s in compact for s in _SECRET_SUBSTRINGS) or any(w in _SECRET_WORDS for w in words)
+
+
+def _secret_env_values() -> set[str]:
+    """Values of credential-named environment variables (OPENAI_API_KEY, HF_TOKEN, ...).
+
+    Short values are skipped: they cannot be real credentials and would match ordinary strings.
+    """
+    values = {value for name, value in os.environ.items() if is_secret_key(name) and len(value) >= 8}
+    if os.environ.get("OPENAI_API_KEY"):
+        values.add(os.environ["OPENAI_API_KEY"])
+    return values
+
+
+# ----------------------------------------------------------------------------- hashing
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tensor_digest(tensor: torch.Tensor) -> dict[str, Any]:
+    t = tensor.detach()
+    if t.layout != torch.strided or t.is_quantized:
+        t = t.to_dense() if t.layout != torch.strided else t.dequantize()
+    t = t.cpu().contiguous()
+    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return {"__tensor__": {"dtype": str(t.dtype), "shape": list(t.shape), "sha256": _sha256(raw)}}
+
+
+def _canonical(value: Any, secrets: set[str], path: str, redact: bool) -> Any:
+    """A JSON value standing for ``value`` (see the module docstring).
+
+    ``redact=True`` replaces secrets by ``REDACTED`` (for the manifest); ``redact=False`` drops
+    them (for the hash). ``path`` names the param in error messages, e.g. ``params['a'][0]``.
+    """
+    if value is None or isinstance(value, (bool, int, str)) and not isinstance(value, enum.Enum):
+        if isinstance(value, str) and value in secrets:
+            return REDACTED
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"__float__": repr(value)}
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            text = key if isinstance(key, str) else f"<{type(key).__name__}>:{key!r}"
+            if is_secret_key(key):
+                if redact:
+                    out[text] = REDACTED
+                continue  # left out of the hash: rotating a key must not invalidate results
+            out[text] = _canonical(item, secrets, f"{path}[{key!r}]", redact)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item, secrets, f"{path}[{i}]", redact) for i, item in enumerate(value)]
+    if isinstance(value, (set, frozenset)):
+        items = [_canonical(item, secrets, f"{path}[...]", redact) for item in value]
+        return {"__set__": sorted(items, key=lambda item: json.dumps(item, sort_keys=True))}
+    if isinstance(value, torch.nn.Module):
+        raise ValueError(
+            f"{path} is a torch.nn.Module ({type(value).__name__}): pass something that identifies "
+            "it (its name or path) instead; its repr ignores the weights and hashing them is slow")
+    if isinstance(value, torch.Tensor):
+        return _tensor_digest(value)
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if isinstance(value, PurePath):
+        return {"__path__": str(value)}
+    if isinstance(value, enum.Enum):
+        return {"__enum__": f"{type(value).__qualname__}.{value.name}"}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields: dict[str, Any] = {}
+        for field in dataclasses.fields(value):
+            if is_secret_key(field.name):
+                if redact:
+                    fields[field.name] = REDACTED
+                continue
+            fields[field.name] = _canonical(getattr(value, field.name), secrets,
+                                            f"{path}.{field.name}", redact)
+        return {"__dataclass__": f"{type(value).__module__}.{type(value).__qualname__}",
+                "fields": fields}
+    if isinstance(value, type) or callable(value) and hasattr(value, "__qualname__"):
+        return {"__callable__": f"{getattr(value, '__module__', '?')}:{value.__qualname__}"}
+    module = type(value).__module__.split(".")[0]
+    if module == "numpy":
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return _canonical(value.item(), secrets, path, redact)
+        if isinstance(value, np.ndarray):
+            if value.dtype.hasobject:  # tobytes() of an object array is pointers
+                items = _canonical(value.tolist(), secrets, path, redact)
+                return {"__ndarray__": {"dtype": "object", "shape": list(value.shape), "items": items}}
+            raw = np.ascontiguousarray(value).tobytes()
+            return {"__ndarray__": {"dtype": value.dtype.str, "shape": list(value.shape),
+                                    "sha256": _sha256(raw)}}
+    if module == "pandas":
+        import pandas as pd
+
+        if isinstance(value, (pd.DataFrame, pd.Series, pd.Index)):
+            row_hashes = pd.util.hash_pandas_object(value, index=not isinstance(value, pd.Index))
+            columns = [str(c) for c in value.columns] if isinstance(value, pd.DataFrame) else []
+            dtypes = ([str(d) for d in value.dtypes] if isinstance(value, pd.DataFrame)
+                      else [str(value.dtype)])
+            return {"__pandas__": {"type": type(value).__name__, "columns": columns,
+                                   "dtypes": dtypes, "shape": list(value.shape),
+                                   "sha256": _sha256(row_hashes.to_numpy().tobytes())}}
+    text = repr(value)
+    if re.search(r" at 0x[0-9a-fA-F]+", text):
+        warnings.warn(f"{path} ({type(value).__name__}) has a repr with a memory address, which "
+                      "changes every run: the stage will be recomputed each time; pass a plain "
+                      "value (name, number, path) instead", stacklevel=4)
+    return f"<{type(value).__name__}>:{text}"
+
+
+def params_hash(params: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of ``params``, credentials left out.
+
+    Stable across processes and independent of key order; see the module docstring for how
+    tensors, arrays, DataFrames, paths and other objects are represented.
+    """
+    if not isinstance(params, dict):
+        raise ValueError(f"params={params!r}: expected a dict of parameters")
+    canonical = _canonical(params, _secret_env_values(), "params", redact=False)
+    return _sha256(_canonical_json(canonical).encode("utf-8"))
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _temp_prefix(target: str) -> str:
+    return f".{target}.{_host()}-{os.getpid()}."
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); best effort elsewhere."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (e.g. FUSE mounts) do not support fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> int:
+    """Write ``path`` via a temp file + fsync + ``os.replace``; returns the size in bytes."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+            size = handle.tell()
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt included: never leave the temp file behind
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return size
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _now_utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _library_version() -> str | None:
+    package = sys.modules.get(__name__.rpartition(".")[0])
+    return getattr(package, "__version__", None)
+
+
+# ----------------------------------------------------------------------------- checkpointer
+
+
+class Checkpointer:
+    """Memoise named stages of a run under ``root`` so a killed session resumes where it stopped.
+
+    >>> ckpt = Checkpointer("runs/demo")
+    >>> scores = ckpt.stage("scores", lambda: expensive(model), params={"model": "gpt2", "n": 100})
+
+    Args:
+        root: folder for stage files and ``manifest.json``; created if missing. ``None`` ->
+            ``default_root()``. Must be writable: checked here, not at the first save.
+        verbose: print one line per stage ("loaded from ..." / "computed in 1.2 s").
+
+    Raises:
+        ValueError: ``root`` is not a path, or it (or a parent) is an existing regular file.
+        PermissionError: ``root`` cannot be created or written.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, verbose: bool = False) -> None:
+        if root is None:
+            root = default_root()
+        if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
+            raise ValueError(f"root={root!r}: expected a folder path (str or os.PathLike) or None")
+        self.root = Path(root).expanduser().resolve()
+        self.verbose = bool(verbose)
+        self._check_writable()
+        self._remove_stale_temps()
+
+    def __repr__(self) -> str:
+        return f"Checkpointer(root={str(self.root)!r})"
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def manifest_path(self) -> Path:
+        """``<root>/manifest.json``."""
+        return self.root / MANIFEST_NAME
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """A copy of the manifest as stored: ``{"format": 1, "stages": {name: entry}}``.
+
+        Each entry holds ``params`` (secrets redacted), ``params_hash``, ``file``, ``bytes``,
+        ``finished_at`` (UTC ISO 8601), ``seconds``, ``library_version``, ``torch_version``.
+        Read from disk on every access, so it reflects other processes' finished stages too.
+        """
+        return copy.deepcopy(self._read_manifest())
+
+    def stage(self, name: str, compute_fn: Callable[[], Any], params: dict[str, Any] | None = None,
+              *, force: bool = False) -> Any:
+        """The result of stage ``name``: loaded if it finished under the same ``params``, else
+        ``compute_fn()`` computed, stored atomically, recorded in the manifest and returned.
+
+        Args:
+            name: stage name, letters / digits / ``_.-`` only (it becomes a file name).
+            compute_fn: zero-argument callable producing the result (anything ``torch.save``
+                can pickle: tensors, dicts, lists, numpy arrays, DataFrames, dataclasses).
+            params: everything the result depends on (model name, seed, sizes, ...). A stage
+                finished under other params is recomputed and replaced, never reused.
+            force: recompute even if a finished result exists.
+        """
+        self._check_name(name)
+        if not callable(compute_fn):
+            raise ValueError(f"compute_fn={compute_fn!r}: expected a zero-argument callable "
+                             f"computing stage {name!r} (e.g. a lambda)")
+        params = self._check_params(params)
+        digest = params_hash(params)
+        entry = self._finished_entry(name, digest)
+        if entry is None and self.verbose and self._finished_entry(name, None) is not None:
+            self._say(f"stage {name}: params changed, recomputing")
+        if entry is not None and not force:
+            path = self.root / entry["file"]
+            try:
+                result = self._load_file(path)
+            except Exception as error:  # truncated / corrupt pickle: many exception types
+                warnings.warn(f"stage {name!r}: stored file {path} is unreadable "
+                              f"({type(error).__name__}: {error}); recomputing", stacklevel=2)
+            else:
+                self._say(f"stage {name}: loaded from {path}")
+                return result
+
+        start = time.perf_counter()
+        result = compute_fn()
+        seconds = time.perf_counter() - start
+        self._refuse_secret_result(name, result)
+        path = self.root / f"{name}-{digest[:_HASH_IN_FILE]}.pt"
+        # Stage file first, manifest second: until the manifest names the new file, a kill
+        # leaves the previous finished state intact (the hash in the file name keeps them apart).
+        size = _atomic_write(path, lambda handle: torch.save(result, handle))
+        manifest = self._read_manifest()
+        previous = manifest["stages"].get(name)
+        manifest["stages"][name] = {
+            "params": _canonical(params, _secret_env_values(), "params", redact=True),
+            "params_hash": digest,
+            "file": path.name,
+            "bytes": size,
+            "finished_at": _now_utc(),
+            "seconds": round(seconds, 3),
+            "library_version": _library_version(),
+            "torch_version": torch.__version__,
+        }
+        self._write_manifest(manifest)
+        if isinstance(previous, dict) and previous.get("file") not in (None, path.name):
+            self._unlink_quietly(self.root / str(previous["file"]))
+        self._say(f"stage {name}: computed in {seconds:.1f} s, saved to {path}")
+        return result
+
+    def has(self, name: str, params: dict[str, Any] | None = None) -> bool:
+        """Whether stage ``name`` finished -- under exactly ``params`` when given, under any
+        params when ``None``. Checks the manifest and the file's size, without loading it."""
+        self._check_name(name)
+        digest = None if params is None else params_hash(self._check_params(params))
+        return self._finished_entry(name, digest) is not None
+
+    def load(self, name: str, params: dict[str, Any] | None = None) -> Any:
+        """The stored result of stage ``name`` (finished under ``params`` when given).
+
+        Raises:
+            KeyError: the stage has not finished (under these params).
+            RuntimeError: the stored file is unreadable; ``stage(...)`` would recompute it.
+        """
+        self._check_name(name)
+        digest = None if params is None else params_hash(self._check_params(params))
+        entry = self._finished_entry(name, digest)
+        if entry is None:
+            finished = sorted(self._read_manifest()["stages"])
+            under = "" if params is None else " under these params"
+            raise KeyError(f"stage {name!r} has not finished{under} in {self.root} "
+                           f"(finished stages: {finished})")
+        path = self.root / entry["file"]
+        try:
+            return self._load_file(path)
+        except Exception as error:
+            raise RuntimeError(f"stage {name!r}: stored file {path} is unreadable "
+                               f"({type(error).__name__}: {error}); run the stage again to "
+                               "recompute it") from error
+
+    def clear(self, name: str | None = None) -> None:
+        """Forget stage ``name`` (its manifest entry and files), or every stage when ``None``.
+
+        Only files this class writes are removed (stage files, temp files, the manifest); other
+        files under ``root`` are left alone. Clearing a stage that never finished is a no-op.
+        """
+        if name is not None:
+            self._check_name(name)
+            manifest = self._read_manifest()
+            entry = manifest["stages"].pop(name, None)
+            if entry is not None:
+                self._write_manifest(manifest)  # forget first, so a kill cannot leave a dangling entry
+            for path in self._stage_files(name):
+                self._unlink_quietly(path)
+            return
+        self._unlink_quietly(self.manifest_path)
+        for path in self._stage_files(None):
+            self._unlink_quietly(path)
+        for path in self._temp_files():
+            self._unlink_quietly(path)
+
+    # ------------------------------------------------------------------ validation
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if (not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.startswith(".")
+                or len(name) > _MAX_NAME_LEN):
+            raise ValueError(
+                f"name={name!r}: expected a non-empty stage name of letters, digits, '_', '.' "
+                f"and '-' (no path separators, not starting with '.', at most {_MAX_NAME_LEN} "
+                "characters)")
+
+    @staticmethod
+    def _check_params(params: Any) -> dict[str, Any]:
+        if params is None:
+            return {}
+        if not isinstance(params, dict):
+            raise ValueError(f"params={params!r}: expected a dict of the stage's parameters "
+                             "(or None)")
+        return params
+
+    def _check_writable(self) -> None:
+        root = self.root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=root, prefix=_temp_prefix("write-probe"), suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except (FileExistsError, NotADirectoryError) as error:
+            raise ValueError(f"checkpoint root {root} is not a usable folder: a path component is "
+                             f"an existing file ({type(error).__name__})") from error
+        except OSError as error:  # PermissionError, read-only filesystem, quota, ...
+            raise PermissionError(f"checkpoint root {root} is not writable "
+                                  f"({type(error).__name__}: {error.strerror or error})") from error
+
+    @staticmethod
+    def _refuse_secret_result(name: str, result: Any) -> None:
+        if isinstance(result, (str, bytes)):
+            text = result.decode("utf-8", "replace") if isinstance(result, bytes) else result
+            if text in _secret_env_values():
+                raise ValueError(f"stage {name!r}: the result equals the value of a credential "
+                                 "environment variable (e.g. OPENAI_API_KEY); refusing to store it")
+
+    # ------------------------------------------------------------------ manifest and files
+
+    def _read_manifest(self) -> dict[str, Any]:
+        empty: dict[str, Any] = {"format": MANIFEST_FORMAT, "stages": {}}
+        try:
+            text = self.manifest_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return empty
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            # Only outside damage gets here (writes are atomic): start over, stages recompute.
+            warnings.warn(f"checkpoint manifest {self.manifest_path} is not valid JSON ({error}); "
+                          "treating every stage as unfinished", stacklevel=3)
+            return empty
+        if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+            warnings.warn(f"checkpoint manifest {self.manifest_path} has no 'stages' table; "
+                          "treating every stage as unfinished", stacklevel=3)
+            return empty
+        return data
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        manifest["format"] = MANIFEST_FORMAT
+        text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        _atomic_write(self.manifest_path, lambda handle: handle.write(text.encode("utf-8")))
+
+    def _finished_entry(self, name: str, digest: str | None) -> dict[str, Any] | None:
+        """The manifest entry of ``name`` if its file is present and whole (and, when ``digest``
+        is given, it finished under those params); else None."""
+        entry = self._read_manifest()["stages"].get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            return None
+        if digest is not None and entry.get("params_hash") != digest:
+            return None
+        if not _STAGE_FILE_RE.fullmatch(entry["file"]):  # never follow a path out of root
+            return None
+        try:
+            size = (self.root / entry["file"]).stat().st_size
+        except OSError:
+            return None
+        if isinstance(entry.get("bytes"), int) and size != entry["bytes"]:
+            warnings.warn(f"stage {name!r}: stored file {self.root / entry['file']} has {size} "
+                          f"bytes, the manifest says {entry['bytes']}; treating it as unfinished",
+                          stacklevel=3)
+            return None
+        return entry
+
+    @staticmethod
+    def _load_file(path: Path) -> Any:
+        # A result saved with CUDA tensors must still load in a CPU-only session.
+        map_location = None if torch.cuda.is_available() else "cpu"
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+    def _stage_files(self, name: str | None) -> Iterator[Path]:
+        for path in self.root.iterdir():
+            match = _STAGE_FILE_RE.fullmatch(path.name)
+            if match and (name is None or match["name"] == name) and path.is_file():
+                yield path
+
+    def _temp_files(self) -> Iterator[Path]:
+        for path in self.root.iterdir():
+            if _TEMP_RE.fullmatch(path.name) and path.is_file():
+                yield path
+
+    def _remove_stale_temps(self) -> None:
+        """Delete temp files left by killed writers: same host and the pid is gone, or untouched
+        for hours (a Colab VM that died is another host by the time the session resumes)."""
+        host = _host()
+        now = time.time()
+        for path in list(self._temp_files()):
+            match = _TEMP_RE.fullmatch(path.name)
+            assert match is not None
+            try:
+                age = now - path.stat().st_mtime
+            except OSError:
+                continue
+            dead_here = (os.name != "nt" and match["host"] == host
+                         and not _pid_alive(int(match["pid"])))
+            if dead_here or age > _STALE_TEMP_SECONDS:
+                self._unlink_quietly(path)
+
+    @staticmethod
+    def _unlink_quietly(path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _say(self, message: str) -> None:
+        if self.verbose:
+            print(message, flush=True)

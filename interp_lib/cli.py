@@ -1,0 +1,120 @@
+"""The ``interp-lib`` command: a thin argparse layer over the library.
+
+Each subcommand is one ``_add_<name>_command(subparsers)`` function that declares its options and
+sets ``handler``; the handler imports its module only when it runs, so ``interp-lib --help``
+stays quick. A handler returns the exit status; bad input is raised as ``UsageError`` and
+reported as one ``error: ...`` line with exit status 2 (no traceback).
+
+    interp-lib run [NOTEBOOK ...] [--seeds 0 1 2] [-p KEY VALUE ...] [--out DIR] [--model NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+
+class UsageError(Exception):
+    """Bad command-line input found by a subcommand: ``main`` prints ``error: <message>`` on
+    stderr and returns 2."""
+
+
+def _add_run_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="execute the notebook series with papermill (optionally across seeds)",
+        description=(
+            "Execute the numbered notebooks (notebooks/NN_*.ipynb) with papermill, once per seed.\n"
+            "Each notebook gets seed, output_dir (OUT/seed-<s>) and, with --model, model_name;\n"
+            "-p KEY VALUE goes to the notebooks whose parameters cell declares KEY (a KEY that no\n"
+            "selected notebook declares is refused before anything runs).\n\n"
+            "Writes OUT/seed-<s>/<stem>.ipynb (executed copies), OUT/run.json and, with two or\n"
+            "more seeds, OUT/aggregate.csv and aggregate.md (n, mean, std, 95% CI per metric);\n"
+            "with one seed OUT/summary.md. A failing notebook is recorded and the run goes on\n"
+            "(the other notebooks and seeds); the exit status is then 1. Bad input: 2."),
+        epilog=(
+            "examples:\n"
+            "  interp-lib run                                  # whole series, seed 0\n"
+            "  interp-lib run --seeds 0 1 2 --out runs/seeds   # batch rerun + aggregate table\n"
+            "  interp-lib run 00 --model toy-2l -p top_k 10    # one notebook, other parameters\n"
+            "put NOTEBOOK selectors before --seeds (which takes every number after it)."),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "notebooks", nargs="*", metavar="NOTEBOOK",
+        help="number prefix (00), stem (00_tour) or path of a notebook; default: the whole series")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED",
+                        help="run every notebook once per seed (default: 0)")
+    parser.add_argument("-p", "--param", nargs=2, action="append", default=[],
+                        metavar=("KEY", "VALUE"), dest="params",
+                        help="set a notebook parameter; VALUE is parsed as JSON / a Python "
+                             "literal when it can be (64, 0.5, true, [1, 2]), else kept as text")
+    parser.add_argument("--out", default="runs/series", metavar="DIR",
+                        help="run folder (default: runs/series under the current directory)")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="model_name for every notebook (bundled toy name, hub name or local "
+                             "HF directory); default: each notebook's 'auto'")
+    parser.add_argument("--notebooks-dir", default=None, metavar="DIR",
+                        help="folder holding the series (default: the checkout's notebooks/)")
+    parser.add_argument("--timeout", type=int, default=None, metavar="SECONDS",
+                        help="per-cell execution timeout (default: none)")
+    parser.add_argument("--kernel", default="python3", metavar="NAME",
+                        help="Jupyter kernel to execute in (default: python3, this interpreter)")
+    parser.add_argument("--fail-fast", action="store_true",
+                        help="stop at the first failing notebook (default: run the rest)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars (status lines still print)")
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .runner import RunConfig, run_series
+
+    config = RunConfig(
+        notebooks=list(args.notebooks), seeds=list(args.seeds),
+        params=[(key, value) for key, value in args.params], out=args.out, model=args.model,
+        notebooks_dir=args.notebooks_dir, timeout=args.timeout, kernel=args.kernel,
+        fail_fast=args.fail_fast, progress=args.progress)
+    return run_series(config, argv=["interp-lib", *argv])
+
+
+# Subcommands, in the order --help lists them. A new one (e.g. `explain`) adds its function here.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run_command]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``interp-lib`` argument parser with every subcommand."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="interp-lib",
+        description="Run the interp_lib notebook series and pipelines from the command line.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``interp-lib``; returns the exit status (argparse errors: 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, argparse's own usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        return args.handler(args, argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    # `python -m interp_lib.cli`: run the package's copy of this module, so the UsageError that
+    # subcommands raise is the class main() catches (this file is also loaded as __main__).
+    from interp_lib.cli import main as _main
+
+    sys.exit(_main())

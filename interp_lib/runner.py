@@ -1,0 +1,720 @@
+"""Run the notebook series with papermill, across seeds, and aggregate the headline metrics.
+
+What ``interp-lib run`` does, as importable pieces:
+
+* ``record_metrics`` -- what a notebook's last cell calls to record its headline numbers:
+  ``<output_dir>/metrics/<notebook>.json``, written atomically.
+* ``load_metrics`` / ``aggregate`` -- a run folder's metrics as a long DataFrame, and the table
+  across seeds (n, mean, std, Student-t 95% CI, per-seed values).
+* ``run_series`` -- execute the selected notebooks once per seed and write the run folder::
+
+      OUT/run.json                     argv, config, start / finish, per-notebook status and seconds
+      OUT/metrics.csv                  every recorded metric (seed, notebook, metric, value)
+      OUT/aggregate.csv, aggregate.md  two or more seeds: one row per (notebook, metric)
+      OUT/summary.md                   one seed: its metrics
+      OUT/seed-<s>/<stem>.ipynb        the executed copy (kept when the notebook fails)
+      OUT/seed-<s>/metrics/<stem>.json written by the notebook itself through record_metrics
+
+Notebook contract (see notebooks/README.md): the cell tagged ``parameters`` declares at least
+``model_name``, ``seed`` and ``output_dir``. The runner passes ``seed``, ``output_dir`` (the
+absolute ``OUT/seed-<s>`` folder) and, with ``--model``, ``model_name``; ``-p KEY VALUE`` goes
+only to the notebooks that declare ``KEY`` and is refused before anything runs when none does.
+
+Failure policy: a notebook that raises is recorded as ``failed`` (its executed copy, with the
+error, stays in place) and the run goes on -- with the remaining notebooks of the same seed,
+since the notebooks of the series are independent (each loads its own model and keeps its own
+checkpoints), and with the other seeds. ``fail_fast`` stops at the first failure instead and
+marks the rest ``skipped``. Metrics of failed notebooks are left out of the aggregate.
+
+Kernels: papermill starts ``kernel_name`` (default ``python3``: ipykernel's spec, which
+jupyter_client resolves to this interpreter) in the notebook's folder. When running from a
+source checkout the runner puts the checkout first on the kernels' ``PYTHONPATH``, so the
+notebooks import the same ``interp_lib`` as the runner, installed or not.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import datetime as _dt
+import difflib
+import json
+import math
+import numbers
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+from .cli import UsageError
+from .paths import repo_root
+
+if TYPE_CHECKING:  # pandas, scipy, papermill and tqdm are imported where used: notebooks
+    import pandas as pd  # import this module only for record_metrics
+
+SERIES_GLOB = "[0-9][0-9]_*.ipynb"
+REQUIRED_PARAMETERS = ("model_name", "seed", "output_dir")
+# Parameters the runner sets itself, and the option that sets each.
+RUNNER_PARAMETERS = {"seed": "--seeds", "output_dir": "--out", "model_name": "--model"}
+DEFAULT_OUT = Path("runs") / "series"
+DEFAULT_KERNEL = "python3"
+METRICS_COLUMNS = ["seed", "notebook", "metric", "value"]
+_SEED_DIR = re.compile(r"^seed-(-?\d+)$")
+_MAX_SEED = 2**32 - 1  # numpy's limit; torch accepts it too
+
+
+class RunInputError(UsageError):
+    """Bad input to ``run_series`` (unknown notebook, undeclared parameter, unwritable folder):
+    reported as one ``error: ...`` line and exit status 2, before anything is executed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics: record (inside notebooks), load, aggregate
+# --------------------------------------------------------------------------------------------
+
+def _metric_value(name: str, value: Any) -> float:
+    """``value`` as a finite float (Python, numpy or 0-d torch scalars), else ValueError."""
+    problem = None
+    dtype = str(getattr(value, "dtype", ""))
+    if isinstance(value, (bool, str, bytes)) or dtype in ("bool", "torch.bool"):
+        problem = f"got {type(value).__name__} {value!r}"
+    elif isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
+        problem = f"got complex {value!r}"
+    elif getattr(value, "ndim", 0) != 0:
+        problem = f"got an array of shape {tuple(getattr(value, 'shape', ()))}; pass a scalar"
+    else:
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            problem = f"got {type(value).__name__} {value!r}"
+        else:
+            if math.isfinite(number):
+                return number
+            problem = f"got {number}"
+    raise ValueError(f"metrics[{name!r}]: expected a finite real number, {problem}")
+
+
+def _json_context(key: str, value: Any) -> Any:
+    """A JSON-ready copy of one ``record_metrics`` context value, else ValueError naming it."""
+    def default(obj: Any) -> Any:
+        if isinstance(obj, os.PathLike):
+            return os.fspath(obj)
+        if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:
+            return obj.item()  # numpy / torch scalars
+        raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+    try:
+        return json.loads(json.dumps(value, default=default, allow_nan=True))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"context {key}={value!r}: {exc}") from None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``, so a
+    reader (or a killed session) never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file a normal mode
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def record_metrics(metrics: Mapping[str, Any], output_dir: str | os.PathLike, notebook: str,
+                   **context: Any) -> Path:
+    """Record a notebook's headline metrics as ``<output_dir>/metrics/<notebook>.json``.
+
+    The file is ``{"notebook": notebook, "metrics": {name: float}, **context}``; ``context``
+    carries provenance such as ``seed=seed, model=model_name``. ``interp-lib run`` gathers these
+    files across seeds into ``aggregate.csv``.
+
+    Args:
+        metrics: non-empty mapping of metric name -> finite real number (Python, numpy or 0-d
+            torch scalars; converted with ``float``).
+        output_dir: the notebook's output folder (the ``output_dir`` parameter once resolved;
+            ``"auto"`` is resolved here as ``il.notebook.setup`` would).
+        notebook: the notebook's stem, e.g. ``"00_tour"``.
+        **context: JSON-serialisable extras stored next to the metrics.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: naming the offending key, for an empty mapping, a non-string name or a value
+            that is not a finite real number.
+    """
+    if not isinstance(notebook, str) or not notebook or notebook != Path(notebook).name \
+            or notebook.startswith("."):
+        raise ValueError(f"notebook={notebook!r}: expected the notebook's stem, e.g. '00_tour'")
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"metrics: expected a dict of name -> number, got {type(metrics).__name__}")
+    if not metrics:
+        raise ValueError("metrics: expected at least one metric, got an empty dict")
+    values: dict[str, float] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"metrics key {name!r}: expected a non-empty string")
+        values[name] = _metric_value(name, value)
+    extras = {key: _json_context(key, value) for key, value in context.items()}
+
+    if os.fspath(output_dir) == "auto":
+        from .notebook import resolve_output_dir  # heavy (torch); only for the unresolved case
+
+        output_dir = resolve_output_dir(output_dir, notebook)
+    path = Path(output_dir).expanduser() / "metrics" / f"{notebook}.json"
+    record = {"notebook": notebook, "metrics": values, **extras}
+    _atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def _seed_of_dir(folder: Path) -> int | None:
+    match = _SEED_DIR.match(folder.name)
+    return int(match.group(1)) if match else None
+
+
+def load_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every metric recorded under a run folder, as a long DataFrame (seed, notebook, metric,
+    value), sorted by seed then notebook, metrics in the order the notebook recorded them.
+
+    ``run_dir`` is a series folder (``seed-<s>/metrics/*.json``) or a single output folder
+    (``metrics/*.json``; the seed then comes from the folder name or the file's ``seed``).
+    """
+    import pandas as pd
+
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"run folder {root} does not exist")
+    folders = [root] if (root / "metrics").is_dir() else []
+    seed_dirs = [d for d in root.glob("seed-*") if d.is_dir() and _seed_of_dir(d) is not None]
+    folders += sorted(seed_dirs, key=_seed_of_dir)
+    rows = []
+    for folder in folders:
+        for path in sorted((folder / "metrics").glob("*.json")):
+            if path.name.startswith("."):
+                continue
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                metrics = record["metrics"]
+                if not isinstance(metrics, dict):
+                    raise TypeError("'metrics' is not an object")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}: not a metrics file written by record_metrics ({exc})") from None
+            seed = _seed_of_dir(folder)
+            if seed is None and isinstance(record.get("seed"), int):
+                seed = record["seed"]
+            notebook = record.get("notebook") or path.stem
+            rows += [(seed, notebook, name, float(value)) for name, value in metrics.items()]
+    frame = pd.DataFrame(rows, columns=METRICS_COLUMNS)
+    frame["seed"] = frame["seed"].astype("Int64")
+    frame["value"] = frame["value"].astype(float)
+    return frame.sort_values(["seed", "notebook"], kind="stable").reset_index(drop=True)
+
+
+def _ci_columns(confidence: float) -> tuple[str, str]:
+    label = f"{confidence * 100:g}".replace(".", "_")
+    return f"ci{label}_low", f"ci{label}_high"
+
+
+def aggregate(metrics: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Summarise metrics across seeds: one row per (notebook, metric).
+
+    Columns: ``notebook, metric, n, mean, std`` (sample std, ddof=1), ``ci95_low, ci95_high``
+    (Student-t interval for the mean at ``confidence``; the names follow it) and one
+    ``seed_<s>`` column per seed with that seed's value. ``std`` and the interval are NaN when
+    ``n < 2``. Rows keep the order of first appearance in ``metrics`` (``load_metrics``' order).
+    """
+    import numpy as np
+    import pandas as pd
+    from scipy import stats
+
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence!r}: expected a number in (0, 1)")
+    missing = [c for c in METRICS_COLUMNS if c not in metrics.columns]
+    if missing:
+        raise ValueError(f"metrics: missing column(s) {missing}; expected {METRICS_COLUMNS} "
+                         "(the layout load_metrics returns)")
+    data = metrics.dropna(subset=["value"])
+    duplicated = data.duplicated(["seed", "notebook", "metric"])
+    if duplicated.any():
+        first = data[duplicated].iloc[0]
+        raise ValueError(f"metrics: several values for seed {first['seed']}, notebook "
+                         f"{first['notebook']!r}, metric {first['metric']!r}")
+    low_name, high_name = _ci_columns(confidence)
+    seeds = sorted(data["seed"].dropna().unique().tolist())
+    rows = []
+    for (notebook, metric), group in data.groupby(["notebook", "metric"], sort=False):
+        values = group["value"].to_numpy(dtype=float)
+        n = len(values)
+        mean = float(values.mean())
+        std = float(values.std(ddof=1)) if n > 1 else math.nan
+        if n > 1:
+            half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+            low, high = mean - half, mean + half
+        else:
+            low = high = math.nan
+        row = {"notebook": notebook, "metric": metric, "n": n, "mean": mean, "std": std,
+               low_name: low, high_name: high}
+        by_seed = dict(zip(group["seed"].tolist(), values.tolist()))
+        row.update({f"seed_{s}": by_seed.get(s, np.nan) for s in seeds})
+        rows.append(row)
+    columns = ["notebook", "metric", "n", "mean", "std", low_name, high_name]
+    return pd.DataFrame(rows, columns=columns + [f"seed_{s}" for s in seeds])
+
+
+def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4g}") -> str:
+    """A GitHub-flavoured markdown table of ``frame`` (no ``tabulate`` dependency)."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "n/a" if math.isnan(value) else float_format.format(value)
+        if value is None or (not isinstance(value, str) and _is_na(value)):
+            return "n/a"
+        return str(value).replace("|", "\\|")
+
+    header = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if frame[c].dtype.kind in "iuf" else "---" for c in frame.columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
+              for row in frame.itertuples(index=False, name=None)]
+    return "\n".join(lines) + "\n"
+
+
+def _is_na(value: Any) -> bool:
+    try:
+        import pandas as pd
+
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Selecting notebooks and planning parameters
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RunConfig:
+    """Everything that defines a series run; ``interp-lib run`` builds it, run.json stores it."""
+
+    notebooks: list[str] = field(default_factory=list)
+    """Selectors: number prefix (``00``), stem (``00_tour``), file name or path; empty = all."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """One execution of every selected notebook per seed (the ``seed`` parameter)."""
+    params: list[tuple[str, str]] = field(default_factory=list)
+    """``-p KEY VALUE`` pairs as typed; values are parsed as JSON / Python literals when they can
+    be (kept as text for a parameter whose declared default is a string)."""
+    out: str = str(DEFAULT_OUT)
+    """Run folder (``seed-<s>/`` per seed, run.json, aggregate tables)."""
+    model: str | None = None
+    """Passed as ``model_name`` to every notebook; None keeps each notebook's own default."""
+    notebooks_dir: str | None = None
+    """Where the series lives; None = the checkout's ``notebooks/`` (or ``./notebooks``)."""
+    timeout: int | None = None
+    """Per-cell execution timeout in seconds (papermill ``execution_timeout``); None = none."""
+    kernel: str = DEFAULT_KERNEL
+    """Jupyter kernel name the notebooks run in."""
+    fail_fast: bool = False
+    """Stop at the first failed notebook instead of running the rest."""
+    progress: bool = True
+    """Show tqdm bars (the series and papermill's cells); status lines print either way."""
+
+
+@dataclass
+class NotebookPlan:
+    """One selected notebook: where it is and what its parameters cell declares."""
+
+    path: Path
+    declared: dict[str, dict]  # papermill.inspect_notebook's answer
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem
+
+
+def default_notebooks_dir() -> Path | None:
+    """The checkout's ``notebooks/``, else ``./notebooks``, else None."""
+    root = repo_root()
+    for candidate in ([root / "notebooks"] if root else []) + [Path.cwd() / "notebooks"]:
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def find_series(notebooks_dir: str | os.PathLike) -> list[Path]:
+    """The numbered notebooks (``NN_name.ipynb``) in ``notebooks_dir``, sorted."""
+    return sorted(p for p in Path(notebooks_dir).expanduser().absolute().glob(SERIES_GLOB)
+                  if p.is_file())
+
+
+def select_notebooks(series: Sequence[Path], selectors: Sequence[str]) -> list[Path]:
+    """Resolve selectors against the series, in the order given (duplicates dropped).
+
+    A selector is a number prefix (``00`` or ``0``), a stem (``00_tour``), a file name
+    (``00_tour.ipynb``) or the path of any notebook file. Raises RunInputError for one that
+    matches nothing (listing what is available) or several.
+    """
+    if not selectors:
+        return list(series)
+    available = ", ".join(p.stem for p in series) or "none"
+    chosen: list[Path] = []
+    for selector in selectors:
+        as_path = Path(selector).expanduser()
+        if selector.endswith(".ipynb") and as_path.is_file():
+            matches = [as_path.resolve()]
+        else:
+            stem = as_path.name[:-len(".ipynb")] if as_path.name.endswith(".ipynb") else as_path.name
+            matches = [p for p in series if p.stem == stem]
+            if not matches and stem.isdigit():
+                matches = [p for p in series if int(p.stem[:2]) == int(stem)]
+        if not matches:
+            raise RunInputError(f"unknown notebook {selector!r} (available: {available})")
+        if len(matches) > 1:
+            raise RunInputError(f"notebook {selector!r} is ambiguous: "
+                                + ", ".join(p.name for p in matches))
+        if matches[0].resolve() not in [c.resolve() for c in chosen]:
+            chosen.append(matches[0])
+    stems = [p.stem for p in chosen]
+    clash = sorted({s for s in stems if stems.count(s) > 1})
+    if clash:
+        raise RunInputError(f"two selected notebooks share the name {clash[0]!r}: their outputs "
+                            "would overwrite each other")
+    return chosen
+
+
+def inspect_notebooks(paths: Sequence[Path]) -> list[NotebookPlan]:
+    """Read each notebook's parameters cell; RunInputError when one breaks the contract."""
+    import papermill
+
+    plans = []
+    for path in paths:
+        try:
+            declared = papermill.inspect_notebook(str(path))
+        except Exception as exc:  # nbformat / JSON errors of many kinds: name the file
+            raise RunInputError(f"cannot read notebook {path}: {type(exc).__name__}: "
+                                f"{_first_line(exc)}") from None
+        missing = [name for name in REQUIRED_PARAMETERS if name not in declared]
+        if missing:
+            raise RunInputError(
+                f"{path.name} does not follow the notebook contract: its cell tagged 'parameters' "
+                f"must declare {', '.join(REQUIRED_PARAMETERS)} (missing: {', '.join(missing)})")
+        plans.append(NotebookPlan(path, declared))
+    return plans
+
+
+def parse_param_value(text: str) -> Any:
+    """``-p`` value text -> JSON or Python literal (``64``, ``0.5``, ``true``, ``None``,
+    ``[1, 2]``), else the text itself."""
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            value = parse(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        if value is None or isinstance(value, (str, bool, int, float, list, dict)):
+            return value
+    return text
+
+
+def _declared_default(spec: dict) -> Any:
+    """The literal default of a declared parameter (None when it is not a plain literal)."""
+    try:
+        return ast.literal_eval(spec.get("default") or "")
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+
+
+def plan_parameters(plans: Sequence[NotebookPlan], params: Sequence[tuple[str, str]],
+                    model: str | None = None) -> dict[str, dict[str, Any]]:
+    """The extra parameters each notebook gets (stem -> {name: value}), before seed and
+    output_dir. RunInputError for a name the runner sets or no selected notebook declares."""
+    typed: dict[str, str] = {}
+    for key, text in params:
+        if key in RUNNER_PARAMETERS:
+            raise RunInputError(f"parameter {key!r} is set by the runner: use "
+                                f"{RUNNER_PARAMETERS[key]} instead of -p {key}")
+        if not key.isidentifier():
+            raise RunInputError(f"parameter {key!r} is not a Python name")
+        typed[key] = text  # the last -p for a key wins
+    for key in typed:
+        if not any(key in plan.declared for plan in plans):
+            declared = "; ".join(f"{plan.path.name} declares: {', '.join(plan.declared)}"
+                                 for plan in plans)
+            close = difflib.get_close_matches(key, {n for p in plans for n in p.declared}, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise RunInputError(f"parameter {key!r} is not declared by any selected notebook "
+                                f"({declared}){hint}")
+    per_notebook = {}
+    for plan in plans:
+        chosen: dict[str, Any] = {}
+        if model is not None:
+            chosen["model_name"] = model
+        for key, text in typed.items():
+            if key not in plan.declared:
+                continue
+            default = _declared_default(plan.declared[key])
+            # A notebook whose default is a string gets the text as typed (-p prompt 123).
+            value = text if isinstance(default, str) else parse_param_value(text)
+            if isinstance(default, (bool, int, float)) and isinstance(value, str):
+                raise RunInputError(
+                    f"parameter {key!r}: {plan.path.name} declares a {type(default).__name__} "
+                    f"(default {plan.declared[key]['default']}), got text {text!r}")
+            chosen[key] = value
+        per_notebook[plan.stem] = chosen
+    return per_notebook
+
+
+def validate_seeds(seeds: Sequence[int]) -> list[int]:
+    """Seeds as given; RunInputError for none, a repeat or one numpy cannot take."""
+    seeds = list(seeds)
+    if not seeds:
+        raise RunInputError("--seeds: give at least one seed")
+    for seed in seeds:
+        if not 0 <= seed <= _MAX_SEED:
+            raise RunInputError(f"--seeds: {seed} is out of range (0 .. {_MAX_SEED})")
+        if seeds.count(seed) > 1:
+            raise RunInputError(f"--seeds: {seed} is listed more than once")
+    return seeds
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and prove it writable with a temp file; RunInputError
+    naming the path otherwise. Returns the absolute path."""
+    path = path.expanduser().absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise RunInputError(f"output folder {path} is not writable: "
+                            f"{exc.strerror or exc}") from None
+    return path
+
+
+@contextlib.contextmanager
+def kernel_environment() -> Iterator[None]:
+    """Put the source checkout (if any) first on PYTHONPATH for the kernels papermill starts
+    (they inherit ``os.environ``), so notebooks import this very interp_lib; restored after."""
+    root = repo_root()
+    saved = os.environ.get("PYTHONPATH")
+    if root is not None:
+        parts = [p for p in (saved or "").split(os.pathsep) if p]
+        if str(root) not in parts:
+            os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *parts])
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def _first_line(exc: BaseException | str, limit: int = 300) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _describe_failure(exc: BaseException) -> str:
+    ename = getattr(exc, "ename", None)  # PapermillExecutionError: the notebook's own exception
+    if ename:
+        return f"{ename}: {_first_line(getattr(exc, 'evalue', ''))}".rstrip(": ")
+    return f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": ")
+
+
+class _Run:
+    """State of one series run and its run.json (rewritten atomically after every notebook, so
+    an interrupted run still says what finished)."""
+
+    def __init__(self, config: RunConfig, argv: Sequence[str] | None, out: Path,
+                 plans: Sequence[NotebookPlan], parameters: dict[str, dict[str, Any]]):
+        from . import __version__
+
+        self.out = out
+        self.record: dict[str, Any] = {
+            "argv": list(argv) if argv is not None else None,
+            "seeds": list(config.seeds),
+            "params": {k: parse_param_value(v) for k, v in config.params},
+            "model": config.model,
+            "notebooks": [plan.stem for plan in plans],
+            "notebook_paths": [str(plan.path.resolve()) for plan in plans],
+            "config": asdict(config),
+            "interp_lib": __version__,
+            "python": sys.executable,
+            "started": _now(),
+            "finished": None,
+            "status": "running",
+            "runs": [
+                {"seed": seed, "notebook": plan.stem, "status": "pending", "seconds": None,
+                 "output": f"seed-{seed}/{plan.stem}.ipynb", "metrics": None, "error": None,
+                 "parameters": {**parameters[plan.stem], "seed": seed,
+                                "output_dir": str(out / f"seed-{seed}")}}
+                for seed in config.seeds for plan in plans
+            ],
+        }
+
+    def entry(self, seed: int, stem: str) -> dict[str, Any]:
+        return next(r for r in self.record["runs"] if r["seed"] == seed and r["notebook"] == stem)
+
+    def save(self) -> None:
+        _atomic_write_text(self.out / "run.json", json.dumps(self.record, indent=2, default=str) + "\n")
+
+    def failures(self) -> list[dict[str, Any]]:
+        return [r for r in self.record["runs"] if r["status"] == "failed"]
+
+
+def _execute_one(plan: NotebookPlan, parameters: dict[str, Any], seed_dir: Path,
+                 config: RunConfig) -> tuple[str, str | None]:
+    """Execute one notebook into ``seed_dir``; returns (status, error line or None)."""
+    import papermill
+
+    progress: bool | dict = (
+        {"desc": f"  {plan.stem}", "leave": False, "position": 1} if config.progress else False)
+    try:
+        papermill.execute_notebook(
+            str(plan.path), str(seed_dir / f"{plan.stem}.ipynb"), parameters=parameters,
+            kernel_name=config.kernel, cwd=str(plan.path.parent), progress_bar=progress,
+            execution_timeout=config.timeout, log_output=False)
+    except Exception as exc:  # the notebook's error, a dead kernel, a timeout: all recorded
+        return "failed", _describe_failure(exc)
+    return "ok", None
+
+
+def _write_tables(out: Path, run: _Run, seeds: Sequence[int]) -> str:
+    """metrics.csv plus aggregate.csv / aggregate.md (>= 2 seeds) or summary.md (one seed), from
+    the notebooks that succeeded in this run. Returns the markdown table written."""
+    import pandas as pd
+
+    metrics = load_metrics(out)
+    succeeded = {(r["seed"], r["notebook"]) for r in run.record["runs"] if r["status"] == "ok"}
+    keep = [not _is_na(s) and (int(s), n) in succeeded
+            for s, n in zip(metrics["seed"].tolist(), metrics["notebook"])]
+    metrics = metrics.loc[pd.Series(keep, index=metrics.index, dtype=bool)].reset_index(drop=True)
+    metrics.to_csv(out / "metrics.csv", index=False)
+    if len(seeds) >= 2:
+        table = aggregate(metrics)
+        table.to_csv(out / "aggregate.csv", index=False)
+        text = markdown_table(table)
+        title = f"Metrics across seeds {', '.join(map(str, seeds))}"
+        note = "mean, sample std (ddof=1) and Student-t 95% CI of the mean over seeds; "
+        note += "failed notebooks are left out.\n"
+        _atomic_write_text(out / "aggregate.md", f"# {title}\n\n{note}\n{text}")
+    else:
+        text = markdown_table(metrics[["notebook", "metric", "value"]])
+        _atomic_write_text(out / "summary.md", f"# Metrics, seed {seeds[0]}\n\n{text}")
+    if metrics.empty:
+        text = "(no metrics recorded by a notebook that succeeded)\n"
+    return text
+
+
+def run_series(config: RunConfig, argv: Sequence[str] | None = None) -> int:
+    """Execute the selected notebooks once per seed (see the module docstring for the layout
+    and failure policy). Returns the exit status: 0 all succeeded, 1 some notebook failed,
+    130 interrupted. Raises RunInputError for bad input, before executing anything."""
+    seeds = validate_seeds(config.seeds)
+    if config.timeout is not None and config.timeout <= 0:
+        raise RunInputError(f"--timeout: expected a positive number of seconds, got {config.timeout}")
+    if config.notebooks_dir is not None:
+        notebooks_dir = Path(config.notebooks_dir).expanduser()
+        if not notebooks_dir.is_dir():
+            raise RunInputError(f"notebooks folder {notebooks_dir} does not exist")
+    else:
+        notebooks_dir = default_notebooks_dir()
+    series = find_series(notebooks_dir) if notebooks_dir is not None else []
+    only_paths = config.notebooks and all(s.endswith(".ipynb") and Path(s).expanduser().is_file()
+                                          for s in config.notebooks)
+    if not series and not only_paths:
+        where = (f"in {notebooks_dir.absolute()}" if notebooks_dir is not None
+                 else "(not in a source checkout and no ./notebooks; pass --notebooks-dir)")
+        raise RunInputError(f"no notebooks found {where}: expected files named like 00_name.ipynb")
+    plans = inspect_notebooks(select_notebooks(series, config.notebooks))
+    parameters = plan_parameters(plans, config.params, config.model)
+    out = ensure_writable_dir(Path(config.out))
+
+    run = _Run(config, argv, out, plans, parameters)
+    run.save()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(seeds) * len(plans), desc="series", unit="notebook", position=0,
+               disable=not config.progress)
+    status = 0
+    try:
+        with kernel_environment():
+            for seed in seeds:
+                seed_dir = out / f"seed-{seed}"
+                (seed_dir / "metrics").mkdir(parents=True, exist_ok=True)
+                for plan in plans:
+                    entry = run.entry(seed, plan.stem)
+                    if status and config.fail_fast:
+                        entry["status"] = "skipped"
+                        bar.update()
+                        continue
+                    metrics_file = seed_dir / "metrics" / f"{plan.stem}.json"
+                    metrics_file.unlink(missing_ok=True)  # a stale file from an earlier run
+                    bar.set_postfix_str(f"seed {seed} {plan.stem}")
+                    entry["status"] = "running"
+                    run.save()
+                    started = time.perf_counter()
+                    entry["status"], entry["error"] = _execute_one(
+                        plan, entry["parameters"], seed_dir, config)
+                    entry["seconds"] = round(time.perf_counter() - started, 2)
+                    entry["metrics"] = (str(metrics_file.relative_to(out))
+                                        if metrics_file.is_file() else None)
+                    run.save()
+                    bar.update()
+                    line = f"[seed {seed}] {plan.stem}: {entry['status']} in {entry['seconds']:.1f} s"
+                    if entry["status"] == "failed":
+                        status = 1
+                        line += f" -- {entry['error']} (see {out / entry['output']})"
+                    elif entry["metrics"] is None:
+                        line += " (recorded no metrics)"
+                    bar.write(line, file=sys.stdout)
+    except KeyboardInterrupt:
+        bar.close()
+        for entry in run.record["runs"]:
+            if entry["status"] in ("running", "pending"):
+                entry["status"] = "interrupted" if entry["status"] == "running" else "skipped"
+        run.record.update(finished=_now(), status="interrupted")
+        run.save()
+        print(f"error: interrupted; partial results in {out}", file=sys.stderr)
+        return 130
+    bar.close()
+
+    try:
+        table = _write_tables(out, run, seeds)
+    except ValueError as exc:  # a metrics file a notebook wrote by hand, malformed
+        print(f"error: {exc}", file=sys.stderr)
+        status = 1
+        table = ""
+    run.record.update(finished=_now(), status="failed" if status else "ok")
+    run.save()
+
+    if table:
+        print("\n" + table, end="")
+    files = "run.json, aggregate.csv, aggregate.md" if len(seeds) >= 2 else "run.json, summary.md"
+    print(f"results in {out} ({files}, seed-*/)")
+    for entry in run.failures():
+        print(f"error: {entry['notebook']} failed for seed {entry['seed']} ({entry['error']}); "
+              f"executed copy: {out / entry['output']}", file=sys.stderr)
+    return status
