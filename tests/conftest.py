@@ -9,7 +9,7 @@ import pytest
 
 # Notebook kernels started by nbval inherit this environment: keep their checkpoints and
 # metrics out of the working tree.
-os.environ.setdefault("INTERP_LIB_RUNS", tempfile.mkdtemp(prefix="interp_lib_test_runs_"))
+os.environ["INTERP_LIB_RUNS"] = tempfile.mkdtemp(prefix="interp_lib_test_runs_")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
