@@ -37,6 +37,7 @@ corpus: venv
 	$(BIN)/python scripts/build_corpus.py
 	$(BIN)/python scripts/build_tokenizer.py --vocab-size 4096 --out data/tokenizer
 	$(BIN)/python scripts/build_tokenizer.py --vocab-size 512 --out data/tokenizer-512
+	$(BIN)/python scripts/build_labelled_sets.py
 
 models: venv
 	$(BIN)/python scripts/train_toy_models.py toy-lm

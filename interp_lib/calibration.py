@@ -16,6 +16,7 @@ after scaling across models, always fitting and evaluating on disjoint splits.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import os
@@ -37,11 +38,12 @@ STRATEGIES = ("uniform", "quantile")
 PROB_SUM_ATOL = 1e-3
 
 __all__ = [
-    "ArrayLike", "BootstrapCI", "Predictions", "TemperatureScaler", "ScalingResult",
-    "bootstrap_ci", "brier_score", "classify_with_answer_tokens", "classwise_ece",
-    "compare_models", "confidence_and_correct", "evaluate_temperature_scaling",
+    "ArrayLike", "BootstrapCI", "CalibrationReport", "Predictions", "TemperatureScaler", "ScalingResult",
+    "bootstrap_ci", "brier_score", "classify_labelled", "classify_with_answer_tokens", "classwise_ece",
+    "compare_models", "confidence_and_correct", "confidence_from_logits", "evaluate_temperature_scaling",
     "expected_calibration_error", "maximum_calibration_error", "negative_log_likelihood",
-    "next_token_predictions", "reliability_data", "softmax",
+    "next_token_confidence", "next_token_predictions", "reliability_data", "resolve_compare_models", "softmax",
+    "temperature_scaling_report",
 ]
 
 
@@ -993,3 +995,196 @@ def compare_models(models: Sequence[Any], *, text: str | None = None, tokens: Te
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Notebook-level helpers: labelled sets, one-call temperature-scaling reports, model lists
+# --------------------------------------------------------------------------------------------
+
+def classify_labelled(model: Any, items: Sequence[dict], batch_size: int = 16) -> Predictions:
+    """:func:`classify_with_answer_tokens` over a labelled set from
+    :func:`interp_lib.data.load_labelled`: items ``{"prompt", "options", "label", ...}``.
+
+    When every item has the same options (a classification task such as SST-2) they are passed
+    as one shared list, so ``class_names`` are the answers; otherwise per item (multiple choice).
+    """
+    if isinstance(items, (str, dict)) or not isinstance(items, Sequence) or len(items) == 0:
+        raise ValueError(f"items={items!r:.80}: expected a non-empty list of labelled items "
+                         "(dicts with 'prompt', 'options', 'label'), e.g. from il.data.load_labelled")
+    for i, item in enumerate(items):
+        missing = [k for k in ("prompt", "options", "label") if not isinstance(item, dict) or k not in item]
+        if missing:
+            raise ValueError(f"items[{i}] lacks {missing}; expected a dict with 'prompt', 'options', 'label'")
+    options = [list(item["options"]) for item in items]
+    shared = all(o == options[0] for o in options)
+    return classify_with_answer_tokens(model, [item["prompt"] for item in items], options[0] if shared else options,
+                                       labels=[item["label"] for item in items], batch_size=batch_size)
+
+
+@torch.no_grad()
+def confidence_from_logits(logits: Float[ArrayLike, "n c"], scaler: TemperatureScaler | None = None,
+                           chunk_size: int = 4096) -> Float[np.ndarray, " n"]:
+    """Top-label confidence ``max softmax(logits)`` [N], after ``scaler.transform`` when given.
+
+    Works in chunks of ``chunk_size`` rows without a float64 [N, C] copy (LM vocabularies)."""
+    z = _logits_tensor(logits)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}: expected a positive integer")
+    parts = []
+    for start in range(0, z.shape[0], chunk_size):
+        chunk = z[start:start + chunk_size]
+        if scaler is not None:
+            chunk = scaler.transform(chunk)
+        parts.append(chunk.float().softmax(dim=1).max(dim=1).values.double().cpu())
+    return torch.cat(parts).numpy()
+
+
+def next_token_confidence(model: Any, tokens: Int[Tensor, "batch pos"], scaler: TemperatureScaler | None = None,
+                          batch_size: int = 8) -> pd.DataFrame:
+    """Per-position next-token ``confidence`` and ``correct`` (as :func:`next_token_predictions`)
+    with ``group`` (row of ``tokens``) and ``position``; with a fitted ``scaler`` also
+    ``confidence_scaled``. Logits are kept only while scaling, a batch at a time."""
+    if scaler is not None and not hasattr(scaler, "nll_after_"):
+        raise ValueError("scaler is not fitted; expected a TemperatureScaler after fit(...) or None")
+    tokens = _token_batch(tokens)
+    _check_batch_size(batch_size)
+    frames = []
+    for start in range(0, tokens.shape[0], batch_size):
+        batch = tokens[start:start + batch_size]
+        predictions = next_token_predictions(model, batch, batch_size=batch_size, keep_logits=scaler is not None)
+        frame = pd.DataFrame({"group": predictions.group + start, "position": predictions.position,
+                              "confidence": predictions.confidence, "correct": predictions.correct})
+        if scaler is not None:
+            frame["confidence_scaled"] = confidence_from_logits(predictions.logits, scaler)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+@dataclass
+class CalibrationReport:
+    """Temperature scaling fitted on one split and measured on another, with everything a
+    notebook shows: metrics before / after, bootstrap intervals, reliability data and the
+    per-example confidences (small: no [N, C] logits, so it checkpoints cheaply).
+
+    ``metrics`` has rows ``before`` / ``after`` (test split) and columns ``accuracy``, ``nll``,
+    ``ece`` (uniform bins), ``ece_quantile``, ``mce``, ``brier``. ``ece_ci`` holds a
+    :class:`BootstrapCI` of the uniform-bin test ECE for ``before`` and ``after``.
+    ``reliability`` holds :func:`reliability_data` frames of the test split, ``before`` and
+    ``after`` scaling.
+    """
+
+    scaler: TemperatureScaler
+    metrics: pd.DataFrame
+    ece_ci: dict[str, BootstrapCI]
+    reliability: dict[str, pd.DataFrame]
+    val_confidence: Float[np.ndarray, " n_val"]
+    val_confidence_scaled: Float[np.ndarray, " n_val"]
+    val_correct: Bool[np.ndarray, " n_val"]
+    test_confidence: Float[np.ndarray, " n_test"]
+    test_confidence_scaled: Float[np.ndarray, " n_test"]
+    test_correct: Bool[np.ndarray, " n_test"]
+    n_bins: int
+    val_group: Int[np.ndarray, " n_val"] | None = None
+    """sequence / prompt index of each validation example (``Predictions.group``)"""
+    test_group: Int[np.ndarray, " n_test"] | None = None
+
+    @property
+    def temperature(self) -> float | None:
+        return self.scaler.temperature_
+
+    def summary(self) -> dict[str, float]:
+        """Flat headline numbers of the test split: ``accuracy`` (``accuracy_after`` too in vector
+        mode, where the prediction can change), ``ece_before``, ``ece_after``, ``ece_quantile_*``,
+        ``mce_*``, ``brier_*``, ``nll_*`` and ``temperature`` (NaN in vector mode)."""
+        out: dict[str, float] = {"accuracy": float(self.metrics.loc["before", "accuracy"])}
+        if self.scaler.mode == "vector":
+            out["accuracy_after"] = float(self.metrics.loc["after", "accuracy"])
+        for column in self.metrics.columns.drop("accuracy"):
+            for stage in ("before", "after"):
+                out[f"{column}_{stage}"] = float(self.metrics.loc[stage, column])
+        out["temperature"] = float(self.scaler.temperature_) if self.scaler.temperature_ is not None else math.nan
+        return out
+
+
+def temperature_scaling_report(val: Predictions, test: Predictions, n_bins: int = 15, n_boot: int = 200,
+                               alpha: float = 0.05, seed: int = 0,
+                               mode: Literal["temperature", "vector"] = "temperature") -> CalibrationReport:
+    """Fit temperature (or vector) scaling on ``val`` predictions, measure on ``test``.
+
+    ``val`` and ``test`` are :class:`Predictions` with logits kept, from disjoint data (separate
+    text splits, or :meth:`Predictions.split`). Returns a :class:`CalibrationReport`.
+    """
+    for name, predictions in (("val", val), ("test", test)):
+        if not isinstance(predictions, Predictions) or predictions.logits is None or predictions.labels is None:
+            raise ValueError(f"{name} is {type(predictions).__name__}; expected Predictions with logits and labels "
+                             "(keep_logits=True)")
+    if val is test:
+        raise ValueError("val and test are the same Predictions; expected disjoint validation and test splits")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 2:
+        raise ValueError(f"n_boot={n_boot!r}: expected an integer >= 2")
+    result = evaluate_temperature_scaling(val.logits, val.labels, test.logits, test.labels,
+                                          n_bins=n_bins, strategy="uniform", mode=mode)
+    scaler = result.scaler
+    test_scaled = confidence_from_logits(test.logits, scaler)
+    test_raw = confidence_from_logits(test.logits)
+    # with mode="vector" the argmax may change; correctness is that of the scaled prediction then
+    correct_after = test.correct if mode == "temperature" else (
+        scaler.transform(test.logits).argmax(dim=1).cpu().numpy() == test.labels)
+    rows = {}
+    for stage, confidence, correct, measured in (("before", test_raw, test.correct, result.before),
+                                                 ("after", test_scaled, correct_after, result.after)):
+        rows[stage] = {**{k: measured[k] for k in ("accuracy", "nll", "ece")},
+                       "ece_quantile": expected_calibration_error(confidence, correct, n_bins, "quantile"),
+                       "mce": measured["mce"], "brier": measured["brier"]}
+    if mode == "temperature":  # T > 0 never changes the argmax (float32 ties at huge T could)
+        rows["after"]["accuracy"] = rows["before"]["accuracy"]
+    metrics = pd.DataFrame.from_dict(rows, orient="index")
+    ece = functools.partial(expected_calibration_error, n_bins=n_bins, strategy="uniform")
+    ece_ci = {"before": bootstrap_ci(ece, test_raw, test.correct, n_boot=n_boot, alpha=alpha, seed=seed),
+              "after": bootstrap_ci(ece, test_scaled, correct_after, n_boot=n_boot, alpha=alpha, seed=seed)}
+    reliability = {"before": reliability_data(test_raw, test.correct, n_bins),
+                   "after": reliability_data(test_scaled, correct_after, n_bins)}
+    return CalibrationReport(scaler=scaler, metrics=metrics, ece_ci=ece_ci, reliability=reliability,
+                             val_confidence=confidence_from_logits(val.logits),
+                             val_confidence_scaled=confidence_from_logits(val.logits, scaler),
+                             val_correct=val.correct.copy(), test_confidence=test_raw,
+                             test_confidence_scaled=test_scaled, test_correct=np.asarray(correct_after).copy(),
+                             n_bins=n_bins, val_group=val.group.copy(), test_group=test.group.copy())
+
+
+#: What ``compare="auto"`` means: the GPT-2 sizes on Colab, the bundled models elsewhere.
+COMPARE_COLAB = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+COMPARE_OFFLINE = ("toy-lm", "toy-2l", "toy-1l")
+
+
+def _model_list(spec: Any, name: str, colab: Sequence[str], offline: Sequence[str]) -> list[str]:
+    """'auto' -> ``colab`` on Colab else ``offline``; 'a,b' or ['a', 'b'] -> that list."""
+    if isinstance(spec, str) and spec.strip().startswith("["):  # a list passed as text (papermill -p)
+        import ast
+
+        try:
+            spec = ast.literal_eval(spec.strip())
+        except (ValueError, SyntaxError) as error:
+            raise ValueError(f"{name}={spec!r}: could not read the list ({error})") from None
+    if isinstance(spec, str):
+        if spec == "auto":
+            from .checkpoint import in_colab
+
+            return list(colab if in_colab() else offline)
+        names = [part.strip() for part in spec.split(",")]
+    elif isinstance(spec, (list, tuple)):
+        names = list(spec)
+    else:
+        raise ValueError(f"{name}={spec!r}: expected 'auto', a comma-separated string or a list of model names")
+    if not names or not all(isinstance(n, (str, os.PathLike)) and os.fspath(n).strip() for n in names):
+        raise ValueError(f"{name}={spec!r}: expected 'auto' or a non-empty list of model names / directories")
+    names = [os.fspath(n).strip() for n in names]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{name}={spec!r} names a model twice; expected distinct models")
+    return names
+
+
+def resolve_compare_models(compare: str | Sequence[str] = "auto") -> list[str]:
+    """The models of the size comparison: ``"auto"`` -> ``gpt2`` ... ``gpt2-xl`` on Colab, the
+    bundled ``toy-lm``, ``toy-2l``, ``toy-1l`` elsewhere; a list (or ``"a,b"``) is used as given."""
+    return _model_list(compare, "compare", COMPARE_COLAB, COMPARE_OFFLINE)

@@ -129,3 +129,84 @@ def repeated_random_tokens(n_sequences: int, segment_length: int, vocab_size: in
     if bos_id is not None:
         tokens = torch.cat([torch.full((n_sequences, 1), bos_id), tokens], dim=1)
     return tokens.long()
+
+
+# --------------------------------------------------------------------------------------------
+# Labelled sets: multiple-choice / classification prompts scored by answer-token logits
+# --------------------------------------------------------------------------------------------
+
+#: name -> where it comes from. "cloze" is bundled (scripts/build_labelled_sets.py); "sst2" is
+#: GLUE SST-2 (validation split) through Hugging Face ``datasets``: it needs the hub (Colab).
+LABELLED_SETS = {
+    "cloze": "bundled: next-word multiple choice (4 single-token options) cut from the held-out test split",
+    "sst2": "GLUE SST-2 validation via datasets (hub): movie-review sentiment, ' negative' / ' positive'",
+}
+SST2_TEMPLATE = "Review: {sentence}\nSentiment:"
+SST2_OPTIONS = (" negative", " positive")
+
+
+def _load_sst2(n: int | None) -> list[dict]:
+    try:
+        from datasets import load_dataset
+
+        rows = load_dataset("glue", "sst2", split="validation")
+    except Exception as error:  # datasets raises many types when offline
+        raise RuntimeError(
+            f"cannot load glue/sst2 (validation): {type(error).__name__}: {error}. It needs network "
+            "access to the Hugging Face hub once (e.g. on Colab) or a cached copy; offline, use "
+            "the bundled set: load_labelled('cloze').") from error
+    items = []
+    for index, row in enumerate(rows):
+        if n is not None and len(items) == n:
+            break
+        items.append({"id": f"sst2-{index:04d}", "prompt": SST2_TEMPLATE.format(sentence=row["sentence"].strip()),
+                      "options": list(SST2_OPTIONS), "label": int(row["label"]),
+                      "answer": SST2_OPTIONS[int(row["label"])]})
+    return items
+
+
+def _is_single_token(tokenizer: "PreTrainedTokenizerBase", text: str) -> bool:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 1
+
+
+def load_labelled(name: str = "cloze", tokenizer: "PreTrainedTokenizerBase | None" = None,
+                  n: int | None = None) -> list[dict]:
+    """A labelled set of prompts with answer options, for
+    :func:`interp_lib.calibration.classify_labelled` (answer-token scoring).
+
+    Each item is ``{"id", "prompt", "options": [C answer strings], "label": index of the right
+    option, "answer"}``; options start with a space where the answer follows a word (" list").
+
+    Args:
+        name: ``"cloze"`` (bundled, 400 four-way next-word questions from the held-out test
+            split; every option one token of the bundled tokenizer) or ``"sst2"`` (GLUE SST-2
+            validation through ``datasets``: needs the hub, e.g. on Colab).
+        tokenizer: keep only the items whose every option is a single token for this tokenizer
+            (or a model with a ``.tokenizer``), e.g. GPT-2's; None keeps all.
+        n: at most this many items (the first ones; the bundled file is already shuffled).
+    """
+    if name not in LABELLED_SETS:
+        raise ValueError(f"name={name!r} is not a labelled set; expected one of {tuple(LABELLED_SETS)}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n={n!r}: expected a positive integer or None")
+    if name == "sst2":
+        items = _load_sst2(None if tokenizer is not None else n)
+    else:
+        import json
+
+        path = data_dir() / "labelled" / f"{name}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; rebuild it with `python scripts/build_labelled_sets.py`")
+        items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if tokenizer is not None:
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        single: dict[str, bool] = {}
+        kept = []
+        for item in items:
+            for option in item["options"]:
+                if option not in single:
+                    single[option] = _is_single_token(tokenizer, option)
+            if all(single[option] for option in item["options"]):
+                kept.append(item)
+        items = kept
+    return items[:n] if n is not None else items

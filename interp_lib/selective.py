@@ -38,10 +38,11 @@ from .calibration import (
 
 __all__ = [
     "AbstentionPolicy", "AbstentionRule", "EnsembleUncertainty", "MahalanobisScorer", "RiskCoverage",
-    "SelectiveThreshold", "accuracy_at_coverage", "binomial_upper_bound", "confidence_threshold",
-    "energy_score", "ensemble_disagreement", "ensemble_next_token_disagreement",
-    "guaranteed_risk_threshold", "max_softmax_probability", "ood_auroc", "residual_features",
-    "risk_coverage",
+    "SelectiveThreshold", "abstention_table", "accuracy_at_coverage", "binomial_upper_bound",
+    "confidence_threshold", "energy_score", "ensemble_disagreement", "ensemble_next_token_disagreement",
+    "ensemble_risk_coverage", "guaranteed_risk_threshold", "max_softmax_probability", "ood_auroc",
+    "ood_detection_table", "ood_scores", "residual_features", "resolve_ensemble_members", "risk_coverage",
+    "risk_coverage_table", "sequence_scores",
 ]
 
 
@@ -643,3 +644,201 @@ class AbstentionPolicy:
             "accuracy_abstained": float(ok[~predict].mean()) if n_pred < len(ok) else math.nan,
             "accuracy_all": float(ok.mean()),
         }
+
+
+# --------------------------------------------------------------------------------------------
+# Notebook-level helpers: tables, sequence-level OOD scores, ensemble members
+# --------------------------------------------------------------------------------------------
+
+def risk_coverage_table(curves: Mapping[str, RiskCoverage]) -> pd.DataFrame:
+    """One row per named :class:`RiskCoverage`: ``aurc``, ``eaurc``, ``optimal_aurc``,
+    ``error_rate`` (risk at full coverage) and ``n``."""
+    if not isinstance(curves, Mapping) or not curves:
+        raise ValueError(f"curves={curves!r:.80}: expected a non-empty mapping name -> risk_coverage(...) result")
+    rows = []
+    for name, curve in curves.items():
+        if not isinstance(curve, RiskCoverage):
+            raise ValueError(f"curves[{name!r}] is {type(curve).__name__}; expected a RiskCoverage")
+        rows.append({"score": name, "aurc": curve.aurc, "eaurc": curve.eaurc, "optimal_aurc": curve.optimal_aurc,
+                     "error_rate": curve.error_rate, "n": curve.n})
+    return pd.DataFrame(rows).set_index("score")
+
+
+def ensemble_risk_coverage(uncertainty: EnsembleUncertainty) -> dict[str, RiskCoverage]:
+    """Risk-coverage of the ensemble's prediction ranked by each uncertainty (higher = keep first):
+    ``confidence`` (mean member probability), ``-mutual_information`` (member disagreement),
+    ``-predictive_entropy`` and ``-variance``. Needs ``uncertainty.correct`` (labels given)."""
+    if not isinstance(uncertainty, EnsembleUncertainty) or uncertainty.correct is None:
+        raise ValueError("uncertainty: expected an EnsembleUncertainty computed with labels (correct is set)")
+    ok = uncertainty.correct
+    return {"confidence": risk_coverage(uncertainty.confidence, ok),
+            "-mutual_information": risk_coverage(-uncertainty.mutual_information, ok),
+            "-predictive_entropy": risk_coverage(-uncertainty.predictive_entropy, ok),
+            "-variance": risk_coverage(-uncertainty.variance, ok)}
+
+
+def _per_sequence_scores(logits: Tensor, tokens: Tensor) -> dict[str, Tensor]:
+    """logits [batch, pos, vocab] of ``tokens`` [batch, pos] -> per-sequence mean scores."""
+    logits = logits[:, :-1].float()
+    log_p = logits.log_softmax(dim=-1)
+    return {"msp": log_p.max(dim=-1).values.exp().mean(dim=1),
+            "energy": torch.logsumexp(logits, dim=-1).mean(dim=1),
+            "log_prob": log_p.gather(-1, tokens[:, 1:, None].to(log_p.device))[..., 0].mean(dim=1)}
+
+
+@torch.no_grad()
+def sequence_scores(model: Any, tokens: Int[Tensor, "batch pos"], batch_size: int = 16) -> pd.DataFrame:
+    """Per-sequence in-distribution scores from the model's own predictions (higher = more
+    in-distribution), each the mean over the sequence's positions of:
+
+    * ``msp``: the maximum softmax probability of the next-token distribution;
+    * ``energy``: the negative free energy ``logsumexp(logits)`` (:func:`energy_score`, T = 1);
+    * ``log_prob``: the log-probability of the actual next token (minus the log-perplexity).
+    """
+    tokens = _token_batch(tokens)
+    _check_batch_size(batch_size)
+    device = _model_device(model)
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, tokens.shape[0], batch_size):
+        batch = tokens[start:start + batch_size].to(device)
+        for key, value in _per_sequence_scores(_forward_logits(model, batch), batch).items():
+            parts.setdefault(key, []).append(value.cpu())
+    return pd.DataFrame({k: torch.cat(v).double().numpy() for k, v in parts.items()})
+
+
+@torch.no_grad()
+def _scores_and_features(model: Any, tokens: Tensor, hook_name: str, batch_size: int
+                         ) -> tuple[pd.DataFrame, np.ndarray]:
+    """:func:`sequence_scores` and mean residual features of ``hook_name`` from one forward pass."""
+    device = _model_device(model)
+    parts: dict[str, list[Tensor]] = {}
+    features = []
+    for start in range(0, tokens.shape[0], batch_size):
+        batch = tokens[start:start + batch_size].to(device)
+        logits, cache = model.run_with_cache(batch, names_filter=lambda name: name == hook_name)
+        for key, value in _per_sequence_scores(logits, batch).items():
+            parts.setdefault(key, []).append(value.cpu())
+        features.append(cache[hook_name].double().mean(1).cpu())
+    frame = pd.DataFrame({k: torch.cat(v).double().numpy() for k, v in parts.items()})
+    return frame, torch.cat(features).numpy()
+
+
+def ood_scores(model: Any, fit_tokens: Int[Tensor, "n_fit pos"], token_sets: Mapping[str, Int[Tensor, "n pos"]],
+               layer: int = -1, regularization: float = 1e-3, batch_size: int = 16) -> dict[str, pd.DataFrame]:
+    """Sequence-level OOD scores of named token sets (higher = more in-distribution).
+
+    Each frame has the :func:`sequence_scores` columns plus ``mahalanobis``: minus the squared
+    Mahalanobis distance of the sequence's mean residual stream (``blocks.{layer}.hook_resid_post``,
+    as :func:`residual_features`) to a single Gaussian fitted on ``fit_tokens`` (in-distribution
+    text). Keep the fit set apart from every scored set: with about as many fit sequences as
+    residual dimensions the Gaussian hugs its own sample, so the fit data look far more
+    in-distribution than fresh in-distribution data do.
+    """
+    if not isinstance(token_sets, Mapping) or not token_sets:
+        raise ValueError(f"token_sets={token_sets!r:.80}: expected a non-empty mapping name -> [batch, pos] tokens")
+    n_layers = model.cfg.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+        raise ValueError(f"layer={layer!r}: expected an integer in [{-n_layers}, {n_layers - 1}]")
+    _check_batch_size(batch_size)
+    fit_features = residual_features(model, _token_batch(fit_tokens, "fit_tokens"), layer=layer, batch_size=batch_size)
+    scorer = MahalanobisScorer(class_conditional=False, regularization=regularization).fit(fit_features)
+    hook_name = f"blocks.{layer % n_layers}.hook_resid_post"
+    frames = {}
+    for name, tokens in token_sets.items():
+        frame, features = _scores_and_features(model, _token_batch(tokens, f"token_sets[{name!r}]"), hook_name,
+                                               batch_size)
+        frame["mahalanobis"] = scorer.score(features)
+        frames[name] = frame
+    return frames
+
+
+def ood_detection_table(scores_in: pd.DataFrame, scores_out: pd.DataFrame, scores_calibration: pd.DataFrame,
+                        keep: float = 0.95) -> pd.DataFrame:
+    """How well each score (a column; higher = more in-distribution) tells ``in`` from ``out``.
+
+    Columns: ``auroc`` (:func:`ood_auroc`); ``threshold``, the rule that keeps ``keep`` of
+    ``scores_calibration`` (held-out in-distribution data: the rule is chosen without seeing any
+    OOD input); ``in_kept``, the fraction of ``scores_in`` that rule keeps (near ``keep`` when
+    calibration and in-distribution test data match); ``out_abstained``, the fraction of
+    ``scores_out`` it abstains on.
+    """
+    keep = _check_probability(keep, "keep")
+    frames = {"scores_in": scores_in, "scores_out": scores_out, "scores_calibration": scores_calibration}
+    for name, frame in frames.items():
+        if not isinstance(frame, pd.DataFrame) or frame.empty:
+            raise ValueError(f"{name}: expected a non-empty DataFrame of scores (one column per score)")
+    columns = [c for c in scores_in.columns if c in scores_calibration.columns and c in scores_out.columns]
+    if not columns:
+        raise ValueError(f"scores_in columns {list(scores_in.columns)} share no score with scores_out / "
+                         "scores_calibration")
+    rows = []
+    for column in columns:
+        rule = AbstentionRule.from_in_distribution(column, scores_calibration[column].to_numpy(), keep=keep)
+        rows.append({"score": column, "auroc": ood_auroc(scores_in[column].to_numpy(), scores_out[column].to_numpy()),
+                     "threshold": rule.threshold,
+                     "in_kept": float(rule.passes(scores_in[column].to_numpy()).mean()),
+                     "out_abstained": float(1 - rule.passes(scores_out[column].to_numpy()).mean())})
+    return pd.DataFrame(rows).set_index("score")
+
+
+def abstention_table(policies: Mapping[str, "AbstentionPolicy"], correct: Bool[ArrayLike, " n"],
+                     scores: Mapping[str, Float[ArrayLike, " n"]],
+                     domain: Sequence[str] | np.ndarray | None = None) -> pd.DataFrame:
+    """"Accuracy on retained predictions X% while abstaining on Y%", one row per policy (and per
+    ``domain`` value when given, e.g. 'prose' / 'code', plus 'all').
+
+    Each policy reads its scores by name from ``scores``; the columns are those of
+    :meth:`AbstentionPolicy.evaluate` plus ``policy`` (its description) and ``domain``.
+    """
+    if not isinstance(policies, Mapping) or not policies:
+        raise ValueError(f"policies={policies!r:.80}: expected a non-empty mapping name -> AbstentionPolicy")
+    ok = _correctness(correct, "correct")
+    values = {name: _float_array(v, name, 1, f"a 1-D array [N] of {name} scores") for name, v in scores.items()}
+    for name, v in values.items():
+        _check_same_length(ok, "correct", v, name)
+    masks: dict[str, np.ndarray] = {"all": np.ones(len(ok), dtype=bool)}
+    if domain is not None:
+        labels = np.asarray(domain)
+        if labels.ndim != 1:
+            raise ValueError(f"domain has shape {labels.shape}; expected [N] labels such as 'prose' / 'code'")
+        _check_same_length(ok, "correct", labels, "domain")
+        masks = {str(d): labels == d for d in dict.fromkeys(labels.tolist())} | masks
+    rows = []
+    for name, policy in policies.items():
+        if not isinstance(policy, AbstentionPolicy):
+            raise ValueError(f"policies[{name!r}] is {type(policy).__name__}; expected an AbstentionPolicy")
+        for where, mask in masks.items():
+            result = policy.evaluate(ok[mask], **{k: v[mask] for k, v in values.items()})
+            rows.append({"name": name, "domain": where, "policy": policy.describe(), **result})
+    frame = pd.DataFrame(rows)
+    return frame if domain is not None else frame.drop(columns="domain")
+
+
+#: What ``ensemble="auto"`` means: GPT-2 with DistilGPT-2 (one tokenizer) on Colab; offline the
+#: bundled models sharing toy-lm's tokenizer (only toy-lm: toy-1l / toy-2l use another one)
+#: plus model directories listed in ``$INTERP_LIB_ENSEMBLE`` (separated by ``os.pathsep``).
+ENSEMBLE_COLAB = ("gpt2", "distilgpt2")
+ENSEMBLE_OFFLINE = ("toy-lm",)
+ENSEMBLE_ENV = "INTERP_LIB_ENSEMBLE"
+
+
+def resolve_ensemble_members(ensemble: str | Sequence[str] = "auto") -> list[str]:
+    """Ensemble members for next-token disagreement (they must share a tokenizer).
+
+    ``"auto"``: ``gpt2`` and ``distilgpt2`` on Colab; elsewhere ``toy-lm`` plus the directories in
+    ``$INTERP_LIB_ENSEMBLE``. Offline that is usually one model: no honest ensemble exists among
+    the bundled models, and callers should skip the ensemble analysis when fewer than two members
+    come back rather than fake one. A list (or ``"a,b"``) is used as given.
+    """
+    import os
+
+    from .calibration import _model_list
+
+    members = _model_list(ensemble, "ensemble", ENSEMBLE_COLAB, ENSEMBLE_OFFLINE)
+    if ensemble == "auto":
+        from .checkpoint import in_colab
+
+        if not in_colab():
+            extra = [p for p in os.environ.get(ENSEMBLE_ENV, "").split(os.pathsep) if p.strip()]
+            members += [p for p in extra if p not in members]
+    return members

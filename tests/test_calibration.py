@@ -460,3 +460,121 @@ def test_reliability_figure_draws_panels_side_by_side():
     assert len(il.plots.reliability_diagram(before, show_counts=False).data) == 3
     with pytest.raises(ValueError, match="lacks columns"):
         il.plots.reliability_diagram(pd.DataFrame({"x": [1]}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Notebook-level helpers: reports, labelled sets, model lists
+# ----------------------------------------------------------------------------------------------
+
+
+def predictions_from_logits(logits: np.ndarray, labels: np.ndarray, n_groups: int) -> cal.Predictions:
+    z = torch.from_numpy(logits).float()
+    probs = z.double().softmax(1)
+    prediction = probs.argmax(1).numpy()
+    return cal.Predictions(prediction=prediction, confidence=probs.max(1).values.numpy(),
+                           group=np.arange(len(labels)) % n_groups, labels=labels, correct=prediction == labels,
+                           nll=-probs.log()[np.arange(len(labels)), labels].numpy(), logits=z)
+
+
+def test_temperature_scaling_report_fits_on_val_and_measures_on_test():
+    factor = 2.5
+    val_logits, val_labels = calibrated_logits(6000, seed=11)
+    test_logits, test_labels = calibrated_logits(6000, seed=12)
+    val = predictions_from_logits(val_logits * factor, val_labels, 60)
+    test = predictions_from_logits(test_logits * factor, test_labels, 60)
+    report = cal.temperature_scaling_report(val, test, n_bins=15, n_boot=50, seed=0)
+    assert report.temperature == pytest.approx(factor, rel=0.05)
+    assert list(report.metrics.index) == ["before", "after"]
+    assert list(report.metrics.columns) == ["accuracy", "nll", "ece", "ece_quantile", "mce", "brier"]
+    before, after = report.metrics.loc["before"], report.metrics.loc["after"]
+    assert after.ece < 0.5 * before.ece and after.nll < before.nll and after.accuracy == before.accuracy
+    # every number is the test split's, as the metric functions compute it
+    z = test_logits * factor
+    assert before.ece == pytest.approx(cal.expected_calibration_error(cal.softmax(z), test_labels), abs=1e-6)
+    assert after.ece == pytest.approx(cal.expected_calibration_error(cal.softmax(z, report.temperature), test_labels),
+                                      abs=1e-6)
+    assert before.ece_quantile == pytest.approx(
+        cal.expected_calibration_error(cal.softmax(z), test_labels, strategy="quantile"), abs=1e-6)
+    assert after.nll == pytest.approx(cal.negative_log_likelihood(z / report.temperature, test_labels,
+                                                                  from_logits=True), abs=1e-5)
+    assert before.brier == pytest.approx(cal.brier_score(cal.softmax(z), test_labels), abs=1e-5)
+    np.testing.assert_allclose(report.test_confidence_scaled, cal.softmax(z, report.temperature).max(1), rtol=1e-5)
+    np.testing.assert_allclose(report.val_confidence, cal.softmax(val_logits * factor).max(1), rtol=1e-5)
+    np.testing.assert_array_equal(report.test_correct, test.correct)
+    np.testing.assert_array_equal(report.test_group, test.group)
+    assert report.ece_ci["before"].estimate == pytest.approx(before.ece, abs=1e-6)
+    assert report.ece_ci["after"].upper < report.ece_ci["before"].lower
+    assert int(report.reliability["after"]["count"].sum()) == len(test_labels)
+    summary = report.summary()
+    assert summary["ece_before"] == before.ece and summary["temperature"] == report.temperature
+    assert "accuracy" in summary and "accuracy_after" not in summary
+    with pytest.raises(ValueError, match="disjoint validation and test"):
+        cal.temperature_scaling_report(val, val)
+    with pytest.raises(ValueError, match="expected Predictions with logits"):
+        cal.temperature_scaling_report(val, cal.Predictions(prediction=test.prediction, confidence=test.confidence,
+                                                            group=test.group))
+    with pytest.raises(ValueError, match="n_boot=1"):
+        cal.temperature_scaling_report(val, test, n_boot=1)
+
+
+def test_confidence_from_logits_chunks_and_scales():
+    logits, labels = calibrated_logits(1000, seed=13)
+    scaler = cal.TemperatureScaler().fit(logits * 3, labels)
+    np.testing.assert_allclose(cal.confidence_from_logits(logits), cal.softmax(logits).max(1), rtol=1e-5)
+    np.testing.assert_allclose(cal.confidence_from_logits(logits * 3, scaler, chunk_size=7),
+                               scaler.predict_proba(logits * 3).max(1), rtol=1e-5)
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        cal.confidence_from_logits(logits, chunk_size=0)
+
+
+def test_next_token_confidence_matches_predictions(tiny, windows):
+    predictions = cal.next_token_predictions(tiny, windows)
+    val, test = predictions.split(0.5, seed=0)
+    scaler = cal.TemperatureScaler().fit(val.logits, val.labels)
+    frame = cal.next_token_confidence(tiny, windows, scaler=scaler, batch_size=5)
+    assert list(frame.columns) == ["group", "position", "confidence", "correct", "confidence_scaled"]
+    np.testing.assert_array_equal(frame["group"], predictions.group)
+    np.testing.assert_array_equal(frame["position"], predictions.position)
+    np.testing.assert_allclose(frame["confidence"], predictions.confidence, rtol=1e-5)
+    np.testing.assert_array_equal(frame["correct"], predictions.correct)
+    np.testing.assert_allclose(frame["confidence_scaled"], cal.confidence_from_logits(predictions.logits, scaler),
+                               rtol=1e-5)
+    assert "confidence_scaled" not in cal.next_token_confidence(tiny, windows).columns
+    with pytest.raises(ValueError, match="scaler is not fitted"):
+        cal.next_token_confidence(tiny, windows, scaler=cal.TemperatureScaler())
+
+
+def test_classify_labelled_uses_shared_or_per_item_options(tiny):
+    items = [{"prompt": "the list is", "options": [" a", " b"], "label": 0},
+             {"prompt": "import os", "options": [" a", " b"], "label": 1}]
+    shared = cal.classify_labelled(tiny, items)
+    direct = cal.classify_with_answer_tokens(tiny, ["the list is", "import os"], [" a", " b"], labels=[0, 1])
+    torch.testing.assert_close(shared.logits, direct.logits)
+    assert shared.class_names == [" a", " b"]
+    mixed = cal.classify_labelled(tiny, [items[0], {**items[1], "options": [" b", " a"]}])
+    assert mixed.class_names is None
+    torch.testing.assert_close(mixed.logits[1], direct.logits[1].flip(0))
+    # the bundled cloze set works through the same call (options filtered to this 512-token
+    # tokenizer, which keeps only a few items)
+    cloze = il.data.load_labelled("cloze", tokenizer=tiny, n=12)
+    result = cal.classify_labelled(tiny, cloze)
+    assert len(cloze) >= 1 and result.logits.shape == (len(cloze), 4)
+    np.testing.assert_array_equal(result.labels, [item["label"] for item in cloze])
+    with pytest.raises(ValueError, match="lacks \\['label'\\]"):
+        cal.classify_labelled(tiny, [{"prompt": "x", "options": [" a", " b"]}])
+    with pytest.raises(ValueError, match="expected a non-empty list of labelled items"):
+        cal.classify_labelled(tiny, [])
+
+
+def test_resolve_compare_models(monkeypatch):
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    assert cal.resolve_compare_models("auto") == ["toy-lm", "toy-2l", "toy-1l"]
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab-20260101")
+    assert cal.resolve_compare_models() == ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+    assert cal.resolve_compare_models(["gpt2", "/models/mine"]) == ["gpt2", "/models/mine"]
+    assert cal.resolve_compare_models("gpt2, distilgpt2") == ["gpt2", "distilgpt2"]
+    assert cal.resolve_compare_models('["gpt2", "gpt2-xl"]') == ["gpt2", "gpt2-xl"]  # papermill -p text
+    for bad, message in (([], "non-empty list"), (3, "expected 'auto'"), (["gpt2", "gpt2"], "names a model twice"),
+                         ("a,,b", "non-empty list"), ("[gpt2", "could not read the list")):
+        with pytest.raises(ValueError, match=message):
+            cal.resolve_compare_models(bad)

@@ -410,3 +410,116 @@ def test_risk_coverage_figure():
     fig = il.plots.risk_coverage_curve(curves, thresholds={"SGR": sgr})
     assert len(fig.data) == 3 and "AURC" in fig.data[0].name
     assert fig.data[2].error_y.array[0] == pytest.approx(sgr.bound - sgr.risk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Notebook-level helpers: tables, sequence-level OOD scores, ensemble members
+# ----------------------------------------------------------------------------------------------
+
+
+def test_risk_coverage_table_and_ensemble_curves():
+    rng = np.random.default_rng(1)
+    confidence, correct = calibrated_sample(400, rng)
+    curves = {"confidence": sel.risk_coverage(confidence, correct), "random": sel.risk_coverage(rng.random(400), correct)}
+    table = sel.risk_coverage_table(curves)
+    assert list(table.index) == ["confidence", "random"]
+    assert table.loc["confidence", "aurc"] == curves["confidence"].aurc
+    assert table.loc["confidence", "aurc"] < table.loc["random", "aurc"]
+    assert (table["error_rate"] == 1 - correct.mean()).all()
+    members = rng.dirichlet(np.ones(3), size=(4, 50))
+    uncertainty = sel.ensemble_disagreement(members, labels=rng.integers(0, 3, 50))
+    ensemble = sel.ensemble_risk_coverage(uncertainty)
+    assert set(ensemble) == {"confidence", "-mutual_information", "-predictive_entropy", "-variance"}
+    assert ensemble["-mutual_information"].aurc == sel.risk_coverage(-uncertainty.mutual_information,
+                                                                       uncertainty.correct).aurc
+    with pytest.raises(ValueError, match="computed with labels"):
+        sel.ensemble_risk_coverage(sel.ensemble_disagreement(members))
+    with pytest.raises(ValueError, match="expected a RiskCoverage"):
+        sel.risk_coverage_table({"x": 0.5})
+
+
+def test_ood_detection_table_chooses_thresholds_on_calibration_data():
+    rng = np.random.default_rng(2)
+    frame = lambda shift, n: pd.DataFrame({"good": rng.normal(-shift, 1, n), "useless": rng.normal(0, 1, n)})
+    calibration, inside, outside = frame(0, 4000), frame(0, 4000), frame(3, 2000)
+    table = sel.ood_detection_table(inside, outside, calibration, keep=0.9)
+    assert list(table.index) == ["good", "useless"]
+    assert table.loc["good", "auroc"] == pytest.approx(sel.ood_auroc(inside["good"], outside["good"]))
+    assert table.loc["good", "auroc"] > 0.95 and abs(table.loc["useless", "auroc"] - 0.5) < 0.05
+    assert table.loc["good", "threshold"] == pytest.approx(np.quantile(calibration["good"], 0.1))
+    assert table["in_kept"].to_numpy() == pytest.approx([0.9, 0.9], abs=0.02)
+    assert table.loc["good", "out_abstained"] > 0.9 and table.loc["useless", "out_abstained"] == pytest.approx(
+        0.1, abs=0.03)
+    with pytest.raises(ValueError, match="share no score"):
+        sel.ood_detection_table(inside, outside.rename(columns=str.upper), calibration)
+    with pytest.raises(ValueError, match="keep=1.5"):
+        sel.ood_detection_table(inside, outside, calibration, keep=1.5)
+
+
+def test_abstention_table_by_hand_and_per_domain():
+    correct = np.array([1, 1, 0, 1, 0, 0], bool)
+    confidence = np.array([0.9, 0.8, 0.7, 0.6, 0.2, 0.1])
+    familiar = np.array([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
+    policies = {"confident": sel.AbstentionPolicy.confidence(0.5),
+                "both": sel.AbstentionPolicy([sel.AbstentionRule("confidence", 0.5),
+                                              sel.AbstentionRule("familiar", 0.0)])}
+    table = sel.abstention_table(policies, correct, {"confidence": confidence, "familiar": familiar})
+    assert list(table["name"]) == ["confident", "both"] and "domain" not in table.columns
+    assert table.loc[0, "coverage"] == pytest.approx(4 / 6) and table.loc[0, "accuracy_predicted"] == pytest.approx(0.75)
+    assert table.loc[1, "coverage"] == pytest.approx(3 / 6) and table.loc[1, "accuracy_predicted"] == pytest.approx(2 / 3)
+    assert table.loc[1, "policy"] == "confidence >= 0.5 and familiar >= 0"
+    domain = np.array(["prose"] * 3 + ["code"] * 3)
+    split = sel.abstention_table(policies, correct, {"confidence": confidence, "familiar": familiar}, domain=domain)
+    assert list(split["domain"]) == ["prose", "code", "all"] * 2
+    code = split[(split["name"] == "both") & (split["domain"] == "code")].iloc[0]
+    assert code["coverage"] == 0.0 and code["accuracy_abstained"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="familiar"):
+        sel.abstention_table(policies, correct, {"confidence": confidence})
+    with pytest.raises(ValueError, match="domain has 2 entries|correct has 6 entries but domain has 2"):
+        sel.abstention_table(policies, correct, {"confidence": confidence, "familiar": familiar}, domain=["a", "b"])
+    with pytest.raises(ValueError, match="expected an AbstentionPolicy"):
+        sel.abstention_table({"x": 0.5}, correct, {"confidence": confidence})
+
+
+def test_sequence_scores_match_a_direct_forward_pass(tiny_pair, windows):
+    model = tiny_pair[0]
+    frame = sel.sequence_scores(model, windows, batch_size=4)
+    with torch.no_grad():
+        logits = model(windows)[:, :-1].double()
+    log_p = logits.log_softmax(-1)
+    np.testing.assert_allclose(frame["msp"], log_p.exp().max(-1).values.mean(1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(frame["energy"], torch.logsumexp(logits, -1).mean(1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(frame["log_prob"], log_p.gather(-1, windows[:, 1:, None])[..., 0].mean(1).numpy(),
+                               rtol=1e-5)
+
+
+def test_ood_scores_fit_mahalanobis_on_the_fit_set_only(tiny_pair):
+    model = tiny_pair[0]
+    prose = il.data.text_windows(model, il.data.load_corpus("validation"), window_len=16, n_windows=60)
+    code = il.data.text_windows(model, il.data.load_corpus("code"), window_len=16, n_windows=10)
+    frames = sel.ood_scores(model, prose[:40], {"in": prose[40:], "out": code}, layer=0, batch_size=7)
+    assert list(frames) == ["in", "out"] and len(frames["in"]) == 20 and len(frames["out"]) == 10
+    assert list(frames["in"].columns) == ["msp", "energy", "log_prob", "mahalanobis"]
+    scorer = sel.MahalanobisScorer(class_conditional=False).fit(sel.residual_features(model, prose[:40], layer=0))
+    np.testing.assert_allclose(frames["out"]["mahalanobis"], scorer.score(sel.residual_features(model, code, layer=0)),
+                               rtol=1e-6)
+    pd.testing.assert_frame_equal(frames["in"].drop(columns="mahalanobis"), sel.sequence_scores(model, prose[40:]))
+    with pytest.raises(ValueError, match="layer=2"):
+        sel.ood_scores(model, prose[:40], {"in": prose[40:]}, layer=2)
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        sel.ood_scores(model, prose[:40], {})
+
+
+def test_resolve_ensemble_members(monkeypatch, tmp_path):
+    import os
+
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    monkeypatch.delenv("INTERP_LIB_ENSEMBLE", raising=False)
+    assert sel.resolve_ensemble_members("auto") == ["toy-lm"]  # no honest offline ensemble is bundled
+    monkeypatch.setenv("INTERP_LIB_ENSEMBLE", os.pathsep.join([str(tmp_path / "seed1"), str(tmp_path / "seed2")]))
+    assert sel.resolve_ensemble_members() == ["toy-lm", str(tmp_path / "seed1"), str(tmp_path / "seed2")]
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab-20260101")
+    assert sel.resolve_ensemble_members() == ["gpt2", "distilgpt2"]
+    assert sel.resolve_ensemble_members(["a", "b"]) == ["a", "b"]
+    with pytest.raises(ValueError, match="ensemble="):
+        sel.resolve_ensemble_members([])
