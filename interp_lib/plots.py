@@ -142,3 +142,248 @@ def risk_coverage_curve(curves, thresholds=None, title: str | None = None):
                       yaxis_title="selective risk (error rate on answered)", xaxis_range=[0, 1.02],
                       height=420, width=640, legend=dict(orientation="h", y=-0.25))
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Logit lens, direct logit attribution, activation / attribution patching
+# --------------------------------------------------------------------------------------------
+
+def logit_lens_heatmap(frame, value: str = "top_prob", prompt: int = 0, title: str | None = None):
+    """Heatmap of a :func:`interp_lib.attribution.logit_lens` table: stages (rows, embeddings at
+    the bottom) by positions (columns), coloured by ``value`` (``top_prob``, ``target_prob``,
+    ``target_rank``), each cell labelled with its top token."""
+    import plotly.graph_objects as go
+
+    required = {"prompt", "stage", "layer", "position", "input_token", "top_token", value}
+    missing = required - set(getattr(frame, "columns", ()))
+    if missing:
+        raise ValueError(f"frame lacks columns {sorted(missing)}; expected a logit_lens(...) table"
+                         + (" run with a target" if value.startswith("target") else ""))
+    rows = frame[frame["prompt"] == prompt]
+    if rows.empty:
+        raise ValueError(f"prompt={prompt!r}: the table holds prompts {sorted(frame['prompt'].unique())}")
+    stages = rows.drop_duplicates("stage").sort_values("layer")["stage"].tolist()
+    positions = sorted(rows["position"].unique())
+    grid = rows.pivot(index="stage", columns="position", values=value).loc[stages, positions]
+    text = rows.pivot(index="stage", columns="position", values="top_token").loc[stages, positions]
+    inputs = rows.drop_duplicates("position").set_index("position").loc[positions, "input_token"]
+    columns = [f"{p}: {t!r}"[:24] for p, t in zip(positions, inputs)]
+    fig = go.Figure(go.Heatmap(
+        z=grid.to_numpy(), x=columns, y=stages, text=text.to_numpy(), texttemplate="%{text}",
+        colorscale="Blues" if value != "target_rank" else "Blues_r", colorbar=dict(title=value),
+        hovertemplate="stage %{y}<br>position %{x}<br>top token %{text}<br>" + value + " %{z:.3g}<extra></extra>"))
+    fig.update_layout(title=title or f"Logit lens ({value})", xaxis_title="position: input token",
+                      yaxis_title="residual stream after", height=max(300, 40 * len(stages) + 150),
+                      width=max(500, 70 * len(positions) + 200))
+    return fig
+
+
+def logit_attribution_bar(contributions, labels, title: str | None = None, top: int | None = None):
+    """Bar chart of a direct logit attribution (mean over prompts, with the spread as error bars)."""
+    import plotly.graph_objects as go
+
+    contributions = torch.as_tensor(contributions, dtype=torch.float32)
+    if contributions.ndim == 1:
+        contributions = contributions[:, None]
+    if contributions.shape[0] != len(labels):
+        raise ValueError(f"{contributions.shape[0]} contributions but {len(labels)} labels")
+    mean = contributions.mean(1)
+    spread = contributions.std(1) if contributions.shape[1] > 1 else None
+    order = list(range(len(labels)))
+    if top is not None:
+        order = sorted(order, key=lambda i: -abs(float(mean[i])))[:top]
+    fig = go.Figure(go.Bar(
+        x=[labels[i] for i in order], y=mean[order].tolist(),
+        error_y=None if spread is None else dict(type="data", array=spread[order].tolist()),
+        marker_color=["#4c78a8" if float(mean[i]) >= 0 else "#e45756" for i in order]))
+    fig.update_layout(title=title or "Direct logit attribution", xaxis_title="component",
+                      yaxis_title="contribution to the logit (difference)", height=420,
+                      width=max(500, 22 * len(order) + 200))
+    return fig
+
+
+def patching_heatmap(result, labels, title: str | None = None, zmid: float = 0.0):
+    """Heatmap of a patching / ablation sweep (``activation_patch(..., return_labels=True)``).
+
+    2-D sweeps draw as one heatmap (first axis down); 3-D sweeps (``[layer, pos, head]``) as one
+    panel per entry of the last axis."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    result = torch.as_tensor(result, dtype=torch.float32).detach().cpu()
+    axes = [a for a in labels if a != "cell"]
+    if tuple(result.shape) != tuple(len(labels[a]) for a in axes):
+        raise ValueError(f"result has shape {tuple(result.shape)} but labels describe "
+                         f"{tuple(len(labels[a]) for a in axes)}")
+    if result.ndim == 1:
+        result, axes = result[:, None], axes + ["value"]
+        labels = {**labels, "value": [""]}
+    panels = [(None, result)] if result.ndim == 2 else [
+        (labels[axes[2]][i], result[..., i]) for i in range(result.shape[2])]
+    if result.ndim > 3:
+        raise ValueError(f"cannot draw a {result.ndim}-D sweep; select a slice first")
+    bound = float(result.abs().max()) or 1.0
+    fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True,
+                        subplot_titles=[str(name) for name, _ in panels] if len(panels) > 1 else None)
+    for col, (_, grid) in enumerate(panels, start=1):
+        fig.add_trace(go.Heatmap(z=grid.numpy(), x=labels[axes[1]], y=labels[axes[0]], zmid=zmid,
+                                 zmin=-bound if zmid == 0 else None, zmax=bound if zmid == 0 else None,
+                                 colorscale="RdBu", showscale=col == len(panels),
+                                 hovertemplate="%{y} %{x}<br>%{z:.4f}<extra></extra>"), row=1, col=col)
+    fig.update_yaxes(autorange="reversed", title_text=axes[0], row=1, col=1)
+    fig.update_xaxes(title_text=axes[1])
+    fig.update_layout(title=title, height=max(320, 28 * result.shape[0] + 160),
+                      width=min(1600, max(480, 260 * len(panels) + 28 * result.shape[1])))
+    return fig
+
+
+def patching_scatter(exact, approx, labels=None, title: str | None = None):
+    """Attribution patching (y) against exact activation patching (x), one point per cell, with
+    the diagonal; the title carries :func:`interp_lib.patching.patching_agreement`."""
+    import numpy as np
+    import plotly.graph_objects as go
+
+    from .patching import patching_agreement
+
+    exact = torch.as_tensor(exact, dtype=torch.float32).flatten()
+    approx = torch.as_tensor(approx, dtype=torch.float32).flatten()
+    agreement = patching_agreement(exact, approx, k=min(10, exact.numel()))
+    cells = None if labels is None else np.asarray(labels["cell"]).reshape(-1)
+    low, high = float(min(exact.min(), approx.min())), float(max(exact.max(), approx.max()))
+    fig = go.Figure([
+        go.Scatter(x=exact.tolist(), y=approx.tolist(), mode="markers", text=cells, name="cells",
+                   hovertemplate="%{text}<br>exact %{x:.4f}<br>attribution %{y:.4f}<extra></extra>"),
+        go.Scatter(x=[low, high], y=[low, high], mode="lines", name="y = x", line=dict(color="gray", dash="dash")),
+    ])
+    fig.update_layout(
+        title=title or (f"Attribution vs exact patching: r = {agreement['pearson']:.3f}, "
+                        f"sign agreement {agreement['sign_agreement']:.2f}, "
+                        f"top-{agreement['k']} overlap {agreement['top_k_overlap']:.2f}"),
+        xaxis_title="activation patching (exact)", yaxis_title="attribution patching (estimate)",
+        height=460, width=560)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Attention heads: head-score grids, attention / QK heatmaps, composition (interp_lib.heads)
+# --------------------------------------------------------------------------------------------
+
+def _heatmap(matrix, x=None, y=None, title=None, xaxis="", yaxis="", zmid=None, colorscale="RdBu_r"):
+    import plotly.graph_objects as go
+
+    z = torch.as_tensor(matrix, dtype=torch.float32)
+    if z.ndim != 2:
+        raise ValueError(f"matrix has shape {tuple(z.shape)}: expected a 2-d tensor")
+    z = torch.where(torch.isinf(z), torch.full_like(z, float("nan")), z)
+    fig = go.Figure(go.Heatmap(z=z.tolist(), x=x, y=y, zmid=zmid, colorscale=colorscale))
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=420, width=560)
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def head_score_heatmap(scores, title: str | None = None, threshold: float | None = None):
+    """A [layer, head] score grid (``il.heads.head_scores``); ``threshold`` goes in the title."""
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    if scores.ndim != 2:
+        raise ValueError(f"scores has shape {tuple(scores.shape)}: expected [n_layers, n_heads]")
+    suffix = "" if threshold is None else f" (threshold {threshold:.3f})"
+    return _heatmap(scores, x=[f"H{h}" for h in range(scores.shape[1])],
+                    y=[f"L{l}" for l in range(scores.shape[0])], title=(title or "head scores") + suffix,
+                    xaxis="head", yaxis="layer", colorscale="Blues")
+
+
+def attention_heatmap(pattern, tokens: Sequence[str] | None = None, title: str | None = None):
+    """One head's [query, key] attention pattern (or a QK score matrix)."""
+    return _heatmap(pattern, x=None if tokens is None else [f"{i}:{t}" for i, t in enumerate(tokens)],
+                    y=None if tokens is None else [f"{i}:{t}" for i, t in enumerate(tokens)],
+                    title=title, xaxis="key", yaxis="query", colorscale="Blues")
+
+
+def qk_heatmap(matrix, title: str | None = None, xaxis: str = "key", yaxis: str = "query"):
+    """A QK circuit (token x token, position x position) or a [sequence, key] QK interaction."""
+    return _heatmap(matrix, title=title, xaxis=xaxis, yaxis=yaxis, zmid=0.0)
+
+
+def composition_heatmap(scores, title: str | None = None):
+    """Composition scores [layer_a, head_a, layer_b, head_b] as a (source head x target head) grid."""
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    if scores.ndim != 4:
+        raise ValueError(f"scores has shape {tuple(scores.shape)}: expected [layer, head, layer, head]")
+    n_layers, n_heads = scores.shape[:2]
+    labels = [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
+    grid = scores.reshape(n_layers * n_heads, n_layers * n_heads)
+    return _heatmap(grid, x=labels, y=labels, title=title or "composition scores", xaxis="target (later head)",
+                    yaxis="source (earlier head)", colorscale="Blues")
+
+
+# --------------------------------------------------------------------------------------------
+# Positional probing and input attribution (interp_lib.probing; notebook 06)
+# --------------------------------------------------------------------------------------------
+
+def probe_curves(frames, title: str | None = None):
+    """Probe accuracy per residual stream, one line per probe, dashed lines for the controls.
+
+    ``frames``: one :func:`interp_lib.probing.position_probe` DataFrame or a list of them."""
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    frame = pd.concat(frames) if isinstance(frames, (list, tuple)) else frames
+    fig = go.Figure()
+    for name, part in frame.groupby("probe", sort=False):
+        fig.add_trace(go.Scatter(x=part["stream"], y=part["accuracy"], mode="lines+markers", name=f"{name} probe"))
+        if "control_accuracy" in part:
+            fig.add_trace(go.Scatter(x=part["stream"], y=part["control_accuracy"], mode="lines+markers",
+                                     name=f"{name} control", line=dict(dash="dash")))
+    fig.update_layout(title=title or "Position probe accuracy on held-out sequences", xaxis_title="residual stream",
+                      yaxis_title="accuracy", yaxis_range=[0, 1], height=400, width=640)
+    return fig
+
+
+def head_class_scatter(frame, title: str | None = None):
+    """Heads from :func:`interp_lib.probing.head_position_scores`: position score against mean
+    attention offset, coloured by class."""
+    import plotly.express as px
+
+    fig = px.scatter(frame, x="position_score", y="mean_offset", color="label", text="name",
+                     hover_data=["bos_attention"], title=title or "Position vs content heads")
+    fig.update_traces(textposition="top center")
+    fig.update_layout(height=420, width=640, xaxis_title="position score (1 = content-independent)",
+                      yaxis_title="mean query - key offset")
+    return fig
+
+
+def head_importance_heatmap(frame, value: str = "drop", title: str | None = None):
+    """``[layer, head]`` heatmap of a per-head column (e.g. probe accuracy drop under ablation)."""
+    import plotly.graph_objects as go
+
+    grid = frame.pivot(index="layer", columns="head", values=value)
+    fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=[f"H{h}" for h in grid.columns],
+                               y=[f"L{l}" for l in grid.index], colorscale="RdBu", zmid=0))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title or f"Head ablation: {value}", height=320, width=480)
+    return fig
+
+
+def token_attribution_bar(tokens, values, title: str | None = None):
+    """One bar per input token (integrated gradients, rollout row, ...)."""
+    import plotly.graph_objects as go
+
+    labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
+    fig = go.Figure(go.Bar(x=labels, y=[float(v) for v in values]))
+    fig.update_layout(title=title, height=360, width=max(480, 28 * len(labels)), xaxis_tickangle=-60)
+    return fig
+
+
+def causal_trace_heatmap(trace, tokens, title: str | None = None):
+    """Probability of the target with one (stream, position) restored: a
+    :class:`interp_lib.probing.CausalTrace` over its input ``tokens`` (strings)."""
+    import plotly.graph_objects as go
+
+    labels = [f"{i}:{t}" + ("*" if i in trace.corrupt_positions else "") for i, t in enumerate(tokens)]
+    fig = go.Figure(go.Heatmap(z=trace.scores.T.numpy(), x=trace.stream_labels, y=labels, colorscale="Purples",
+                               hovertemplate="%{y} %{x}<br>p = %{z:.3f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title or (f"Causal tracing: clean p = {trace.clean_prob:.3f}, "
+                                      f"corrupted p = {trace.corrupted_prob:.3f} (* = noised)"),
+                      xaxis_title="restored stream", height=max(320, 22 * len(labels) + 120), width=560)
+    return fig

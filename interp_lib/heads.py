@@ -1,0 +1,736 @@
+"""Attention heads: induction / previous-token / duplicate-token scores, dynamic-threshold
+detection, precision / recall / F1 against ground truth, ablation confirmation, QK / OV circuits
+(``FactoredMatrix``), composition scores and head families by behaviour.
+
+Scores are computed from attention patterns read out of a cache; nothing here edits a cached
+tensor in place (TransformerLens' ``detect_head`` once did, PR #1745).
+
+Score definitions (all in [0, 1], means over sequences and query positions):
+
+* ``induction``: on ``BOS + prefix + S + S`` (``S`` random tokens of length ``L``, a random
+  prefix of length ``o``), attention from every query in the second copy of ``S`` to the token
+  *after* its earlier occurrence (key ``q - L + 1``). Computed for several ``L`` (including
+  lengths far from any training range) and offsets ``o``; the score is the **minimum over
+  lengths** of the per-length mean, so a head that attends at a fixed positional offset ``k``
+  (perfect only when ``L = k + 1``) scores near zero: induction is content-based and must work
+  at every length.
+* ``duplicate_token``: the same sequences, attention from the second copy to the earlier copy
+  of the *same* token (key ``q - L``), minimum over lengths.
+* ``previous_token``: natural text windows, attention from query ``q >= 2`` to key ``q - 1``
+  (query 1 is excluded: its previous token is BOS, which would reward BOS-sink heads).
+
+``exclude_bos=True`` additionally renormalises each query's attention over non-BOS keys (on a
+copy) before scoring, for models whose heads park attention on BOS.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .paths import data_dir
+
+KINDS = ("induction", "previous_token", "duplicate_token")
+DEFAULT_REPEAT_LENGTHS = (11, 23, 47, 61)
+DEFAULT_OFFSETS = (0, 7)
+THRESHOLD_RULES = ("robust_z", "mean_std", "largest_gap")
+
+Head = tuple[int, int]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
+
+
+def _check_positive_ints(values, name: str, minimum: int = 1) -> tuple[int, ...]:
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = (values,)
+    try:
+        out = tuple(values)
+    except TypeError:
+        raise ValueError(f"{name}={values!r}: expected a sequence of integers >= {minimum}") from None
+    if not out or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum for v in out):
+        raise ValueError(f"{name}={values!r}: expected a non-empty sequence of integers >= {minimum}")
+    return tuple(int(v) for v in out)
+
+
+def _check_n(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive integer")
+    return int(value)
+
+
+def _parse_head(head, n_layers: int, n_heads: int) -> Head:
+    given = head
+    if isinstance(head, str):
+        import re
+
+        match = re.fullmatch(r"L(\d+)H(\d+)", head.strip())
+        if not match:
+            raise ValueError(f"head={given!r}: expected a label like 'L1H0' or a (layer, head) pair")
+        head = (int(match[1]), int(match[2]))
+    try:
+        layer, index = (int(x) for x in head)
+    except (TypeError, ValueError):
+        raise ValueError(f"head={given!r}: expected a label like 'L1H0' or a (layer, head) pair") from None
+    if not (0 <= layer < n_layers and 0 <= index < n_heads):
+        raise ValueError(f"head={given!r} out of range: expected layer in [0, {n_layers - 1}] and head in "
+                         f"[0, {n_heads - 1}]")
+    return layer, index
+
+
+def head_label(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def _bos_id(model) -> int:
+    tok = getattr(model, "tokenizer", None)
+    for attr in ("bos_token_id", "eos_token_id"):
+        value = getattr(tok, attr, None) if tok is not None else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Probe sequences and patterns
+# --------------------------------------------------------------------------------------------
+
+def repeat_probe_tokens(model, length: int, offset: int = 0, n_sequences: int = 16, seed: int = 0
+                        ) -> Int[Tensor, "batch pos"]:
+    """``BOS + prefix(offset) + S + S`` with ``S`` ``length`` uniformly random non-BOS tokens."""
+    from .data import repeated_random_tokens
+
+    bos = _bos_id(model)
+    vocab = model.cfg.d_vocab
+    if 1 + offset + 2 * length > model.cfg.n_ctx:
+        raise ValueError(f"repeat length {length} with offset {offset} needs {1 + offset + 2 * length} positions; "
+                         f"the model's context is {model.cfg.n_ctx}")
+    tokens = repeated_random_tokens(n_sequences, length, vocab_size=vocab, seed=seed, bos_id=bos, low=0,
+                                    exclude=[bos])
+    if offset:
+        rng = np.random.default_rng(seed + 10_007)
+        allowed = np.setdiff1d(np.arange(vocab), [bos])
+        prefix = torch.from_numpy(rng.choice(allowed, size=(n_sequences, offset))).long()
+        tokens = torch.cat([tokens[:, :1], prefix, tokens[:, 1:]], dim=1)
+    return tokens
+
+
+@torch.no_grad()
+def attention_patterns(model, tokens: Int[Tensor, "batch pos"], layers: Iterable[int] | None = None
+                       ) -> Float[Tensor, "layer batch head query key"]:
+    """Attention patterns of every layer (a fresh tensor: later edits never reach a cache)."""
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    names = {f"blocks.{layer}.attn.hook_pattern" for layer in layers}
+    _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=lambda name: name in names)
+    return torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"].detach().float().cpu().clone()
+                        for layer in layers])
+
+
+def _renormalise_without_bos(patterns: Tensor) -> Tensor:
+    out = patterns.clone()
+    out[..., 0] = 0.0
+    return out / out.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def _offset_attention(patterns: Tensor, queries: Tensor, shift: int) -> Float[Tensor, "layer head"]:
+    """Mean attention from ``queries`` to ``queries - shift`` -> [layer, head]."""
+    return patterns[..., queries, queries - shift].mean(dim=(1, 3))
+
+
+def _text_tokens(model, n_sequences: int, seq_len: int, seed: int, dataset: str) -> Tensor:
+    from .data import load_texts, text_windows
+
+    return text_windows(model, load_texts(dataset, "validation"), seq_len, n_sequences, seed=seed)
+
+
+@torch.no_grad()
+def head_scores_by_length(model, kind: str = "induction", repeat_lengths: Sequence[int] = DEFAULT_REPEAT_LENGTHS,
+                          offsets: Sequence[int] = DEFAULT_OFFSETS, n_sequences: int = 16, seed: int = 0,
+                          exclude_bos: bool = False) -> Float[Tensor, "length layer head"]:
+    """Per repeat length (averaged over ``offsets``) induction or duplicate-token scores."""
+    if kind not in ("induction", "duplicate_token"):
+        raise ValueError(f"kind={kind!r}: scores by repeat length exist for 'induction' and 'duplicate_token'")
+    lengths = _check_positive_ints(repeat_lengths, "repeat_lengths", 2)
+    offs = _check_positive_ints(offsets, "offsets", 0)
+    n_sequences = _check_n(n_sequences, "n_sequences")
+    shift_extra = 1 if kind == "induction" else 0
+    per_length = []
+    for length in lengths:
+        per_offset = []
+        for offset in offs:
+            tokens = repeat_probe_tokens(model, length, offset, n_sequences, seed + 1000 * length + offset)
+            patterns = attention_patterns(model, tokens)
+            if exclude_bos:
+                patterns = _renormalise_without_bos(patterns)
+            start = 1 + offset + length  # first query of the second copy
+            queries = torch.arange(start, start + length)
+            per_offset.append(_offset_attention(patterns, queries, length - shift_extra))
+        per_length.append(torch.stack(per_offset).mean(0))
+    return torch.stack(per_length)
+
+
+@torch.no_grad()
+def head_scores(model, kind: str = "induction", *, repeat_lengths: Sequence[int] = DEFAULT_REPEAT_LENGTHS,
+                offsets: Sequence[int] = DEFAULT_OFFSETS, n_sequences: int = 16, seq_len: int = 64,
+                seed: int = 0, exclude_bos: bool = False, dataset: str = "auto",
+                tokens: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "layer head"]:
+    """Score every head for ``kind`` -> ``[n_layers, n_heads]`` (definitions in the module docstring).
+
+    Args:
+        kind: ``"induction"``, ``"previous_token"`` or ``"duplicate_token"``.
+        repeat_lengths: segment lengths of the repeated-random-token probes (induction and
+            duplicate-token); the score is the minimum over lengths, so include lengths the
+            model never saw in training.
+        offsets: random-prefix lengths before the first copy (the same length at different
+            absolute positions); averaged.
+        n_sequences: probe sequences per (length, offset), or natural-text windows.
+        seq_len: natural-text window length (previous-token), BOS included.
+        dataset: text for the previous-token probe: ``"auto"`` (WikiText on Colab, the bundled
+            corpus elsewhere), ``"bundled"`` or ``"wikitext"``.
+        tokens: previous-token only: score on these ``[batch, pos]`` tokens instead of text windows.
+        exclude_bos: renormalise attention over non-BOS keys before scoring (on a copy).
+    """
+    _check_kind(kind)
+    if tokens is not None and kind != "previous_token":
+        raise ValueError(f"tokens= is only used with kind='previous_token' (got kind={kind!r}); induction and "
+                         "duplicate-token scores build their own repeated-random-token probes")
+    if kind == "previous_token":
+        if tokens is None:
+            n = _check_n(n_sequences, "n_sequences")
+            if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 3 <= seq_len <= model.cfg.n_ctx:
+                raise ValueError(f"seq_len={seq_len!r}: expected an integer in [3, {model.cfg.n_ctx}]")
+            tokens = _text_tokens(model, n, seq_len, seed, dataset)
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim != 2 or tokens.shape[1] < 3:
+            raise ValueError(f"tokens has shape {tuple(tokens.shape)}: expected [batch, pos] with pos >= 3")
+        patterns = attention_patterns(model, tokens)
+        if exclude_bos:
+            patterns = _renormalise_without_bos(patterns)
+        queries = torch.arange(2, tokens.shape[1])
+        return _offset_attention(patterns, queries, 1)
+    by_length = head_scores_by_length(model, kind, repeat_lengths, offsets, n_sequences, seed, exclude_bos)
+    return by_length.min(0).values
+
+
+# --------------------------------------------------------------------------------------------
+# TransformerLens head_detector ("mul" measure) reimplemented on tokens, for cross-checks
+# --------------------------------------------------------------------------------------------
+
+def detection_pattern(tokens: Int[Tensor, "pos"], kind: str) -> Float[Tensor, "pos pos"]:
+    """TransformerLens' ``get_<kind>_head_detection_pattern`` for one token sequence."""
+    _check_kind(kind)
+    tokens = torch.as_tensor(tokens).flatten().cpu()
+    n = len(tokens)
+    if kind == "previous_token":
+        pattern = torch.zeros(n, n)
+        pattern[1:, :-1] = torch.eye(n - 1)
+        return pattern
+    same = (tokens[:, None] == tokens[None, :]).float()
+    same.fill_diagonal_(0)
+    duplicate = torch.tril(same)
+    if kind == "duplicate_token":
+        return duplicate
+    shifted = torch.zeros_like(duplicate)
+    shifted[:, 1:] = duplicate[:, :-1]
+    return torch.tril(shifted)
+
+
+@torch.no_grad()
+def detector_scores(model, tokens: Int[Tensor, "batch pos"], kind: str, exclude_bos: bool = False,
+                    exclude_current_token: bool = False) -> Float[Tensor, "layer head"]:
+    """``transformer_lens.head_detector.detect_head``'s "mul" score, averaged over sequences:
+    per head, sum(attention * detection pattern) / sum(attention), the masked entries zeroed
+    on a copy. Equals ``detect_head(model, text, "<kind>_head", ...)`` for one sequence."""
+    _check_kind(kind)
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    patterns = attention_patterns(model, tokens)  # [layer, batch, head, q, k]
+    scores = []
+    for b in range(tokens.shape[0]):
+        att = patterns[:, b].clone()
+        if exclude_bos:
+            att[..., 0] = 0
+        if exclude_current_token:
+            att = att * (1 - torch.eye(att.shape[-1]))
+        det = detection_pattern(tokens[b], kind)
+        scores.append((att * det).sum((-1, -2)) / att.sum((-1, -2)))
+    return torch.stack(scores).mean(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Dynamic thresholds and detection
+# --------------------------------------------------------------------------------------------
+
+def dynamic_threshold(scores: Tensor | np.ndarray, rule: str = "robust_z", k: float = 3.5,
+                      floor: float = 0.0) -> float:
+    """A detection threshold derived from the distribution of scores across heads.
+
+    * ``robust_z`` (default): ``median + k * 1.4826 * MAD`` - a head is an outlier when its
+      modified z-score exceeds ``k`` (3.5 is Iglewicz & Hoaglin's rule). When the MAD is 0 the
+      mean absolute deviation is used instead.
+    * ``mean_std``: ``mean + k * std``.
+    * ``largest_gap``: the midpoint of the largest gap between consecutive sorted scores.
+
+    The result is never below ``floor`` (detect_heads sets it to the score a head with uniform
+    causal attention would get, so noise in a model without the behaviour is not detected).
+    """
+    values = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    values = values[torch.isfinite(values)]
+    if values.numel() < 2:
+        raise ValueError(f"scores has {values.numel()} finite values: expected at least 2 heads")
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"rule={rule!r}: expected one of {', '.join(THRESHOLD_RULES)}")
+    if not isinstance(k, (int, float)) or isinstance(k, bool) or not math.isfinite(k) or k <= 0:
+        raise ValueError(f"k={k!r}: expected a positive number")
+    if rule == "robust_z":
+        median = values.median()
+        spread = 1.4826 * (values - median).abs().median()
+        if spread <= 0:
+            spread = 1.2533 * (values - median).abs().mean()
+        threshold = median + k * spread
+    elif rule == "mean_std":
+        threshold = values.mean() + k * values.std()
+    else:
+        ordered = values.sort().values
+        gaps = ordered[1:] - ordered[:-1]
+        i = int(gaps.argmax())
+        threshold = (ordered[i] + ordered[i + 1]) / 2
+    return float(max(float(threshold), floor))
+
+
+def chance_score(model, kind: str, repeat_lengths: Sequence[int] = DEFAULT_REPEAT_LENGTHS,
+                 offsets: Sequence[int] = DEFAULT_OFFSETS, seq_len: int = 64) -> float:
+    """The score of a head attending uniformly to all keys (1 / number of keys), per ``kind``."""
+    _check_kind(kind)
+    if kind == "previous_token":
+        return float(np.mean([1 / (q + 1) for q in range(2, seq_len)]))
+    values = []
+    for length in repeat_lengths:
+        values.append(np.mean([1 / (q + 1) for o in offsets for q in range(1 + o + length, 1 + o + 2 * length)]))
+    return float(max(values))
+
+
+@dataclass
+class DetectedHead:
+    layer: int
+    head: int
+    score: float
+
+    @property
+    def label(self) -> str:
+        return head_label(self.layer, self.head)
+
+    def __iter__(self):  # unpacks as (layer, head, score), the DESIGN contract
+        return iter((self.layer, self.head, self.score))
+
+    def __getitem__(self, index):
+        return (self.layer, self.head, self.score)[index]
+
+    def __len__(self) -> int:
+        return 3
+
+
+@dataclass
+class Detection:
+    """Heads detected for ``kind``: iterable / indexable as ``[(layer, head, score), ...]``."""
+
+    kind: str
+    heads: list[DetectedHead]
+    threshold: float
+    rule: str
+    k: float
+    floor: float
+    scores: list[list[float]] = field(repr=False)
+
+    def __iter__(self):
+        return iter(self.heads)
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def __getitem__(self, index):
+        return self.heads[index]
+
+    def head_set(self) -> set[Head]:
+        return {(h.layer, h.head) for h in self.heads}
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "threshold": self.threshold, "rule": self.rule, "k": self.k,
+                "floor": self.floor, "scores": self.scores,
+                "heads": [asdict(h) for h in self.heads]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Detection":
+        return cls(kind=data["kind"], heads=[DetectedHead(**h) for h in data["heads"]],
+                   threshold=data["threshold"], rule=data["rule"], k=data["k"], floor=data["floor"],
+                   scores=data["scores"])
+
+
+def detect_from_scores(scores: Float[Tensor, "layer head"], kind: str = "induction", rule: str = "robust_z",
+                       k: float = 3.5, floor: float = 0.0) -> Detection:
+    """Heads whose score exceeds :func:`dynamic_threshold` of ``scores``, highest first."""
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    if scores.ndim != 2:
+        raise ValueError(f"scores has shape {tuple(scores.shape)}: expected [n_layers, n_heads]")
+    threshold = dynamic_threshold(scores, rule, k, floor)
+    found = [DetectedHead(int(l), int(h), float(scores[l, h])) for l, h in zip(*torch.where(scores > threshold))]
+    found.sort(key=lambda d: -d.score)
+    return Detection(kind, found, threshold, rule, float(k), float(floor), scores.tolist())
+
+
+def detect_heads(model, kind: str = "induction", rule: str = "robust_z", k: float = 3.5,
+                 floor: float | None = None, scores: Tensor | None = None, **score_kwargs) -> Detection:
+    """Heads of ``kind`` above a dynamic threshold -> :class:`Detection` (iterates as
+    ``(layer, head, score)`` triples, highest score first).
+
+    The threshold is :func:`dynamic_threshold` (default: modified z-score > 3.5 over all heads'
+    scores), floored at ``max(2 * chance, 0.1)`` where chance is the score of a uniform-attention
+    head (:func:`chance_score`): an outlier among heads that all lack the behaviour is not a
+    detection. Pass ``scores`` to skip recomputing them.
+    """
+    _check_kind(kind)
+    if scores is None:
+        scores = head_scores(model, kind, **score_kwargs)
+    if floor is None:
+        keys = {key: score_kwargs[key] for key in ("repeat_lengths", "offsets", "seq_len") if key in score_kwargs}
+        floor = max(2 * chance_score(model, kind, **keys), 0.1)
+    return detect_from_scores(scores, kind, rule, k, floor)
+
+
+# --------------------------------------------------------------------------------------------
+# Ground truth and precision / recall / F1
+# --------------------------------------------------------------------------------------------
+
+def known_heads(model_name: str, kind: str | None = None) -> dict[str, list[Head]] | list[Head]:
+    """Published / verified head roles from ``data/known_heads``: ``{role: [(layer, head), ...]}``,
+    or the list for one ``kind``. Model names: ``gpt2`` (alias ``gpt2-small``), ``toy-2l``, ``toy-1l``."""
+    folder = data_dir() / "known_heads"
+    if model_name in ("gpt2", "gpt2-small"):
+        roles = json.loads((folder / "gpt2-small.json").read_text())["roles"]
+    else:
+        models = json.loads((folder / "toy-models.json").read_text())["models"]
+        if model_name not in models:
+            raise ValueError(f"model_name={model_name!r}: no ground-truth table; expected one of "
+                             f"gpt2, gpt2-small, {', '.join(models)}")
+        roles = models[model_name]["roles"]
+    table = {role: [tuple(h) for h in entry["heads"]] for role, entry in roles.items()}
+    if kind is None:
+        return table
+    if kind not in table:
+        raise ValueError(f"kind={kind!r}: the table for {model_name} has roles {', '.join(table)}")
+    return table[kind]
+
+
+def precision_recall_f1(detected: Iterable, truth: Iterable) -> dict[str, float]:
+    """Precision, recall and F1 of detected heads against true heads (``(layer, head, ...)`` items).
+
+    With no true heads and no detections all three are 1.0 (nothing to find, nothing claimed).
+    """
+    found = {(int(h[0]), int(h[1])) for h in detected}
+    true = {(int(h[0]), int(h[1])) for h in truth}
+    tp = len(found & true)
+    if not found and not true:
+        return {"precision": 1.0, "recall": 1.0, "f1": 1.0, "tp": 0, "fp": 0, "fn": 0}
+    precision = tp / len(found) if found else 0.0
+    recall = tp / len(true) if true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp,
+            "fp": len(found - true), "fn": len(true - found)}
+
+
+# --------------------------------------------------------------------------------------------
+# Ablation: the in-context-learning loss drop on repeated sequences
+# --------------------------------------------------------------------------------------------
+
+def _ablation_hook(heads_here: list[int], replacement: Tensor | None):
+    def hook(z, hook):
+        out = z.clone()
+        for head in heads_here:
+            out[:, :, head] = 0.0 if replacement is None else replacement[:, :, head].to(out.dtype)
+        return out
+    return hook
+
+
+@torch.no_grad()
+def icl_loss_drop(model, heads: Iterable = (), length: int = 47, n_sequences: int = 32, seed: int = 0,
+                  method: str = "zero") -> dict[str, float]:
+    """Loss on the first and second copy of ``BOS + S + S`` (``S`` random, length ``length``)
+    with ``heads`` ablated together (``"zero"`` or ``"mean"`` over the batch, per position), and
+    the in-context drop ``loss_first - loss_second``."""
+    if method not in ("zero", "mean"):
+        raise ValueError(f"method={method!r}: expected 'zero' or 'mean'")
+    length = _check_n(length, "length")
+    heads = [_parse_head(h, model.cfg.n_layers, model.cfg.n_heads) for h in heads]
+    tokens = repeat_probe_tokens(model, length, 0, _check_n(n_sequences, "n_sequences"), seed).to(model.cfg.device)
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    means = {}
+    if method == "mean" and by_layer:
+        names = {f"blocks.{layer}.attn.hook_z" for layer in by_layer}
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        means = {layer: cache[f"blocks.{layer}.attn.hook_z"].mean(0, keepdim=True).clone() for layer in by_layer}
+    hooks = [(f"blocks.{layer}.attn.hook_z", _ablation_hook(hs, means.get(layer)))
+             for layer, hs in by_layer.items()]
+    logits = model.run_with_hooks(tokens, fwd_hooks=hooks) if hooks else model(tokens)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
+    first, second = nll[:, :length].mean().item(), nll[:, length:].mean().item()
+    return {"loss_first": first, "loss_second": second, "drop": first - second}
+
+
+def ablation_effects(model, heads: Iterable, length: int = 47, n_sequences: int = 32, seed: int = 0,
+                     method: str = "zero") -> pd.DataFrame:
+    """In-context loss drop with each head ablated alone, then all together.
+
+    Columns: ``head``, ``drop`` (with the ablation), ``clean_drop``, ``fraction_removed``
+    (``1 - drop / clean_drop``: 1 means the drop is gone).
+    """
+    heads = [_parse_head(h, model.cfg.n_layers, model.cfg.n_heads) for h in heads]
+    clean = icl_loss_drop(model, (), length, n_sequences, seed, method)["drop"]
+    rows = []
+    groups = [[h] for h in heads] + ([heads] if len(heads) > 1 else [])
+    for group in groups:
+        result = icl_loss_drop(model, group, length, n_sequences, seed, method)
+        rows.append({"head": "+".join(head_label(*h) for h in group), "n_heads": len(group),
+                     "loss_first": result["loss_first"], "loss_second": result["loss_second"],
+                     "drop": result["drop"], "clean_drop": clean,
+                     "fraction_removed": 1 - result["drop"] / clean if clean else float("nan")})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# QK / OV circuits through FactoredMatrix
+# --------------------------------------------------------------------------------------------
+
+def _factored(left: Tensor, right: Tensor):
+    from transformer_lens import FactoredMatrix
+
+    return FactoredMatrix(left, right)
+
+
+def qk_circuit(model, layer: int, head: int):
+    """``W_Q W_K^T`` of one head (d_model x d_model, query side on the left) as a FactoredMatrix."""
+    layer, head = _parse_head((layer, head), model.cfg.n_layers, model.cfg.n_heads)
+    return _factored(model.W_Q[layer, head], model.W_K[layer, head].T)
+
+
+def ov_circuit(model, layer: int, head: int):
+    """``W_V W_O`` of one head (d_model x d_model, input on the left) as a FactoredMatrix."""
+    layer, head = _parse_head((layer, head), model.cfg.n_layers, model.cfg.n_heads)
+    return _factored(model.W_V[layer, head], model.W_O[layer, head])
+
+
+@torch.no_grad()
+def full_qk_circuit(model, layer: int, head: int, tokens: Sequence[int] | Tensor | None = None
+                    ) -> Float[Tensor, "query_token key_token"]:
+    """Token-token QK circuit ``W_E W_Q W_K^T W_E^T`` (bilinear attention score between query
+    token and key token, ignoring positions), on ``tokens`` (default: the whole vocabulary when
+    it has at most 4096 tokens, else an error naming the argument)."""
+    W_E = model.W_E
+    if tokens is None:
+        if W_E.shape[0] > 4096:
+            raise ValueError(f"tokens=None with a vocabulary of {W_E.shape[0]}: pass a subset of token ids")
+        index = torch.arange(W_E.shape[0])
+    else:
+        index = torch.as_tensor(tokens).flatten().long()
+    emb = W_E[index.to(W_E.device)]
+    return (emb @ qk_circuit(model, layer, head) @ emb.T).AB.detach().float().cpu() / math.sqrt(model.cfg.d_head)
+
+
+@torch.no_grad()
+def positional_qk_circuit(model, layer: int, head: int, n_positions: int | None = None
+                          ) -> Float[Tensor, "query_pos key_pos"]:
+    """``W_pos W_Q W_K^T W_pos^T`` with the causal mask applied (-inf above the diagonal),
+    over the first ``n_positions`` positions (default: all)."""
+    n = model.cfg.n_ctx if n_positions is None else _check_n(n_positions, "n_positions")
+    pos = model.W_pos[:n]
+    scores = (pos @ qk_circuit(model, layer, head) @ pos.T).AB.detach().float().cpu() / math.sqrt(model.cfg.d_head)
+    return scores.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), float("-inf"))
+
+
+@torch.no_grad()
+def ov_copying_score(model, layer: int | None = None, head: int | None = None) -> Tensor | float:
+    """Elhage et al.'s copying score: ``sum(Re λ) / sum(|λ|)`` over the eigenvalues of the full OV
+    circuit ``W_E W_V W_O W_U`` (1 = pure copying, -1 = anti-copying). All heads -> [layer, head]."""
+    if layer is None and head is None:
+        return torch.tensor([[ov_copying_score(model, l, h) for h in range(model.cfg.n_heads)]
+                             for l in range(model.cfg.n_layers)])
+    full = model.W_E @ ov_circuit(model, layer, head) @ model.W_U
+    eig = full.eigenvalues
+    return float(eig.real.sum() / eig.abs().sum())
+
+
+@torch.no_grad()
+def composition_scores(model, mode: str = "K") -> Float[Tensor, "layer_a head_a layer_b head_b"]:
+    """Q-, K- or V-composition ``||W_A^OV M_B|| / (||W_A^OV|| ||M_B||)`` (Frobenius norms, Elhage
+    et al. 2021) between every earlier head A and later head B, with ``M_B = W_Q W_K^T`` (Q),
+    ``(W_Q W_K^T)^T`` (K) or ``W_V W_O`` (V). Entries with ``layer_b <= layer_a`` are 0.
+
+    The same numbers as ``FactoredMatrix`` products (``ov_circuit(A) @ qk_circuit(B).T``) and
+    TransformerLens' ``all_composition_scores``, computed for all pairs at once through the
+    small Gram matrices: ``||L M R||_F^2 = tr(M^T (L^T L) M (R R^T))``.
+    """
+    if mode not in ("Q", "K", "V"):
+        raise ValueError(f"mode={mode!r}: expected 'Q', 'K' or 'V'")
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    f64 = lambda t: t.detach().to(torch.float64).cpu()  # noqa: E731
+    W_Q, W_K, W_V, W_O = f64(model.W_Q), f64(model.W_K), f64(model.W_V), f64(model.W_O)
+    left_a, right_a = W_V, W_O                                   # OV_A = W_V W_O
+    if mode == "Q":
+        left_b, right_b = W_Q, W_K.transpose(-1, -2)             # QK = W_Q W_K^T
+    elif mode == "K":
+        left_b, right_b = W_K, W_Q.transpose(-1, -2)             # QK^T = W_K W_Q^T
+    else:
+        left_b, right_b = W_V, W_O
+    gram_left_a = left_a.transpose(-1, -2) @ left_a              # [L, H, h, h]
+    gram_right_b = right_b @ right_b.transpose(-1, -2)           # [L, H, h, h]
+    product_sq = torch.zeros(L, H, L, H, dtype=torch.float64)
+    for layer in range(L - 1):  # one source layer at a time bounds memory (H * L * H * d_head^2)
+        middle = torch.einsum("ahd,mbdk->ambhk", right_a[layer], left_b)  # R_A L_B
+        product_sq[layer] = torch.einsum("ambij,aik,ambkn,mbnj->amb", middle, gram_left_a[layer], middle,
+                                         gram_right_b)
+    norm_a = (gram_left_a * (right_a @ right_a.transpose(-1, -2))).sum((-1, -2)).sqrt()
+    norm_b = ((left_b.transpose(-1, -2) @ left_b) * gram_right_b).sum((-1, -2)).sqrt()
+    scores = product_sq.clamp_min(0).sqrt() / (norm_a[:, :, None, None] * norm_b[None, None])
+    later = torch.arange(L)[None, :] > torch.arange(L)[:, None]  # [layer_a, layer_b]
+    return (scores * later[:, None, :, None]).float()
+
+
+def composition_frame(model, mode: str = "K", scores: Tensor | None = None) -> pd.DataFrame:
+    """Composition scores as a table (``source``, ``target``, ``score``, ``rank``), highest first."""
+    scores = composition_scores(model, mode) if scores is None else scores
+    rows = []
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    for la in range(L):
+        for ha in range(H):
+            for lb in range(la + 1, L):
+                for hb in range(H):
+                    rows.append({"source": head_label(la, ha), "target": head_label(lb, hb),
+                                 "mode": mode, "score": float(scores[la, ha, lb, hb])})
+    frame = pd.DataFrame(rows, columns=["source", "target", "mode", "score"])  # no pairs in a 1-layer model
+    frame = frame.sort_values("score", ascending=False, ignore_index=True)
+    frame["rank"] = np.arange(1, len(frame) + 1)
+    return frame
+
+
+@torch.no_grad()
+def qk_interaction(model, tokens: Int[Tensor, "batch pos"], layer: int, head: int, query_position: int = -1
+                   ) -> Float[Tensor, "batch key"]:
+    """Pre-softmax attention scores of ``query_position`` with every key position (``q . k /
+    sqrt(d_head)``, causal mask -> -inf) for each sequence: the QK interaction heatmap data."""
+    layer, head = _parse_head((layer, head), model.cfg.n_layers, model.cfg.n_heads)
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    n = tokens.shape[1]
+    q_pos = query_position % n if -n <= query_position < n else None
+    if q_pos is None:
+        raise ValueError(f"query_position={query_position}: expected an index into {n} positions")
+    names = {f"blocks.{layer}.attn.hook_q", f"blocks.{layer}.attn.hook_k"}
+    _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=lambda name: name in names)
+    q = cache[f"blocks.{layer}.attn.hook_q"][:, q_pos, head].float()
+    k = cache[f"blocks.{layer}.attn.hook_k"][:, :, head].float()
+    scores = torch.einsum("bd,bkd->bk", q, k).cpu() / math.sqrt(model.cfg.d_head)
+    scores[:, q_pos + 1:] = float("-inf")
+    return scores
+
+
+# --------------------------------------------------------------------------------------------
+# Head families by behaviour
+# --------------------------------------------------------------------------------------------
+
+STAT_NAMES = ("bos", "previous_token", "self", "same_token", "induction", "entropy")
+
+
+@torch.no_grad()
+def attention_statistics(model, length: int = 47, n_sequences: int = 16, seed: int = 0) -> pd.DataFrame:
+    """Per head, on ``BOS + S + S`` repeated random tokens (queries in the second copy): mean
+    attention to BOS, the previous token, itself, the earlier copy of the same token, the
+    induction target, and the attention entropy normalised by log(#keys). One row per head."""
+    tokens = repeat_probe_tokens(model, length, 0, n_sequences, seed)
+    patterns = attention_patterns(model, tokens)  # [layer, batch, head, q, k]
+    queries = torch.arange(1 + length, 1 + 2 * length)
+    rows = patterns[..., queries, :]  # [layer, batch, head, nq, k]
+    n_keys = (queries + 1).float()
+    entropy = -(rows.clamp_min(1e-12).log() * rows).sum(-1) / n_keys.log()
+    stats = {
+        "bos": rows[..., 0].mean((1, 3)),
+        "previous_token": _offset_attention(patterns, queries, 1),
+        "self": _offset_attention(patterns, queries, 0),
+        "same_token": _offset_attention(patterns, queries, length),
+        "induction": _offset_attention(patterns, queries, length - 1),
+        "entropy": entropy.mean((1, 3)),
+    }
+    records = []
+    for layer in range(model.cfg.n_layers):
+        for head in range(model.cfg.n_heads):
+            records.append({"head": head_label(layer, head), "layer": layer, "head_index": head,
+                            **{name: float(stats[name][layer, head]) for name in STAT_NAMES}})
+    return pd.DataFrame(records)
+
+
+def head_families(stats: pd.DataFrame, method: str = "agglomerative", distance_threshold: float = 0.5,
+                  min_cluster_size: int = 2) -> pd.DataFrame:
+    """Cluster heads by their attention statistics (:func:`attention_statistics`) and name each
+    family by its strongest statistic.
+
+    ``agglomerative`` (default; deterministic, works for a handful of heads): Ward linkage on the
+    raw statistics (all in [0, 1]) cut at ``distance_threshold``. ``hdbscan``: scikit-learn's
+    HDBSCAN with ``min_cluster_size`` (label -1 = unclustered), for models with many heads.
+    Adds columns ``family`` (int) and ``family_name``.
+    """
+    missing = [name for name in STAT_NAMES if name not in getattr(stats, "columns", ())]
+    if missing:
+        raise ValueError(f"stats lacks columns {missing}: expected the output of attention_statistics")
+    features = stats[list(STAT_NAMES)].to_numpy(dtype=float)
+    if method == "agglomerative":
+        from sklearn.cluster import AgglomerativeClustering
+
+        if len(features) < 2:
+            labels = np.zeros(len(features), dtype=int)
+        else:
+            labels = AgglomerativeClustering(n_clusters=None, distance_threshold=distance_threshold,
+                                             linkage="ward").fit_predict(features)
+    elif method == "hdbscan":
+        from sklearn.cluster import HDBSCAN
+
+        labels = HDBSCAN(min_cluster_size=min_cluster_size).fit_predict(features)
+    else:
+        raise ValueError(f"method={method!r}: expected 'agglomerative' or 'hdbscan'")
+    out = stats.copy()
+    out["family"] = labels
+    names = {}
+    for label in sorted(set(labels)):
+        if label < 0:
+            names[label] = "unclustered"
+            continue
+        centroid = features[labels == label].mean(0)
+        pointed = dict(zip(STAT_NAMES[:-1], centroid[:-1]))
+        best = max(pointed, key=pointed.get)
+        names[label] = best if pointed[best] > 0.3 else "diffuse"
+    out["family_name"] = [names[label] for label in labels]
+    return out
+
+
+def families_table(families: pd.DataFrame) -> pd.DataFrame:
+    """One row per family: name, members, mean statistics."""
+    grouped = families.groupby("family")
+    table = grouped[list(STAT_NAMES)].mean()
+    table.insert(0, "members", grouped["head"].apply(lambda s: ", ".join(s)))
+    table.insert(0, "family_name", grouped["family_name"].first())
+    return table.reset_index()

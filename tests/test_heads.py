@@ -1,0 +1,240 @@
+"""interp_lib.heads: head scores, dynamic-threshold detection, P/R/F1, ablation, QK / OV circuits,
+composition, head families. The science is checked on the bundled toy models (data/PROVENANCE.md:
+toy-2l has previous-token head L0H2 and induction heads L1H0-L1H2; toy-1l has none)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import interp_lib as il
+from interp_lib import heads as H
+
+TOY_2L_INDUCTION = {(1, 0), (1, 1), (1, 2)}
+TOY_2L_PREVIOUS = (0, 2)
+
+
+@pytest.fixture(scope="module")
+def toy_2l_induction(toy_2l):
+    scores = H.head_scores(toy_2l, "induction")
+    return scores, H.detect_heads(toy_2l, "induction", scores=scores)
+
+
+# ------------------------------------------------------------------------ must show
+
+def test_toy_2l_induction_heads_are_in_layer_1_and_match_ground_truth(toy_2l_induction):
+    scores, detection = toy_2l_induction
+    assert scores.shape == (2, 4)
+    found = detection.head_set()
+    assert found and all(layer == 1 for layer, _ in found)
+    assert found == TOY_2L_INDUCTION == set(H.known_heads("toy-2l", "induction"))
+    assert H.precision_recall_f1(detection, H.known_heads("toy-2l", "induction"))["f1"] == 1.0
+    # the contract: an iterable of (layer, head, score) triples above the threshold
+    for layer, head, score in detection:
+        assert score > detection.threshold
+        assert score == pytest.approx(float(scores[layer, head]))
+
+
+def test_ablating_detected_induction_heads_removes_the_in_context_loss_drop(toy_2l, toy_2l_induction):
+    _, detection = toy_2l_induction
+    effects = H.ablation_effects(toy_2l, [(l, h) for l, h, _ in detection], length=47, n_sequences=16)
+    clean = effects["clean_drop"].iloc[0]
+    assert clean > 3.5  # second copy predicted far better than the first
+    together = effects[effects["n_heads"] == len(detection)].iloc[0]
+    assert together["drop"] < 0.3 * clean
+    # per head: each single ablation hurts, none alone removes the drop (they are redundant)
+    single = effects[effects["n_heads"] == 1]
+    assert len(single) == len(detection)
+    assert (single["fraction_removed"] > 0.0).all() and (single["fraction_removed"] < 0.9).all()
+    # control: ablating the same number of non-induction heads leaves the drop mostly intact
+    control = H.icl_loss_drop(toy_2l, [(0, 0), (0, 1), (1, 3)], length=47, n_sequences=16)
+    assert control["drop"] > 0.5 * clean
+
+
+def test_toy_1l_has_no_induction_heads(toy_1l):
+    detection = H.detect_heads(toy_1l, "induction")
+    assert len(detection) == 0
+    assert H.head_scores(toy_1l, "induction").max() < 0.05
+    assert H.precision_recall_f1(detection, H.known_heads("toy-1l", "induction"))["f1"] == 1.0
+
+
+def _fixed_offset_hook(head: int, offset: int):
+    """Replace one head's attention by 'attend exactly `offset` tokens back' (BOS if none)."""
+    def hook(pattern, hook):
+        n = pattern.shape[-1]
+        queries = torch.arange(n)
+        out = pattern.clone()
+        out[:, head] = 0.0
+        out[:, head, queries, (queries - offset).clamp_min(0)] = 1.0
+        return out
+    return hook
+
+
+def test_a_fixed_offset_head_is_not_called_an_induction_head(toy_2l):
+    # L1H3 made to attend 46 tokens back: exactly the induction target for repeats of length 47
+    with toy_2l.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", _fixed_offset_hook(3, 46))]):
+        naive = H.head_scores(toy_2l, "induction", repeat_lengths=[47])
+        robust = H.head_scores(toy_2l, "induction")
+        detection = H.detect_heads(toy_2l, "induction", scores=robust)
+    assert naive[1, 3] > 0.99  # a single-length score would rank it first
+    assert robust[1, 3] < 0.05
+    assert (1, 3) not in detection.head_set()
+    assert detection.head_set() == TOY_2L_INDUCTION
+    # the hook was removed with the context: the real L1H3 is back
+    assert H.head_scores(toy_2l, "induction", repeat_lengths=[47])[1, 3] < 0.05
+
+
+def test_k_composition_from_previous_token_head_to_induction_heads_is_among_the_highest(toy_2l):
+    frame = H.composition_frame(toy_2l, "K")
+    pairs = frame[(frame["source"] == "L0H2") & frame["target"].isin([f"L1H{h}" for _, h in TOY_2L_INDUCTION])]
+    assert len(pairs) == 3
+    assert (pairs["rank"] <= 4).all(), frame.head(6)  # top quarter of the 16 layer-0 -> layer-1 pairs
+    scores = H.composition_scores(toy_2l, "K")
+    for _, head in TOY_2L_INDUCTION:  # for every induction head, L0H2 is its strongest K source
+        assert int(scores[0, :, 1, head].argmax()) == TOY_2L_PREVIOUS[1]
+
+
+def test_composition_scores_equal_transformer_lens(toy_2l):
+    for mode in "QKV":
+        ours = H.composition_scores(toy_2l, mode)
+        reference = toy_2l.all_composition_scores(mode)
+        reference = getattr(reference, "scores", reference).detach().cpu()
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", H.KINDS)
+@pytest.mark.parametrize("exclude_bos,exclude_current", [(False, False), (True, False), (True, True)])
+def test_detector_scores_equal_transformer_lens_head_detector(toy_2l, kind, exclude_bos, exclude_current):
+    # detect_head runs on a TransformerBridge: compare with it directly, on natural text
+    from transformer_lens.head_detector import detect_head
+
+    text = il.data.load_corpus("validation")[:300]
+    expected = detect_head(toy_2l, text, f"{kind}_head", exclude_bos=exclude_bos,
+                           exclude_current_token=exclude_current)
+    ours = H.detector_scores(toy_2l, toy_2l.to_tokens(text), kind, exclude_bos, exclude_current)
+    torch.testing.assert_close(ours, expected.float(), atol=1e-6, rtol=1e-5)
+
+
+def test_detector_scores_average_over_prompts_like_head_detector(toy_2l):
+    from transformer_lens.head_detector import detect_head
+
+    corpus = il.data.load_corpus("validation")
+    texts = [corpus[:200], corpus[200:450]]
+    expected = detect_head(toy_2l, texts, "induction_head", exclude_bos=True)
+    ours = torch.stack([H.detector_scores(toy_2l, toy_2l.to_tokens(t), "induction", True) for t in texts]).mean(0)
+    torch.testing.assert_close(ours, expected.float(), atol=1e-6, rtol=1e-5)
+
+
+def test_previous_token_score_is_the_head_detector_diagonal(toy_2l):
+    # with BOS excluded from queries and keys, our previous-token score is the mean of the
+    # detector's diagonal; on one sequence they rank the same head first
+    text = il.data.load_corpus("validation")[:300]
+    tokens = toy_2l.to_tokens(text)
+    ours = H.head_scores(toy_2l, "previous_token", tokens=tokens)
+    patterns = H.attention_patterns(toy_2l, tokens)
+    q = torch.arange(2, tokens.shape[1])
+    torch.testing.assert_close(ours, patterns[..., q, q - 1].mean((1, 3)))
+    assert divmod(int(ours.argmax()), 4) == TOY_2L_PREVIOUS
+
+
+# ------------------------------------------------------------------------ other behaviour
+
+def test_previous_token_head_detected_on_natural_text(toy_2l):
+    scores = H.head_scores(toy_2l, "previous_token", n_sequences=16, dataset="bundled")
+    detection = H.detect_heads(toy_2l, "previous_token", scores=scores)
+    assert TOY_2L_PREVIOUS in detection.head_set()
+    assert detection[0][:2] == TOY_2L_PREVIOUS
+    metrics = H.precision_recall_f1(detection, H.known_heads("toy-2l", "previous_token"))
+    assert metrics["recall"] == 1.0
+
+
+def test_scores_do_not_depend_on_call_order_or_mutate_patterns(toy_2l):
+    tokens = H.repeat_probe_tokens(toy_2l, 20, 0, 4)
+    first = H.attention_patterns(toy_2l, tokens)
+    H.head_scores(toy_2l, "induction", repeat_lengths=[20], offsets=[0], n_sequences=4, exclude_bos=True)
+    torch.testing.assert_close(H.attention_patterns(toy_2l, tokens), first)
+    torch.testing.assert_close(first.sum(-1), torch.ones_like(first.sum(-1)))
+
+
+def test_dynamic_threshold_rules():
+    scores = torch.tensor([[0.01, 0.02, 0.015, 0.03], [0.8, 0.75, 0.02, 0.01]])
+    # mean + k*std is inflated by the outliers themselves (k=1 here); the robust z-score is not
+    for rule, k in (("robust_z", 3.5), ("mean_std", 1.0), ("largest_gap", 1.0)):
+        threshold = H.dynamic_threshold(scores, rule, k=k)
+        assert 0.03 < threshold < 0.75, rule
+    assert H.dynamic_threshold(torch.full((2, 4), 0.01), floor=0.2) == 0.2
+    detection = H.detect_from_scores(scores, "induction")
+    assert [d[:2] for d in detection] == [(1, 0), (1, 1)]
+    assert H.Detection.from_dict(detection.to_dict()) == detection
+
+
+def test_precision_recall_f1():
+    metrics = H.precision_recall_f1([(1, 0, 0.9), (1, 3, 0.4)], [(1, 0), (1, 1)])
+    assert metrics["precision"] == 0.5 and metrics["recall"] == 0.5 and metrics["f1"] == 0.5
+    assert H.precision_recall_f1([], [(0, 1)])["f1"] == 0.0
+    assert H.precision_recall_f1([], [])["f1"] == 1.0
+
+
+def test_gpt2_small_ground_truth_table():
+    table = H.known_heads("gpt2")
+    assert set(table["induction"]) == {(5, 1), (5, 5), (6, 9), (7, 2), (7, 10)}
+    assert set(table["previous_token"]) == {(4, 11), (2, 2)}
+    assert set(table["duplicate_token"]) == {(0, 1), (0, 10), (3, 0)}
+
+
+def test_qk_and_ov_circuits(toy_2l):
+    full = H.full_qk_circuit(toy_2l, 1, 0)
+    assert full.shape == (512, 512)
+    positional = H.positional_qk_circuit(toy_2l, *TOY_2L_PREVIOUS, n_positions=120)
+    queries = torch.arange(10, 120)
+    # the previous-token head's positional QK circuit peaks at the previous position
+    assert (positional[queries].argmax(-1) == queries - 1).float().mean() > 0.7
+    copying = H.ov_copying_score(toy_2l)
+    assert copying.shape == (2, 4)
+    assert all(copying[layer, head] > 0.9 for layer, head in TOY_2L_INDUCTION)  # induction heads copy
+    tokens = H.repeat_probe_tokens(toy_2l, 10, 0, 2)
+    interaction = H.qk_interaction(toy_2l, tokens, 1, 0, query_position=15)
+    assert interaction.shape == (2, 21)
+    assert torch.isinf(interaction[:, 16:]).all()
+    assert (interaction[:, :16].argmax(-1) == 15 - 9).all()  # the induction target
+
+
+def test_head_families_separate_induction_and_previous_token_heads(toy_2l):
+    families = H.head_families(H.attention_statistics(toy_2l, n_sequences=8))
+    by_head = dict(zip(families["head"], families["family_name"]))
+    assert {by_head[f"L1H{h}"] for _, h in TOY_2L_INDUCTION} == {"induction"}
+    assert by_head["L0H2"] == "previous_token"
+    assert len(families[families["family_name"] == "induction"]) == 3
+    table = H.families_table(families)
+    assert set(table.columns) >= {"family_name", "members", *H.STAT_NAMES}
+
+
+# ------------------------------------------------------------------------ bad inputs
+
+@pytest.mark.parametrize("call, words", [
+    (lambda m: H.head_scores(m, "inductoin"), ["kind", "inductoin"]),
+    (lambda m: H.head_scores(m, "induction", repeat_lengths=[]), ["repeat_lengths"]),
+    (lambda m: H.head_scores(m, "induction", repeat_lengths=[200]), ["repeat length 200", "context"]),
+    (lambda m: H.head_scores(m, "induction", n_sequences=0), ["n_sequences"]),
+    (lambda m: H.head_scores(m, "previous_token", seq_len=1), ["seq_len"]),
+    (lambda m: H.head_scores(m, "induction", tokens=torch.zeros(1, 5, dtype=torch.long)), ["tokens", "kind"]),
+    (lambda m: H.detect_heads(m, "induction", scores=torch.zeros(2, 4), rule="magic"), ["rule", "magic"]),
+    (lambda m: H.detect_heads(m, "induction", scores=torch.zeros(2, 4), k=-1), ["k=-1"]),
+    (lambda m: H.detect_from_scores(torch.zeros(8)), ["scores", "n_layers, n_heads"]),
+    (lambda m: H.icl_loss_drop(m, ["L7H0"]), ["L7H0", "layer"]),
+    (lambda m: H.icl_loss_drop(m, [(1, 0)], method="median"), ["method", "median"]),
+    (lambda m: H.composition_scores(m, "X"), ["mode", "'X'"]),
+    (lambda m: H.known_heads("gpt9"), ["model_name", "gpt9"]),
+    (lambda m: H.qk_interaction(m, torch.zeros(1, 5, dtype=torch.long), 0, 0, query_position=9), ["query_position"]),
+    (lambda m: H.head_families(__import__("pandas").DataFrame({"bos": [0.1]})), ["stats", "attention_statistics"]),
+])
+def test_bad_inputs_raise_value_error_naming_the_argument(toy_2l, call, words):
+    with pytest.raises(ValueError) as error:
+        call(toy_2l)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_one_layer_model_has_no_composition_pairs(toy_1l):
+    assert H.composition_frame(toy_1l, "K").empty
+    assert H.composition_scores(toy_1l, "K").abs().sum() == 0
