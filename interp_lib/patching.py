@@ -1,0 +1,876 @@
+"""Activation patching (exact, batched), attribution patching, and zero / mean / resample ablation.
+
+One engine, many components. :func:`activation_patch` runs the corrupted prompt with one
+activation replaced by its value from a *source* run and records ``metric(logits)``, for every
+index of a sweep (layer x position x head, ...). It returns the same layout as TransformerLens'
+``patching.get_act_patch_*`` for that component, but instead of one forward pass per index it
+stacks many patched copies of the corrupted input along the batch dimension (each copy patched
+at a different index) and chunks them to a memory budget. Three exact shortcuts cut the work:
+
+* **causality** - a patch at position ``p`` cannot change anything at positions ``< p``, so the
+  copies run only positions ``p..`` on top of the corrupted run's cached keys and values (the
+  Hugging Face KV cache the bridge accepts as ``past_key_values``);
+* **no-op patches** - where the source activation equals the corrupted one (e.g. every position
+  before the first token on which clean and corrupted differ) the result is the corrupted
+  metric, and no forward pass is run;
+* **logits the metric reads** - metrics that declare the positions they read (attribute
+  ``reads_positions``; the factories here set it) only get those positions unembedded.
+
+Passes are planned by a small cost model (a fixed cost per pass against arithmetic per token),
+and a metric that also provides ``batched`` is evaluated once per pass for all copies.
+
+Patches are written in place, as TransformerLens' patch setters do: on a TransformerBridge
+``blocks.L.hook_resid_mid`` is ``blocks.L.ln2.hook_in``, and a hook that *returns* a new tensor
+there reaches the MLP but not the residual add; an in-place edit reaches both.
+
+The same engine serves :func:`ablation_sweep` (the source is zeros, a mean, or a resampled run);
+:func:`attribution_patch` is the first-order estimate with the same layout from two forward
+passes and one backward pass.
+
+Layouts (``by_position=True`` / ``False``), as in ``transformer_lens.patching``:
+
+=====================================================  ===========================  ==============
+component                                              by position                  all positions
+=====================================================  ===========================  ==============
+``resid_pre`` ``resid_mid`` ``resid_post``             ``[layer, pos]``             ``[layer]``
+``attn_out`` ``mlp_out``                               ``[layer, pos]``             ``[layer]``
+``attn_head_out`` (z) ``attn_head_q`` ``_k`` ``_v``    ``[layer, pos, head]``       ``[layer, head]``
+``attn_head_pattern``                                  ``[layer, head, dest_pos]``  ``[layer, head]``
+=====================================================  ===========================  ==============
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+MetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor | float]
+
+
+# --------------------------------------------------------------------------------------------
+# Components
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Component:
+    """A patchable activation: where its hook is and how its axes map to a sweep's axes.
+
+    ``act_axes`` names the activation's dimensions after the batch dimension; a sweep axis
+    indexes the activation dimension of the same name (``layer`` picks the hook instead).
+    """
+
+    name: str
+    act_name: str                           # TransformerLens short name: "z", "resid_pre", ...
+    act_axes: tuple[str, ...]
+    axes_by_position: tuple[str, ...]
+    axes_all_positions: tuple[str, ...]
+
+    def hook_name(self, layer: int) -> str:
+        inside_attn = self.act_name in ("z", "q", "k", "v", "pattern")
+        return f"blocks.{layer}.{'attn.' if inside_attn else ''}hook_{self.act_name}"
+
+    def axes(self, by_position: bool) -> tuple[str, ...]:
+        return self.axes_by_position if by_position else self.axes_all_positions
+
+    @property
+    def query_axis(self) -> str:
+        """The activation axis whose index is the first position a patch can change."""
+        return "dest_pos" if "dest_pos" in self.act_axes else "pos"
+
+
+_RESID = ("pos", "d_model")
+_HEAD = ("pos", "head", "d_head")
+_PATTERN = ("head", "dest_pos", "src_pos")
+
+COMPONENTS: dict[str, Component] = {c.name: c for c in (
+    Component("resid_pre", "resid_pre", _RESID, ("layer", "pos"), ("layer",)),
+    Component("resid_mid", "resid_mid", _RESID, ("layer", "pos"), ("layer",)),
+    Component("resid_post", "resid_post", _RESID, ("layer", "pos"), ("layer",)),
+    Component("attn_out", "attn_out", _RESID, ("layer", "pos"), ("layer",)),
+    Component("mlp_out", "mlp_out", _RESID, ("layer", "pos"), ("layer",)),
+    Component("attn_head_out", "z", _HEAD, ("layer", "pos", "head"), ("layer", "head")),
+    Component("attn_head_q", "q", _HEAD, ("layer", "pos", "head"), ("layer", "head")),
+    Component("attn_head_k", "k", _HEAD, ("layer", "pos", "head"), ("layer", "head")),
+    Component("attn_head_v", "v", _HEAD, ("layer", "pos", "head"), ("layer", "head")),
+    Component("attn_head_pattern", "pattern", _PATTERN, ("layer", "head", "dest_pos"), ("layer", "head")),
+)}
+ALIASES = {"z": "attn_head_out", "q": "attn_head_q", "k": "attn_head_k", "v": "attn_head_v",
+           "pattern": "attn_head_pattern"}
+
+
+def get_component(component: str | Component) -> Component:
+    """The :class:`Component` called ``component`` (aliases ``z``, ``q``, ``k``, ``v``, ``pattern``)."""
+    if isinstance(component, Component):
+        return component
+    name = ALIASES.get(component, component) if isinstance(component, str) else None
+    if name not in COMPONENTS:
+        valid = ", ".join(list(COMPONENTS) + [f"{a} (= {n})" for a, n in ALIASES.items()])
+        raise ValueError(f"component={component!r} is not a patchable component; valid: {valid}")
+    return COMPONENTS[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------------------------
+
+def _check_tokens(model, tokens, name: str) -> Int[Tensor, "batch pos"]:
+    if tokens is None:
+        raise ValueError(f"{name} is None: expected a [batch, pos] tensor of token ids")
+    if isinstance(tokens, str):
+        tokens = model.to_tokens(tokens)
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or 0 in tokens.shape:
+        raise ValueError(f"{name} has shape {tuple(tokens.shape)}: expected [batch, pos] token ids")
+    if tokens.is_floating_point() or tokens.dtype == torch.bool:
+        raise ValueError(f"{name} has dtype {tokens.dtype}: expected integer token ids")
+    if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
+        raise ValueError(f"{name} holds ids outside [0, {model.cfg.d_vocab - 1}] (the model's vocabulary)")
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise ValueError(f"{name} has {tokens.shape[1]} positions; the model's context is {model.cfg.n_ctx}")
+    return tokens.to(model.cfg.device)
+
+
+def _check_eval(model) -> None:
+    if getattr(model, "training", False):
+        raise ValueError("model is in training mode (dropout would make every patch noisy): call model.eval()")
+
+
+def _check_pair(model, clean_tokens, corrupted_tokens) -> tuple[Tensor, Tensor]:
+    corrupted = _check_tokens(model, corrupted_tokens, "corrupted_tokens")
+    clean = _check_tokens(model, clean_tokens, "clean_tokens")
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean_tokens has shape {tuple(clean.shape)} but corrupted_tokens has shape "
+                         f"{tuple(corrupted.shape)}: patching needs prompts of the same batch size and length "
+                         "(pad or re-template them so positions line up)")
+    return clean, corrupted
+
+
+def _axis_size(model, axis: str, n_pos: int) -> int:
+    return {"layer": model.cfg.n_layers, "head": model.cfg.n_heads, "pos": n_pos,
+            "dest_pos": n_pos, "src_pos": n_pos}[axis]
+
+
+def _check_selection(values, axis: str, size: int, argument: str) -> list[int]:
+    if values is None:
+        return list(range(size))
+    if isinstance(values, (int, np.integer)):
+        values = [values]
+    values = [int(v) for v in torch.as_tensor(values).flatten().tolist()]
+    bad = [v for v in values if not -size <= v < size]
+    if bad or not values:
+        raise ValueError(f"{argument}={bad or values!r} out of range: the {axis} axis has {size} entries "
+                         f"(valid indices 0..{size - 1}, or negative from the end)")
+    normalised = [v % size for v in values]
+    if len(set(normalised)) != len(normalised):
+        raise ValueError(f"{argument}={values!r} names an index twice")
+    return normalised
+
+
+def _sweep_axes(model, comp: Component, by_position: bool, n_pos: int, layers, positions, heads
+                ) -> tuple[tuple[str, ...], list[list[int]]]:
+    axes = comp.axes(by_position)
+    chosen = {"layer": layers, "pos": positions, "dest_pos": positions, "head": heads}
+    if not by_position and positions is not None:
+        raise ValueError("positions= given with by_position=False: an all-positions sweep patches every position")
+    if "head" not in axes and heads is not None:
+        raise ValueError(f"heads= given for component {comp.name!r}, which has no head axis")
+    values = [_check_selection(chosen[a], a, _axis_size(model, a, n_pos),
+                               "positions" if a in ("pos", "dest_pos") else f"{a}s") for a in axes]
+    return axes, values
+
+
+def _as_scalar(value, where: str) -> float:
+    if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, Tensor) and value.ndim == 0:
+        return float(value.detach())
+    shape = tuple(value.shape) if hasattr(value, "shape") else type(value).__name__
+    raise ValueError(f"metric must return a scalar (a 0-d tensor or a float) but returned {shape} {where}; "
+                     "reduce over the batch, e.g. return logit_diff(...).mean()")
+
+
+def _reads_positions(metric, n_pos: int) -> list[int] | None:
+    positions = getattr(metric, "reads_positions", None)
+    if positions is None:
+        return None
+    positions = sorted({int(p) % n_pos for p in torch.as_tensor(positions).flatten().tolist()})
+    return positions
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------
+
+def _position_labels(model, tokens: Tensor) -> list[str]:
+    if tokens.shape[0] == 1 and getattr(model, "tokenizer", None) is not None:
+        return [f"{i}:{t}" for i, t in enumerate(model.to_str_tokens(tokens[0]))]
+    return [str(i) for i in range(tokens.shape[1])]
+
+
+def _cell_label(axes: Sequence[str], index: Sequence[int]) -> str:
+    parts = dict(zip(axes, index))
+    label = f"L{parts['layer']}"
+    if "head" in parts:
+        label += f"H{parts['head']}"
+    for axis in ("pos", "dest_pos"):
+        if axis in parts:
+            label += f"@{parts[axis]}"
+    return label
+
+
+def make_labels(model, axes: Sequence[str], values: Sequence[Sequence[int]], tokens: Tensor) -> dict:
+    """Tick labels per axis (``L3``, ``H7``, ``5:␣the``) and one label per cell (``L3H7@5``)."""
+    pos_labels = _position_labels(model, tokens)
+    labels: dict[str, object] = {}
+    for axis, vals in zip(axes, values):
+        if axis == "layer":
+            labels[axis] = [f"L{v}" for v in vals]
+        elif axis == "head":
+            labels[axis] = [f"H{v}" for v in vals]
+        else:
+            labels[axis] = [pos_labels[v] for v in vals]
+    cells = np.array([_cell_label(axes, idx) for idx in itertools.product(*values)], dtype=object)
+    labels["cell"] = cells.reshape([len(v) for v in values])
+    return labels
+
+
+def patching_frame(result: Tensor, labels: Mapping) -> pd.DataFrame:
+    """A long DataFrame (one row per cell: axis labels, ``cell`` label, ``value``) of a sweep."""
+    axes = [a for a in labels if a != "cell"]
+    shape = tuple(len(labels[a]) for a in axes)
+    if tuple(result.shape) != shape:
+        raise ValueError(f"result has shape {tuple(result.shape)} but labels describe {shape}")
+    rows = itertools.product(*[labels[a] for a in axes])
+    frame = pd.DataFrame(list(rows), columns=axes)
+    frame["cell"] = np.asarray(labels["cell"]).reshape(-1)
+    frame["value"] = result.detach().cpu().reshape(-1).numpy()
+    return frame
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+
+def _bytes_per_row(model, n_query: int, n_keys: int, n_logit_pos: int) -> int:
+    cfg = model.cfg
+    d_mlp = cfg.d_mlp or 4 * cfg.d_model
+    per_position = 12 * cfg.d_model + 3 * d_mlp + 4 * cfg.n_heads * n_keys + 2 * cfg.d_vocab * n_logit_pos / max(n_query, 1)
+    kv = 2 * cfg.n_layers * n_keys * cfg.d_model
+    return int(4 * (n_query * per_position + kv)) + 1
+
+
+def _save_hooks(names: Iterable[str], store: dict) -> list:
+    def save(act, hook, name):
+        store[name] = act.detach().clone()
+        return act
+    return [(name, (lambda n: (lambda act, hook: save(act, hook, n)))(name)) for name in names]
+
+
+def _one_hot_mask(comp: Component, axes: Sequence[str], cells: Tensor, act_shape: Sequence[int],
+                  start: int, active: Tensor | None = None) -> Tensor:
+    """Bool mask ``[n_copies, *act_shape]`` (broadcastable): for copy i, True where cell i
+    patches; all False for copies that are not ``active`` (patched at another layer)."""
+    n = cells.shape[0]
+    mask = torch.ones((n,) + (1,) * len(act_shape), dtype=torch.bool, device=cells.device)
+    if active is not None:
+        mask = mask & active.reshape((n,) + (1,) * len(act_shape))
+    for column, axis in enumerate(axes):
+        if axis == "layer":
+            continue
+        dim = comp.act_axes.index(axis)
+        index = (cells[:, column] - (start if axis == comp.query_axis else 0)).clamp(min=0)
+        shape = [n] + [1] * len(act_shape)
+        shape[1 + dim] = act_shape[dim]
+        one_hot = torch.nn.functional.one_hot(index, act_shape[dim]).bool().reshape(shape)
+        mask = mask & one_hot
+    return mask
+
+
+def _slice_query(comp: Component, tensor: Tensor, start: int) -> Tensor:
+    """``tensor[batch, ...]`` restricted to query positions ``start:``."""
+    dim = 1 + comp.act_axes.index(comp.query_axis)
+    return tensor.narrow(dim, start, tensor.shape[dim] - start)
+
+
+def _patch_hook(comp, axes, cells, active, start, source_suffix, n_copies):
+    def hook(act, hook):
+        batch = act.shape[0] // n_copies
+        view = act.reshape(batch, n_copies, *act.shape[1:])
+        mask = _one_hot_mask(comp, axes, cells, act.shape[1:], start, active)
+        patched = torch.where(mask.unsqueeze(0), source_suffix.unsqueeze(1).to(act.dtype), view)
+        # In place, as TransformerLens' patch setters do: on a TransformerBridge some hook points
+        # (``hook_resid_mid``) hand out a tensor that feeds two consumers (the next LayerNorm and
+        # the residual add), and only an in-place edit reaches both.
+        act.copy_(patched.reshape(act.shape))
+        return act
+    return hook
+
+
+def _to_sweep_layout(comp: Component, axes: Sequence[str], per_act: Tensor, reduce: str = "sum") -> Tensor:
+    """Reduce ``[batch, *act_axes]`` over the batch and the activation axes the sweep does not
+    index, and order what is left like the sweep's axes (after ``layer``)."""
+    keep = [a for a in comp.act_axes if a in axes]
+    dims = [0] + [1 + i for i, a in enumerate(comp.act_axes) if a not in axes]
+    if reduce == "sum":
+        reduced = per_act.sum(dim=dims)
+    else:
+        reduced = per_act.bool()
+        for dim in sorted(dims, reverse=True):
+            reduced = reduced.any(dim=dim)
+    order = [keep.index(a) for a in axes if a != "layer"]
+    return reduced.permute(order) if order else reduced
+
+
+# Rough cost model used only to decide how to group the patched copies into forward passes:
+# a fixed cost per pass (hooks, Python, the bridge's wrappers) against the arithmetic per token.
+_PASS_SECONDS_PER_LAYER = 1.5e-3
+_FLOPS_PER_SECOND = 3e10
+
+
+def _plan_forwards(model, starts: Tensor, todo: Tensor, batch: int, n_pos: int, reads, patches_per_batch,
+                   memory_limit_mb: float) -> list[tuple[int, Tensor]]:
+    """Group the cells to run into forward passes: ``[(start position, cell indices), ...]``.
+
+    Cells whose patch starts at position ``s`` need positions ``s..`` recomputed. Neighbouring
+    starts can share a pass run from the smaller one (fewer passes, more arithmetic): a small
+    dynamic programme over the distinct starts picks the cheapest grouping under the cost model,
+    and every pass is split to the memory budget (or ``patches_per_batch``).
+    """
+    cfg = model.cfg
+    distinct = sorted(set(starts[todo].tolist()))
+    if not distinct:
+        return []
+    counts = [int((todo & (starts == s)).sum()) for s in distinct]
+    pass_cost = _PASS_SECONDS_PER_LAYER * (cfg.n_layers + 2)
+    d_mlp = cfg.d_mlp or 4 * cfg.d_model
+    block_flops = 2 * cfg.n_layers * (4 * cfg.d_model ** 2 + 2 * cfg.d_model * d_mlp)
+
+    def capacity(start: int) -> int:
+        if patches_per_batch is not None:
+            return max(1, int(patches_per_batch))
+        n_logit = n_pos - start if reads is None else sum(p >= start for p in reads)
+        per_copy = batch * _bytes_per_row(model, n_pos - start, n_pos, n_logit)
+        return max(1, int(memory_limit_mb * 2**20 // per_copy))
+
+    prefix = list(itertools.accumulate(counts, initial=0))
+
+    def cost(i: int, j: int) -> float:  # one group of distinct[i..j] run from distinct[i]
+        start, copies = distinct[i], prefix[j + 1] - prefix[i]
+        n_logit = n_pos - start if reads is None else sum(p >= start for p in reads)
+        flops = copies * batch * ((n_pos - start) * block_flops + n_logit * 2 * cfg.d_model * cfg.d_vocab)
+        return math.ceil(copies / capacity(start)) * pass_cost + flops / _FLOPS_PER_SECOND
+
+    best, choice = [0.0] * (len(distinct) + 1), [0] * (len(distinct) + 1)
+    for j in range(1, len(distinct) + 1):
+        best[j], choice[j] = min((best[i] + cost(i, j - 1), i) for i in range(j))
+    groups, j = [], len(distinct)
+    while j > 0:
+        i = choice[j]
+        groups.append((i, j - 1))
+        j = i
+    plan = []
+    for i, j in reversed(groups):
+        start = distinct[i]
+        members = torch.nonzero(todo & (starts >= start) & (starts <= distinct[j])).flatten()
+        plan.extend((start, chunk) for chunk in members.split(capacity(start)))
+    return plan
+
+
+@torch.no_grad()
+def patch_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], source: Mapping[str, Tensor],
+                metric: MetricFn, component: str | Component = "attn_head_out", by_position: bool = True,
+                layers=None, positions=None, heads=None, patches_per_batch: int | None = None,
+                memory_limit_mb: float = 1024.0, skip_noop: bool = True) -> Tensor:
+    """The engine: ``metric`` of the corrupted run with each index of the sweep patched from ``source``.
+
+    ``source`` maps each needed hook name (``blocks.{l}.attn.hook_z``, ...) to an activation of
+    the corrupted run's shape: a clean cache (activation patching), zeros or a mean (ablation),
+    a resampled run (resample ablation). Returns the sweep's values on the CPU, shaped by the
+    selected axes (see the module docstring). Most users want :func:`activation_patch` or
+    :func:`ablation_sweep`.
+    """
+    comp = get_component(component)
+    _check_eval(model)
+    corrupted = _check_tokens(model, corrupted_tokens, "corrupted_tokens")
+    batch, n_pos = corrupted.shape
+    axes, values = _sweep_axes(model, comp, by_position, n_pos, layers, positions, heads)
+    hook_names = {layer: comp.hook_name(layer) for layer in values[0]}
+    for layer, name in hook_names.items():
+        if name not in source:
+            raise ValueError(f"source lacks {name!r}, needed to patch layer {layer} of {comp.name}")
+
+    # The corrupted run: baseline metric, the activations being replaced, and the KV cache.
+    corrupted_acts: dict[str, Tensor] = {}
+    baseline_logits, kv_cache = model.run_with_hooks(
+        corrupted, return_type="logits_and_cache", fwd_hooks=_save_hooks(hook_names.values(), corrupted_acts))
+    baseline = _as_scalar(metric(baseline_logits), "on the corrupted logits")
+    if math.isnan(baseline):
+        raise ValueError("metric returned NaN on the corrupted run's logits")
+    for layer, name in hook_names.items():
+        if tuple(source[name].shape) != tuple(corrupted_acts[name].shape):
+            raise ValueError(f"source[{name!r}] has shape {tuple(source[name].shape)}; the corrupted run's "
+                             f"activation has shape {tuple(corrupted_acts[name].shape)}")
+    reads = _reads_positions(metric, n_pos)
+    batched_metric = getattr(metric, "batched", None) if reads is not None else None
+    cells = torch.tensor(list(itertools.product(*values)), dtype=torch.long)
+    results = torch.full((len(cells),), baseline, dtype=torch.float64)
+    query_column = axes.index(comp.query_axis) if comp.query_axis in axes else None
+    starts = cells[:, query_column] if query_column is not None else torch.zeros(len(cells), dtype=torch.long)
+
+    # Cells whose patch cannot change what the metric reads keep the baseline value.
+    todo = torch.ones(len(cells), dtype=torch.bool)
+    if reads is not None:
+        todo &= starts <= max(reads)
+    if not all(hasattr(kv_cache, a) for a in ("crop", "batch_repeat_interleave")):
+        starts = torch.zeros_like(starts)  # no croppable KV cache: every pass runs every position
+    if skip_noop:
+        for layer in values[0]:
+            name = hook_names[layer]
+            differs = _to_sweep_layout(comp, axes, source[name] != corrupted_acts[name], "any")
+            for dim, vals in enumerate(values[1:]):
+                differs = differs.index_select(dim, torch.tensor(vals, device=differs.device))
+            in_layer = cells[:, 0] == layer
+            todo[in_layer] &= differs.flatten().cpu()
+
+    vocab = model.cfg.d_vocab_out if getattr(model.cfg, "d_vocab_out", -1) > 0 else model.cfg.d_vocab
+    logits_view = torch.full((batch, n_pos, vocab), math.nan, dtype=baseline_logits.dtype,
+                             device=baseline_logits.device)
+    for start, group in _plan_forwards(model, starts, todo, batch, n_pos, reads, patches_per_batch, memory_limit_mb):
+        logit_pos = list(range(start, n_pos)) if reads is None else [p for p in reads if p >= start]
+        logits_view.fill_(math.nan)
+        if reads is None:
+            logits_view[:, :start] = baseline_logits[:, :start]
+        else:
+            below = [p for p in reads if p < start]
+            logits_view[:, below] = baseline_logits[:, below]
+        n = len(group)
+        chunk_cells = cells[group]
+        tokens = corrupted[:, start:].repeat_interleave(n, dim=0)   # row b * n + i: copy i of prompt b
+        past = None
+        if start > 0:
+            past = copy.deepcopy(kv_cache)
+            past.crop(start - n_pos)
+            past.batch_repeat_interleave(n)
+        hooks = []
+        cells_here = chunk_cells.to(corrupted.device)
+        for layer in chunk_cells[:, 0].unique().tolist():
+            name = hook_names[layer]
+            hooks.append((name, _patch_hook(comp, axes, cells_here, cells_here[:, 0] == layer, start,
+                                            _slice_query(comp, source[name], start), n)))
+        keep = torch.tensor([p - start for p in logit_pos], device=corrupted.device)
+        hooks.append(("unembed.hook_in", lambda act, hook: act.index_select(1, keep)))
+        logits = model.run_with_hooks(tokens, past_key_values=past, fwd_hooks=hooks)
+        logits = logits.reshape(batch, n, len(logit_pos), vocab)
+        if batched_metric is not None:
+            # One call for every copy: logits at the declared positions, [copy, batch, read, vocab].
+            read_logits = logits_view[:, reads].unsqueeze(0).repeat(n, 1, 1, 1)
+            read_logits[:, :, [reads.index(p) for p in logit_pos]] = logits.transpose(0, 1)
+            values_here = torch.as_tensor(batched_metric(read_logits)).detach().double().cpu()
+            if values_here.shape != (n,):
+                raise ValueError(f"metric.batched returned shape {tuple(values_here.shape)}; expected ({n},)")
+            if torch.isnan(values_here).any():
+                raise ValueError("metric.batched returned NaN on patched logits")
+            results[group] = values_here
+            continue
+        for i in range(n):
+            logits_view[:, logit_pos] = logits[:, i]
+            value = _as_scalar(metric(logits_view), "on patched logits")
+            if math.isnan(value):
+                raise ValueError(
+                    "metric returned NaN on patched logits. If it declares reads_positions, it read "
+                    f"logits at other positions (it declared {reads}); fix or remove the attribute")
+            results[group[i]] = value
+    return results.reshape([len(v) for v in values]).float()
+
+
+# --------------------------------------------------------------------------------------------
+# Public API: activation patching
+# --------------------------------------------------------------------------------------------
+
+def _source_cache(model, tokens: Tensor, hook_names: Iterable[str]) -> dict[str, Tensor]:
+    store: dict[str, Tensor] = {}
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=_save_hooks(hook_names, store))
+    return store
+
+
+def _cache_lookup(cache, names: Iterable[str]) -> dict[str, Tensor]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = cache[name]
+        except KeyError as error:
+            raise ValueError(f"clean_cache lacks {name!r}") from error
+    return out
+
+
+def activation_patch(model, clean_tokens, corrupted_tokens, metric: MetricFn,
+                     component: str = "attn_head_out", by_position: bool = True, *,
+                     layers=None, positions=None, heads=None, clean_cache=None,
+                     return_labels: bool = False, patches_per_batch: int | None = None,
+                     memory_limit_mb: float = 1024.0):
+    """Exact activation patching: ``metric`` of the corrupted run with each activation of
+    ``component`` (per layer / position / head) replaced by its value from the clean run.
+
+    Args:
+        model: a TransformerBridge (``il.load_model``), in eval mode.
+        clean_tokens, corrupted_tokens: ``[batch, pos]`` token ids of the same shape.
+        metric: maps logits ``[batch, pos, d_vocab]`` to a scalar (e.g.
+            :func:`normalized_logit_diff_metric`). Optional attributes speed it up: with
+            ``reads_positions`` (sorted non-negative positions) only those positions' logits are
+            computed (the others are NaN); with ``batched`` as well, a function of the logits at
+            those positions for many patched copies at once, ``[copy, batch, read, d_vocab]``
+            -> ``[copy]``, it is called once per forward pass instead of once per copy.
+        component: one of :data:`COMPONENTS` (aliases ``z``, ``q``, ``k``, ``v``, ``pattern``).
+        by_position: patch one position at a time (``True``) or all positions at once.
+        layers, positions, heads: restrict the sweep (indices; negative count from the end).
+            The result's axes then have these lengths, in this order.
+        clean_cache: activations of the clean run (an ``ActivationCache`` or a mapping from hook
+            name to tensor) instead of running ``clean_tokens``.
+        return_labels: also return ``{axis: tick labels, "cell": label per cell}`` (``L3H7@5``).
+        patches_per_batch: patched copies per forward pass; default: as many as fit in
+            ``memory_limit_mb``.
+
+    Returns:
+        A float tensor on the CPU with TransformerLens' ``get_act_patch_*`` layout for the
+        component (module docstring); with ``return_labels`` a ``(tensor, labels)`` pair.
+    """
+    comp = get_component(component)
+    if clean_cache is None:
+        clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
+    else:
+        corrupted = _check_tokens(model, corrupted_tokens, "corrupted_tokens")
+        clean = corrupted if clean_tokens is None else _check_pair(model, clean_tokens, corrupted_tokens)[0]
+    axes, values = _sweep_axes(model, comp, by_position, corrupted.shape[1], layers, positions, heads)
+    names = [comp.hook_name(layer) for layer in values[0]]
+    source = _source_cache(model, clean, names) if clean_cache is None else _cache_lookup(clean_cache, names)
+    result = patch_sweep(model, corrupted, source, metric, comp, by_position, layers, positions, heads,
+                         patches_per_batch=patches_per_batch, memory_limit_mb=memory_limit_mb)
+    if return_labels:
+        return result, make_labels(model, axes, values, clean)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Attribution patching: the first-order estimate, same layout
+# --------------------------------------------------------------------------------------------
+
+def attribution_patch(model, clean_tokens, corrupted_tokens, metric: MetricFn,
+                      component: str = "attn_head_out", by_position: bool = True, *,
+                      layers=None, positions=None, heads=None, clean_cache=None,
+                      return_labels: bool = False):
+    """Attribution patching: the linear estimate of :func:`activation_patch` from two forward
+    passes (clean, corrupted) and one backward pass (of ``metric`` on the corrupted run).
+
+    Each cell is ``metric(corrupted) + sum((clean - corrupted) * d metric / d activation)`` over
+    the patched slice, so it estimates the *value* exact patching returns (with a normalised
+    metric the corrupted value is 0 and this is the estimated effect). Same arguments and
+    layout as :func:`activation_patch`; ``metric`` must be differentiable.
+    """
+    comp = get_component(component)
+    if clean_cache is None:
+        clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
+    else:
+        corrupted = _check_tokens(model, corrupted_tokens, "corrupted_tokens")
+        clean = corrupted if clean_tokens is None else _check_pair(model, clean_tokens, corrupted_tokens)[0]
+    axes, values = _sweep_axes(model, comp, by_position, corrupted.shape[1], layers, positions, heads)
+    names = [comp.hook_name(layer) for layer in values[0]]
+    source = _source_cache(model, clean, names) if clean_cache is None else _cache_lookup(clean_cache, names)
+
+    _check_eval(model)
+    activations, gradients, baseline = _activations_and_gradients(model, corrupted, metric, names)
+    per_layer = []
+    for name in names:
+        activation, gradient = activations[name], gradients[name]
+        delta = (source[name].to(activation.dtype) - activation) * gradient     # [batch, *act_axes]
+        per_layer.append(_to_sweep_layout(comp, axes, delta, "sum"))
+    estimate = torch.stack(per_layer).detach().cpu().float() + baseline
+    for dim, (axis, vals) in enumerate(zip(axes, values)):
+        if axis != "layer":
+            estimate = estimate.index_select(dim, torch.tensor(vals))
+    if return_labels:
+        return estimate, make_labels(model, axes, values, clean)
+    return estimate
+
+
+def _activations_and_gradients(model, tokens: Tensor, metric: MetricFn, names: Sequence[str]
+                               ) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
+    """One forward and one backward pass: the activations at ``names`` and d metric / d activation.
+
+    A zero "probe" is added to each activation and differentiated. Added in place, it reaches
+    every consumer of the hooked tensor: on a TransformerBridge ``hook_resid_mid`` is
+    ``ln2.hook_in``, and a returned tensor would reach only the LayerNorm, not the residual add
+    (TransformerLens' ``cache_activation_and_gradient`` misses that path; it also returns no
+    gradient for ``hook_z`` when only ``hook_z`` points are requested). The attention pattern
+    is a softmax output that its backward needs, so there the probe is added out of place.
+    """
+    activations: dict[str, Tensor] = {}
+    probes: dict[str, Tensor] = {}
+
+    def make(name):
+        def hook(act, hook):
+            activations[name] = act.detach().clone()
+            probe = torch.zeros_like(act, requires_grad=True)
+            probes[name] = probe
+            if name.endswith("hook_pattern"):
+                return act + probe
+            act.add_(probe)
+            return act
+        return hook
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(name, make(name)) for name in names])
+        value = metric(logits)
+        if not isinstance(value, Tensor) or value.ndim != 0:
+            _as_scalar(value, "on the corrupted logits")  # raises for non-scalars
+            raise ValueError("attribution_patch needs a metric that returns a differentiable 0-d tensor, "
+                             f"not {type(value).__name__}")
+        if not value.requires_grad:
+            raise ValueError("the metric's value does not depend on the logits through autograd "
+                             "(was it computed with .item(), numpy or under torch.no_grad()?)")
+        missing = [n for n in names if n not in probes]
+        if missing:
+            raise RuntimeError(f"hooks {missing} did not fire on the corrupted run")
+        grads = torch.autograd.grad(value, [probes[n] for n in names], allow_unused=True)
+    gradients = {n: torch.zeros_like(activations[n]) if g is None else g.detach()
+                 for n, g in zip(names, grads)}
+    return activations, gradients, float(value.detach())
+
+
+def patching_agreement(exact: Tensor, approx: Tensor, baseline: float = 0.0, k: int = 10) -> dict[str, float]:
+    """How well ``approx`` (attribution patching) reproduces ``exact`` (activation patching).
+
+    Returns ``pearson`` and ``spearman`` correlation over cells, ``sign_agreement`` (fraction of
+    cells whose effect ``value - baseline`` has the same sign; use the corrupted metric as
+    ``baseline``, 0 for a normalised metric) and ``top_k_overlap`` (fraction of the ``k``
+    largest-|effect| cells of ``exact`` that are also among those of ``approx``).
+    """
+    from scipy import stats
+
+    exact = torch.as_tensor(exact, dtype=torch.float64).flatten()
+    approx = torch.as_tensor(approx, dtype=torch.float64).flatten()
+    if exact.shape != approx.shape:
+        raise ValueError(f"exact has {exact.numel()} cells but approx has {approx.numel()}: compare sweeps of one layout")
+    if exact.numel() < 2:
+        raise ValueError("need at least 2 cells to measure agreement")
+    if not isinstance(k, int) or not 1 <= k <= exact.numel():
+        raise ValueError(f"k={k!r}: expected an integer in [1, {exact.numel()}]")
+    e, a = (exact - baseline).numpy(), (approx - baseline).numpy()
+    constant = np.ptp(e) == 0 or np.ptp(a) == 0
+    top_e = set(np.argsort(-np.abs(e), kind="stable")[:k].tolist())
+    top_a = set(np.argsort(-np.abs(a), kind="stable")[:k].tolist())
+    return {
+        "pearson": math.nan if constant else float(stats.pearsonr(e, a)[0]),
+        "spearman": math.nan if constant else float(stats.spearmanr(e, a)[0]),
+        "sign_agreement": float(np.mean(np.sign(e) == np.sign(a))),
+        "top_k_overlap": len(top_e & top_a) / k,
+        "k": k,
+        "n_cells": int(exact.numel()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+def _token_ids(tokens, batch: int, name: str, device) -> Tensor:
+    ids = torch.as_tensor(tokens, device=device)
+    if ids.ndim == 0:
+        ids = ids.expand(batch)
+    if ids.ndim != 1 or ids.shape[0] != batch or ids.is_floating_point():
+        raise ValueError(f"{name} has shape {tuple(ids.shape)}: expected a token id or [batch={batch}] token ids")
+    return ids.long()
+
+
+def _positions(position, batch: int, n_pos: int, device) -> Tensor:
+    pos = torch.as_tensor(position, device=device)
+    if pos.ndim == 0:
+        pos = pos.expand(batch)
+    if pos.ndim != 1 or pos.shape[0] != batch or pos.is_floating_point():
+        raise ValueError(f"position has shape {tuple(pos.shape)}: expected an int or [batch={batch}] ints")
+    if (pos < -n_pos).any() or (pos >= n_pos).any():
+        raise ValueError(f"position={position!r} out of range for {n_pos} positions")
+    return pos.long() % n_pos
+
+
+def logit_diff(logits: Float[Tensor, "batch pos d_vocab"], answer, wrong, position=-1) -> Float[Tensor, "batch"]:
+    """``logit[answer] - logit[wrong]`` at ``position`` (an int, or one per prompt), per prompt."""
+    if logits.ndim != 3:
+        raise ValueError(f"logits has shape {tuple(logits.shape)}: expected [batch, pos, d_vocab]")
+    batch, n_pos, _ = logits.shape
+    rows = torch.arange(batch, device=logits.device)
+    pos = _positions(position, batch, n_pos, logits.device)
+    final = logits[rows, pos]
+    return (final[rows, _token_ids(answer, batch, "answer", logits.device)]
+            - final[rows, _token_ids(wrong, batch, "wrong", logits.device)])
+
+
+def normalized_logit_diff_metric(clean_logits, corrupted_logits, answer, wrong, position=-1):
+    """The patching metric people plot: mean logit difference rescaled so the corrupted run is 0
+    and the clean run is 1. Differentiable (for :func:`attribution_patch`).
+
+    The returned function carries ``clean_logit_diff``, ``corrupted_logit_diff`` and
+    ``reads_positions`` (so the patching engine only unembeds those positions).
+    """
+    clean_value = float(logit_diff(clean_logits, answer, wrong, position).mean())
+    corrupted_value = float(logit_diff(corrupted_logits, answer, wrong, position).mean())
+    if not math.isfinite(clean_value - corrupted_value) or abs(clean_value - corrupted_value) < 1e-6:
+        raise ValueError(f"clean and corrupted logit differences are equal ({clean_value:.6g} vs "
+                         f"{corrupted_value:.6g}): the normalised metric is undefined; pick prompts the "
+                         "corruption actually changes")
+    scale = clean_value - corrupted_value
+
+    def metric(logits):
+        return (logit_diff(logits, answer, wrong, position).mean() - corrupted_value) / scale
+
+    batch, n_pos = clean_logits.shape[:2]
+    device = clean_logits.device
+    pos = _positions(position, batch, n_pos, device)
+    reads = sorted(set(pos.tolist()))
+    slot = torch.tensor([reads.index(p) for p in pos.tolist()], device=device)
+    rows = torch.arange(batch, device=device)
+    answer_ids = _token_ids(answer, batch, "answer", device)
+    wrong_ids = _token_ids(wrong, batch, "wrong", device)
+
+    def batched(read_logits):  # [copy, batch, len(reads), vocab] -> [copy]
+        final = read_logits[:, rows, slot]                       # [copy, batch, vocab]
+        diff = final[:, rows, answer_ids] - final[:, rows, wrong_ids]
+        return (diff.mean(-1) - corrupted_value) / scale
+
+    metric.clean_logit_diff = clean_value
+    metric.corrupted_logit_diff = corrupted_value
+    metric.reads_positions = tuple(reads)
+    metric.batched = batched
+    return metric
+
+
+# --------------------------------------------------------------------------------------------
+# Ablation: zero / mean / resample, as a sweep (same engine) or of chosen heads and layers
+# --------------------------------------------------------------------------------------------
+
+ABLATIONS = ("zero", "mean", "resample")
+
+
+def _ablation_values(model, tokens: Tensor, names: Sequence[str], method: str, reference_tokens=None,
+                     seed: int = 0) -> dict[str, Tensor]:
+    """Replacement activations per hook, shaped like the activations of ``tokens``."""
+    if method not in ABLATIONS:
+        raise ValueError(f"method={method!r}: expected one of {', '.join(ABLATIONS)}")
+    own = _source_cache(model, tokens, names)
+    if method == "zero":
+        return {n: torch.zeros_like(a) for n, a in own.items()}
+    reference = own if reference_tokens is None else _source_cache(
+        model, _check_tokens(model, reference_tokens, "reference_tokens"), names)
+    batch = tokens.shape[0]
+    out = {}
+    for name, act in own.items():
+        ref = reference[name]
+        if ref.shape[1:] != act.shape[1:]:
+            raise ValueError(f"reference_tokens give {name} of shape {tuple(ref.shape)}; the ablated prompts give "
+                             f"{tuple(act.shape)}: reference prompts must have the same length")
+        if method == "mean":
+            out[name] = ref.mean(0, keepdim=True).expand_as(act).clone()
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            if reference_tokens is None:
+                if batch < 2:
+                    raise ValueError("resample ablation needs reference_tokens, or a batch of at least 2 prompts")
+                # Each prompt takes another prompt's activation: a random cyclic shift of the batch.
+                shift = int(torch.randint(1, batch, (1,), generator=generator))
+                index = (torch.arange(batch) + shift) % batch
+            else:
+                index = torch.randint(0, ref.shape[0], (batch,), generator=generator)
+            out[name] = ref[index.to(ref.device)].clone()
+    return out
+
+
+def ablation_sweep(model, tokens, metric: MetricFn, component: str = "attn_head_out", method: str = "zero",
+                   by_position: bool = False, *, layers=None, positions=None, heads=None,
+                   reference_tokens=None, seed: int = 0, return_labels: bool = False,
+                   patches_per_batch: int | None = None, memory_limit_mb: float = 1024.0):
+    """``metric`` with each head / layer (/ position) of ``component`` ablated in turn.
+
+    ``method``: ``zero`` (replace by 0), ``mean`` (by the mean over ``reference_tokens``, default
+    ``tokens``, per position), ``resample`` (by the activation on another prompt: from
+    ``reference_tokens`` drawn with ``seed``, or a shuffled copy of the batch). Same layout and
+    engine as :func:`activation_patch`.
+    """
+    comp = get_component(component)
+    tokens = _check_tokens(model, tokens, "tokens")
+    axes, values = _sweep_axes(model, comp, by_position, tokens.shape[1], layers, positions, heads)
+    names = [comp.hook_name(layer) for layer in values[0]]
+    source = _ablation_values(model, tokens, names, method, reference_tokens, seed)
+    result = patch_sweep(model, tokens, source, metric, comp, by_position, layers, positions, heads,
+                         patches_per_batch=patches_per_batch, memory_limit_mb=memory_limit_mb)
+    if return_labels:
+        return result, make_labels(model, axes, values, tokens)
+    return result
+
+
+def _parse_head(head, model) -> tuple[int, int]:
+    given = head
+    if isinstance(head, str):
+        import re
+
+        match = re.fullmatch(r"L(\d+)H(\d+)", head.strip())
+        if not match:
+            raise ValueError(f"head {head!r}: expected a label like 'L9H9' or a (layer, head) pair")
+        head = (int(match[1]), int(match[2]))
+    layer, index = (int(x) for x in head)
+    if not 0 <= layer < model.cfg.n_layers or not 0 <= index < model.cfg.n_heads:
+        raise ValueError(f"head {given!r} out of range: the model has {model.cfg.n_layers} layers of "
+                         f"{model.cfg.n_heads} heads")
+    return layer, index
+
+
+def ablation_hooks(model, tokens, heads=(), attn_layers=(), mlp_layers=(), method: str = "zero",
+                   reference_tokens=None, seed: int = 0) -> list:
+    """Forward hooks that ablate the given heads (``"L1H3"`` or ``(1, 3)``) and attention / MLP
+    layers jointly, at every position; for ``model.hooks(fwd_hooks=...)`` / ``run_with_hooks``."""
+    tokens = _check_tokens(model, tokens, "tokens")
+    head_list = [_parse_head(h, model) for h in heads]
+    for argument, layer_list in (("attn_layers", attn_layers), ("mlp_layers", mlp_layers)):
+        bad = [l for l in layer_list if not 0 <= int(l) < model.cfg.n_layers]
+        if bad:
+            raise ValueError(f"{argument}={list(layer_list)!r}: layers must be in [0, {model.cfg.n_layers - 1}]")
+    targets: dict[str, list] = {}
+    for layer, head in head_list:
+        targets.setdefault(f"blocks.{layer}.attn.hook_z", []).append(head)
+    for layer in attn_layers:
+        targets[f"blocks.{int(layer)}.hook_attn_out"] = None
+    for layer in mlp_layers:
+        targets[f"blocks.{int(layer)}.hook_mlp_out"] = None
+    values = _ablation_values(model, tokens, list(targets), method, reference_tokens, seed)
+
+    def make(name, head_index):
+        def hook(act, hook):
+            if act.shape != values[name].shape:
+                raise ValueError(f"ablation hooks were built for inputs of shape {tuple(tokens.shape)}")
+            if head_index is None:
+                act.copy_(values[name])
+            else:
+                act[:, :, head_index] = values[name][:, :, head_index]
+            return act
+        return hook
+
+    return [(name, make(name, heads_here)) for name, heads_here in targets.items()]
+
+
+@torch.no_grad()
+def run_with_ablation(model, tokens, heads=(), attn_layers=(), mlp_layers=(), method: str = "zero",
+                      reference_tokens=None, seed: int = 0) -> Float[Tensor, "batch pos d_vocab"]:
+    """Logits of ``tokens`` with the given heads / layers ablated together (see :func:`ablation_hooks`)."""
+    tokens = _check_tokens(model, tokens, "tokens")
+    hooks = ablation_hooks(model, tokens, heads, attn_layers, mlp_layers, method, reference_tokens, seed)
+    return model.run_with_hooks(tokens, fwd_hooks=hooks)
