@@ -70,8 +70,8 @@ def pair(model, batch=2, n_pos=6, changed=(2, 4), seed=0):
 def logit_diff_metric(model, clean, corrupted, answer=(5, 7), wrong=(9, 11)):
     with torch.no_grad():
         clean_logits, corrupted_logits = model(clean), model(corrupted)
-    return P.normalized_logit_diff_metric(clean_logits, corrupted_logits, torch.tensor(answer),
-                                          torch.tensor(wrong))
+    return P.normalized_logit_diff_metric(clean_logits, corrupted_logits, torch.as_tensor(answer),
+                                          torch.as_tensor(wrong))
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,6 +151,28 @@ def test_activation_patch_equals_transformer_lens_on_toy_lm(toy_lm):
     differs = (clean != corrupted).any(0).float()
     assert differs.sum() == 1
     torch.testing.assert_close(resid[0].float(), differs, atol=1e-4, rtol=0)
+
+
+def test_activation_patch_equals_transformer_lens_on_toy_2l_induction(toy_2l):
+    """Repeated random tokens: the second half is predictable only by induction."""
+    from transformer_lens import patching as tl_patching
+
+    generator = torch.Generator().manual_seed(0)
+    half = torch.randint(1, toy_2l.cfg.d_vocab, (2, 5), generator=generator)
+    clean = torch.cat([torch.zeros(2, 1, dtype=torch.long), half, half[:, :-1]], dim=1)
+    corrupted = clean.clone()
+    corrupted[:, 1:6] = torch.randint(1, toy_2l.cfg.d_vocab, (2, 5), generator=generator)
+    with torch.no_grad():
+        wrong = toy_2l(corrupted)[:, -1].argmax(-1)
+    metric = logit_diff_metric(toy_2l, clean, corrupted, answer=half[:, -1], wrong=wrong)
+    _, clean_cache = toy_2l.run_with_cache(clean)
+    with torch.no_grad():
+        pattern = tl_patching.get_act_patch_attn_head_pattern_by_pos(toy_2l, corrupted, clean_cache, metric)
+        heads = tl_patching.get_act_patch_attn_head_v_all_pos(toy_2l, corrupted, clean_cache, metric)
+    torch.testing.assert_close(P.activation_patch(toy_2l, clean, corrupted, metric, "pattern"),
+                               pattern.float(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(P.activation_patch(toy_2l, clean, corrupted, metric, "v", by_position=False),
+                               heads.float(), atol=1e-4, rtol=0)
 
 
 def test_chunking_and_metric_positions_do_not_change_results(tiny):
