@@ -210,3 +210,42 @@ def load_labelled(name: str = "cloze", tokenizer: "PreTrainedTokenizerBase | Non
                 kept.append(item)
         items = kept
     return items[:n] if n is not None else items
+
+
+IOI_NAMES = (" John", " Mary", " Tom", " James", " Dan", " Sid", " Martin", " Amy")
+IOI_TEMPLATES = ("When{A} and{B} went to the store,{S} gave a drink to",
+                 "When{A} and{B} went to the park,{S} gave a ball to",
+                 "After{A} and{B} went to the office,{S} gave a book to",
+                 "While{A} and{B} were at the school,{S} gave a bag to")
+
+
+def ioi_pairs(model, n_prompts: int = 16, seed: int = 0, names: Sequence[str] = IOI_NAMES,
+              templates: Sequence[str] = IOI_TEMPLATES):
+    """Indirect-object-identification prompts (Wang et al. 2022; ABB and BAB orders) and their
+    ABC corruptions (the three names replaced by three other names).
+
+    Returns ``(clean, corrupted, answer, wrong)``: [batch, pos] token tensors (BOS first) and
+    [batch] ids of the indirect object (answer) and the subject (wrong). Pairs are kept at the
+    most common token length so positions line up for patching; names that are not a single
+    token for this tokenizer are dropped (at least 5 must remain).
+    """
+
+    if not isinstance(n_prompts, int) or isinstance(n_prompts, bool) or n_prompts < 1:
+        raise ValueError(f"n_prompts={n_prompts!r}: expected a positive integer")
+    rng = np.random.default_rng(seed)
+    single = [n for n in names if model.to_tokens(n, prepend_bos=False).shape[-1] == 1]
+    if len(single) < 5:
+        raise ValueError(f"names: IOI needs 5 single-token names; this tokenizer has {single}")
+    rows = []
+    for i in range(n_prompts):
+        io, s, *abc = (str(n) for n in rng.choice(single, 5, replace=False))
+        first, second = (io, s) if i % 2 == 0 else (s, io)
+        template = templates[i % len(templates)]
+        rows.append((model.to_tokens(template.format(A=first, B=second, S=s))[0],
+                     model.to_tokens(template.format(A=abc[0], B=abc[1], S=abc[2]))[0],
+                     model.to_single_token(io), model.to_single_token(s)))
+    lengths = [len(r[0]) for r in rows]
+    length = max(set(lengths), key=lengths.count)
+    rows = [r for r in rows if len(r[0]) == len(r[1]) == length]
+    clean, corrupted = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    return clean, corrupted, torch.tensor([r[2] for r in rows]), torch.tensor([r[3] for r in rows])

@@ -70,3 +70,23 @@ def test_load_texts_validates_dataset_name():
     assert il.data.load_texts("bundled", "test") == il.data.load_corpus("test")
     with pytest.raises(ValueError, match="dataset='imdb'"):
         il.data.load_texts("imdb")
+
+
+def test_ioi_pairs_build_aligned_clean_and_abc_corrupted_prompts():
+    model = il.load_model("toy-2l")
+    # the toy tokenizer has no single-token person names: use single-token words as "names"
+    words = [w for w in [" the", " of", " a", " in", " is", " for", " it", " be", " on", " by"]
+             if model.to_tokens(w, prepend_bos=False).shape[-1] == 1]
+    assert len(words) >= 5
+    clean, corrupted, answer, wrong = il.data.ioi_pairs(model, 8, seed=1, names=words,
+                                                        templates=["When{A} and{B} met,{S} wrote to"])
+    assert clean.shape == corrupted.shape and clean.shape[0] == len(answer) == len(wrong) > 0
+    for row in range(len(clean)):
+        ids = clean[row].tolist()
+        assert int(answer[row]) in ids and int(wrong[row]) in ids and answer[row] != wrong[row]
+        assert ids.count(int(wrong[row])) >= 2          # the subject is named twice (ABB / BAB)
+        assert int(answer[row]) not in corrupted[row].tolist()  # ABC: other names everywhere
+    with pytest.raises(ValueError, match="single-token names"):
+        il.data.ioi_pairs(model, 4, names=[" Zyxwvut", " Qqqqqq"])
+    with pytest.raises(ValueError, match="n_prompts"):
+        il.data.ioi_pairs(model, 0)
