@@ -6,6 +6,7 @@ stays quick. A handler returns the exit status; bad input is raised as ``UsageEr
 reported as one ``error: ...`` line with exit status 2 (no traceback).
 
     interp-lib run [NOTEBOOK ...] [--seeds 0 1 2] [-p KEY VALUE ...] [--out DIR] [--model NAME]
+    interp-lib explain --model NAME --out DIR [--explainer MODEL --base-url URL] [--heads ...]
 """
 
 from __future__ import annotations
@@ -79,8 +80,84 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return run_series(config, argv=["interp-lib", *argv])
 
 
-# Subcommands, in the order --help lists them. A new one (e.g. `explain`) adds its function here.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run_command]
+def _add_explain_command(subparsers: argparse._SubParsersAction) -> None:
+    import dataclasses
+    import typing
+
+    from .explain.config import STAGES, ExplainConfig
+
+    parser = subparsers.add_parser(
+        "explain",
+        help="name what every attention head does (events -> explanations -> scores -> report)",
+        description=(
+            "Run the head-explainer pipeline into OUT, stage by stage: " + ", ".join(STAGES) + ".\n"
+            "Finished stages are loaded from OUT/checkpoints, answered LLM requests from\n"
+            "OUT/llm_cache, so a killed or repeated run resumes without recomputing or resending.\n"
+            "With no --explainer the heuristic (no-LLM) explainer names the heads and the LLM\n"
+            "scorers are skipped (said in the report). The API key is read from\n"
+            "$INTERP_LIB_API_KEY or $OPENAI_API_KEY (or Colab secrets), never from the command\n"
+            "line, and is written nowhere."),
+        epilog=(
+            "examples:\n"
+            "  interp-lib explain --model toy-2l --out runs/explain-toy          # offline, heuristic\n"
+            "  interp-lib explain --model gpt2 --heads all --dataset wikitext --windows 1500 \\\n"
+            "      --window-len 192 --top-k 200 --explainer gpt-4o-mini --out runs/explain-gpt2\n"
+            "  interp-lib explain ... --dry-run                 # count calls, estimate cost\n"
+            "  interp-lib explain ... --skip refine taxonomy    # leave stages out"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    hints = typing.get_type_hints(ExplainConfig)
+    for item in dataclasses.fields(ExplainConfig):
+        flag = "--" + item.name.replace("_", "-")
+        help_text = item.metadata.get("help", "") + f" (default: {item.default})"
+        kind = hints[item.name]
+        if kind is bool:
+            parser.add_argument(flag, dest=item.name, action="store_true", help=help_text)
+        elif item.name == "scorers":
+            parser.add_argument(flag, dest=item.name, nargs="+", default=list(item.default),
+                                metavar="NAME", help=help_text)
+        else:
+            base = next((t for t in (int, float, str) if t is kind or t in typing.get_args(kind)), str)
+            parser.add_argument(flag, dest=item.name, type=base, default=item.default,
+                                metavar=item.name.upper(), help=help_text)
+    parser.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    parser.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                        help="run only these stages (earlier results are loaded, or computed if missing)")
+    parser.add_argument("--skip", nargs="+", default=None, metavar="STAGE",
+                        help="leave these stages out")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars")
+    parser.set_defaults(handler=_explain)
+
+
+def _explain(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import dataclasses
+
+    from .explain.pipeline import ExplainConfig, run_explainer
+    from .models import ModelLoadError
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExplainConfig)}
+    try:
+        config = ExplainConfig(**values)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if not config.uses_llm:
+        print("no --explainer given: using the heuristic (no-LLM) explainer; LLM scorers are skipped")
+    try:
+        run = run_explainer(config, args.out, stages=args.stages, skip=args.skip, progress=args.progress)
+    except ModelLoadError as error:
+        raise UsageError(str(error)) from None
+    except ValueError as error:  # bad heads / stages / dataset, found after the model loaded
+        raise UsageError(str(error)) from None
+    failed = [r.label for r in run.records if r.explanation is None]
+    print(f"explained {len(run.records) - len(failed)} of {len(run.records)} heads"
+          + (f"; failed: {', '.join(failed)} (reasons in the report)" if failed else "")
+          + f"; outputs in {run.out}")
+    return 0
+
+
+# Subcommands, in the order --help lists them.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run_command, _add_explain_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

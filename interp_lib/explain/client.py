@@ -1,0 +1,860 @@
+"""LLM client of the head explainer: any OpenAI-compatible endpoint (OpenAI, vLLM, Ollama, ...).
+
+One ``LLMClient`` sends batches of ``ChatRequest`` with the ``openai`` package's ``AsyncOpenAI``
+(its own retries off; requests go through its generic ``post`` and the JSON is parsed here, which
+halves the CPU per request and lets a body that is not JSON be retried) and returns one
+``ChatResult`` per request, in order, never raising for a request that fails:
+
+* bounded concurrency (a semaphore held only while a request is on the wire);
+* retries on 408 / 409 / 429 / 5xx, timeouts, connection errors and bodies that are not JSON,
+  with exponential backoff and full jitter (seeded), honouring ``Retry-After`` /
+  ``retry-after-ms`` (float seconds or an HTTP date), every wait capped at ``backoff_max``;
+  other 4xx fail at once with the reason. A 400 that names ``response_format`` / ``logprobs``
+  (or ``max_completion_tokens``) is retried once without that feature, and the client remembers
+  it (``supports_json_mode``, ``supports_logprobs``);
+* ``finish_reason == "length"`` gives ``ok=False``, ``failure="truncated (finish_reason=length)"``
+  and keeps the partial text in ``content``;
+* a disk cache (one JSON file per request, keyed by the SHA-256 of the canonical request:
+  base_url, model, messages, max_tokens, temperature, json_mode, logprobs, top_logprobs -- never
+  the API key, never ``tag``), so a rerun or a resumed run sends no request twice. Only
+  successful results are cached. Identical requests in one batch are sent once. As a
+  consequence, identical requests at ``temperature > 0`` share one sample: vary the prompt to get
+  several;
+* token and dollar accounting from the ``usage`` block of each response and a price table
+  (``DEFAULT_PRICES`` merged with ``prices``; a model not in the table costs 0; names match by
+  longest prefix, so ``gpt-4o-mini-2024-07-18`` is priced as ``gpt-4o-mini``);
+* a spending cap: once ``usage.cost_usd >= max_cost_usd`` no further request is sent (those in
+  flight finish, so the total may overshoot by at most ``concurrency`` responses); the rest return
+  ``failure="budget cap reached ($X)"`` and ``stopped_reason`` is set;
+* a dry run that sends nothing and prints ``dry run: N calls (M cached), estimated $X``.
+
+The API key (see ``resolve_api_key``) lives in a masked holder: it is not in ``repr``, not
+pickled (an unpickled client resolves it again from the environment), not in cache files, and
+scrubbed from every failure reason and error message this module produces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import email.utils
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+
+__all__ = ["ChatRequest", "ChatResult", "UsageStats", "LLMClient", "DEFAULT_PRICES",
+           "resolve_api_key", "request_cache_key", "parse_retry_after", "OPENAI_BASE_URL"]
+
+log = logging.getLogger(__name__)
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+PLACEHOLDER_KEY = "unused"  # local servers (vLLM, Ollama, LocalOpenAIServer) accept any key
+CACHE_FORMAT = 1
+KEY_ENV_VARS = ("INTERP_LIB_API_KEY", "OPENAI_API_KEY")
+COLAB_SECRET_NAME = "OPENAI_API_KEY"
+EMBED_BATCH = 256
+_ROLES = ("system", "user", "assistant", "developer", "tool")
+
+# USD per 1M tokens (prompt, completion), OpenAI list prices (standard tier) as of 2025.
+# Check the provider's current prices and pass ``prices=`` to override or extend.
+DEFAULT_PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-4-turbo": (10.00, 30.00),
+    "gpt-3.5-turbo": (0.50, 1.50),
+    "o3-mini": (1.10, 4.40),
+    "o4-mini": (1.10, 4.40),
+    "text-embedding-3-small": (0.02, 0.0),
+    "text-embedding-3-large": (0.13, 0.0),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ChatRequest:
+    """One chat completion request. ``tag`` labels it for progress only: not sent, not cached."""
+
+    messages: list[dict]
+    max_tokens: int = 1024
+    temperature: float = 0.0
+    json_mode: bool = False
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tag: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.messages, list) or not self.messages:
+            raise ValueError(f"messages={self.messages!r}: expected a non-empty list of "
+                             "{'role': ..., 'content': str} dicts")
+        for i, message in enumerate(self.messages):
+            if (not isinstance(message, dict) or message.get("role") not in _ROLES
+                    or not isinstance(message.get("content"), str)):
+                raise ValueError(f"messages[{i}]={message!r}: expected a dict with 'role' in "
+                                 f"{_ROLES} and a str 'content'")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) \
+                or self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r}: expected a positive int")
+        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature={self.temperature!r}: expected a number in [0, 2]")
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise ValueError(f"top_logprobs={self.top_logprobs!r} needs logprobs=True")
+            if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) \
+                    or not 0 <= self.top_logprobs <= 20:
+                raise ValueError(f"top_logprobs={self.top_logprobs!r}: expected an int in "
+                                 "[0, 20] or None")
+
+    def canonical(self, base_url: str, model: str) -> dict:
+        """Everything that determines the answer (the cache key's content)."""
+        return {"format": CACHE_FORMAT, "base_url": base_url, "model": model,
+                "messages": self.messages, "max_tokens": self.max_tokens,
+                "temperature": float(self.temperature), "json_mode": bool(self.json_mode),
+                "logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs}
+
+
+@dataclass
+class ChatResult:
+    """Outcome of one request. ``failure`` says why when ``ok`` is False."""
+
+    ok: bool
+    content: str | None = None
+    failure: str | None = None
+    finish_reason: str | None = None
+    logprobs: list[dict] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False
+    attempts: int = 0
+
+
+@dataclass
+class UsageStats:
+    """Running totals of one client (all its batches)."""
+
+    requests_sent: int = 0       # HTTP requests put on the wire, retries included
+    cache_hits: int = 0          # requests answered without sending (disk cache, batch duplicate)
+    failures: int = 0            # results with ok=False (dry-run placeholders excluded)
+    retries: int = 0             # attempts after a retryable error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    dry_run_calls: int = 0       # calls a dry run would have sent
+    dry_run_cost_usd: float = 0.0  # their estimated cost (upper bound, see estimate_cost)
+
+    def summary(self) -> str:
+        text = (f"{self.requests_sent} requests sent ({self.retries} retries), "
+                f"{self.cache_hits} cache hits, {self.failures} failures, "
+                f"{self.prompt_tokens} prompt + {self.completion_tokens} completion tokens, "
+                f"${self.cost_usd:.4f}")
+        if self.dry_run_calls:
+            text += f"; dry run: {self.dry_run_calls} calls, estimated ${self.dry_run_cost_usd:.4f}"
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# API key
+# ---------------------------------------------------------------------------------------------
+def _is_openai_url(base_url: str | None) -> bool:
+    host = urlparse(base_url or OPENAI_BASE_URL).hostname or ""
+    return host == "api.openai.com" or host.endswith(".openai.com")
+
+
+def _colab_secret(name: str) -> str | None:
+    try:
+        from google.colab import userdata  # type: ignore[import-not-found]
+    except Exception:
+        return None
+    try:
+        value = userdata.get(name)
+    except Exception:  # secret missing or notebook access not granted
+        return None
+    return value or None
+
+
+def resolve_api_key(api_key: str | None = None, base_url: str | None = None) -> str | None:
+    """The key to send: ``api_key`` if given, else ``$INTERP_LIB_API_KEY`` / ``$OPENAI_API_KEY``,
+    else the Colab secret ``OPENAI_API_KEY``, else (for a non-OpenAI ``base_url``) the placeholder
+    ``"unused"`` that local servers accept, else None."""
+    if api_key is not None:
+        if not isinstance(api_key, str) or not api_key:
+            raise TypeError("api_key: expected a non-empty str or None (value not shown)")
+        return api_key
+    for name in KEY_ENV_VARS:
+        if os.environ.get(name):
+            return os.environ[name]
+    secret = _colab_secret(COLAB_SECRET_NAME)
+    if secret:
+        return secret
+    if base_url is not None and not _is_openai_url(base_url):
+        return PLACEHOLDER_KEY
+    return None
+
+
+class _Secret:
+    """Holds the key; prints masked, never pickles (a copy resolves the key again)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None):
+        self._value = value
+
+    def get(self) -> str | None:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<api key: set>" if self._value else "<api key: none>"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        return (_Secret, (None,))
+
+    def __copy__(self) -> "_Secret":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "_Secret":
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+def request_cache_key(request: ChatRequest, base_url: str, model: str) -> str:
+    """SHA-256 of the canonical request (JSON, sorted keys)."""
+    blob = json.dumps(request.canonical(base_url, model), sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (float seconds or HTTP date)."""
+    if not headers:
+        return None
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return max(0.0, float(value) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _estimate_prompt_tokens(messages: Sequence[dict]) -> int:
+    # ~4 characters per token for English, plus a few tokens of per-message overhead.
+    return sum(4 + math.ceil(len(m.get("content") or "") / 4) for m in messages)
+
+
+def _parse_logprobs(raw: Any) -> list[dict] | None:
+    """Chat format (``{"content": [{token, logprob, top_logprobs}]}``) or the legacy completions
+    format (``tokens`` / ``token_logprobs`` / ``top_logprobs`` dicts) -> the ChatResult layout."""
+    if not isinstance(raw, dict):
+        return None
+    try:
+        if isinstance(raw.get("content"), list):
+            return [{"token": str(e["token"]), "logprob": float(e["logprob"]),
+                     "top_logprobs": [{"token": str(t["token"]), "logprob": float(t["logprob"])}
+                                      for t in (e.get("top_logprobs") or [])]}
+                    for e in raw["content"]]
+        if isinstance(raw.get("tokens"), list):
+            tops = raw.get("top_logprobs") or [None] * len(raw["tokens"])
+            return [{"token": str(tok), "logprob": float(lp),
+                     "top_logprobs": [{"token": str(k), "logprob": float(v)}
+                                      for k, v in (top or {}).items()]}
+                    for tok, lp, top in zip(raw["tokens"], raw["token_logprobs"], tops)]
+    except (KeyError, TypeError, ValueError):
+        log.warning("ignoring logprobs in an unexpected layout")
+    return None
+
+
+def _atomic_write_json(path: Path, payload: Any) -> None:
+    """Temp file + ``os.replace``: a reader sees the old file or the whole new one. No fsync: a
+    file damaged by a power cut is detected on load and the request is simply sent again, while
+    an fsync per response costs more than the request itself on a busy disk or Drive."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+_UNSUPPORTED_PHRASES = ("not supported", "unsupported", "does not support", "unknown",
+                        "unrecogni", "extra inputs", "extra fields", "not allowed", "not permitted")
+
+
+def _says_unsupported(message: str) -> bool:
+    text = message.lower()
+    return any(phrase in text for phrase in _UNSUPPORTED_PHRASES)
+
+
+class _Outcome:
+    """How one attempt ended: a parsed body, a retryable error or a final error."""
+
+    __slots__ = ("data", "retry", "reason", "retry_after", "status", "message")
+
+    def __init__(self, data: Any = None, retry: bool = False, reason: str | None = None,
+                 retry_after: float | None = None, status: int | None = None, message: str = ""):
+        self.data, self.retry, self.reason = data, retry, reason
+        self.retry_after, self.status, self.message = retry_after, status, message
+
+
+def _error_message(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+        if isinstance(inner, str):
+            return inner
+    return str(getattr(exc, "message", "") or exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Client
+# ---------------------------------------------------------------------------------------------
+class LLMClient:
+    """Async, cached, budgeted client for one model at one OpenAI-compatible endpoint.
+
+    ``base_url=None`` means ``$OPENAI_BASE_URL`` or OpenAI itself. ``timeout`` bounds each attempt
+    (seconds, whole request). ``seed`` seeds the backoff jitter.
+    """
+
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, *,
+                 concurrency: int = 8, max_retries: int = 5, timeout: float = 60.0,
+                 backoff_base: float = 0.5, backoff_max: float = 20.0,
+                 cache_dir: str | Path | None = None, prices: dict | None = None,
+                 max_cost_usd: float | None = None, dry_run: bool = False,
+                 progress: bool = True, seed: int = 0):
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model={model!r}: expected a non-empty model name")
+        if base_url is not None and (not isinstance(base_url, str)
+                                     or not base_url.startswith(("http://", "https://"))):
+            raise ValueError(f"base_url={base_url!r}: expected an http(s) URL like "
+                             "'http://127.0.0.1:8000/v1' or None for OpenAI")
+
+        def _int(name: str, value: Any, low: int) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r}: expected an int >= {low}")
+            return value
+
+        def _float(name: str, value: Any, positive: bool = False) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise ValueError(f"{name}={value!r}: expected a finite number "
+                                 f"{'> 0' if positive else '>= 0'}")
+            return float(value)
+
+        self.model = model
+        self._base_url_arg = base_url
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
+        self._secret = _Secret(resolve_api_key(api_key, self.base_url))
+        self.concurrency = _int("concurrency", concurrency, 1)
+        self.max_retries = _int("max_retries", max_retries, 0)
+        self.timeout = _float("timeout", timeout, positive=True)
+        self.backoff_base = _float("backoff_base", backoff_base)
+        self.backoff_max = _float("backoff_max", backoff_max)
+        self.max_cost_usd = None if max_cost_usd is None else _float("max_cost_usd", max_cost_usd)
+        self.prices = dict(DEFAULT_PRICES)
+        for name, pair in (prices or {}).items():
+            if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+                    or not all(isinstance(p, (int, float)) and p >= 0 for p in pair)):
+                raise ValueError(f"prices[{name!r}]={pair!r}: expected (USD per 1M prompt "
+                                 "tokens, USD per 1M completion tokens), both >= 0")
+            self.prices[name] = (float(pair[0]), float(pair[1]))
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.dry_run, self.progress, self.seed = bool(dry_run), bool(progress), seed
+        self.usage = UsageStats()
+        self.stopped_reason: str | None = None
+        self.supports_json_mode = True
+        self.supports_logprobs = True
+        self._use_max_completion_tokens = False
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    # -- small pieces ----------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (f"LLMClient(model={self.model!r}, base_url={self.base_url!r}, "
+                f"api_key={self._secret!r}, concurrency={self.concurrency}, "
+                f"cache_dir={str(self.cache_dir) if self.cache_dir else None!r}, "
+                f"dry_run={self.dry_run}, usage=[{self.usage.summary()}])")
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state  # _secret pickles as an empty holder
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _api_key(self) -> str | None:
+        key = self._secret.get()
+        if key is None:  # e.g. an unpickled client: look again where keys may live
+            key = resolve_api_key(None, self.base_url)
+            self._secret = _Secret(key)
+        return key
+
+    def _scrub(self, text: str) -> str:
+        key = self._secret.get()
+        if key and len(key) >= 4 and key != PLACEHOLDER_KEY:
+            text = text.replace(key, "<api key>")
+        return text
+
+    def price(self, model: str | None = None) -> tuple[float, float]:
+        """(USD per 1M prompt tokens, per 1M completion tokens); (0, 0) for an unknown model."""
+        name = model or self.model
+        for candidate in (name, name.rsplit("/", 1)[-1]):
+            if candidate in self.prices:
+                return self.prices[candidate]
+            matches = [k for k in self.prices if candidate.startswith(k)]
+            if matches:
+                return self.prices[max(matches, key=len)]
+        return (0.0, 0.0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, model: str | None = None) -> float:
+        p_in, p_out = self.price(model)
+        return (prompt_tokens * p_in + completion_tokens * p_out) / 1e6
+
+    def cache_key(self, request: ChatRequest) -> str:
+        return request_cache_key(request, self.base_url, self.model)
+
+    def cache_path(self, request: ChatRequest) -> Path | None:
+        """Where the cached result of ``request`` lives (None without a cache_dir)."""
+        return self._cache_path(self.cache_key(request))
+
+    def _cache_path(self, key: str, kind: str = "chat") -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / kind / key[:2] / f"{key}.json"
+
+    def _cache_load(self, key: str) -> ChatResult | None:
+        path = self._cache_path(key)
+        if path is None or not path.exists():
+            return None
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))["result"]
+            names = {f.name for f in dataclasses.fields(ChatResult)}
+            result = ChatResult(**{k: v for k, v in stored.items() if k in names})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable cache file %s (%s)", path, type(exc).__name__)
+            return None
+        return dataclasses.replace(result, cached=True, attempts=0) if result.ok else None
+
+    def _cache_store(self, key: str, request: ChatRequest, result: ChatResult) -> None:
+        path = self._cache_path(key)
+        if path is None or not result.ok:
+            return
+        payload = {"request": request.canonical(self.base_url, self.model),
+                   "result": dataclasses.asdict(dataclasses.replace(result, cached=False))}
+        _atomic_write_json(path, payload)
+
+    def _check_requests(self, requests: Sequence[ChatRequest]) -> list[ChatRequest]:
+        if isinstance(requests, ChatRequest) or not isinstance(requests, Sequence):
+            raise TypeError(f"requests: expected a list of ChatRequest, got "
+                            f"{type(requests).__name__}")
+        for i, request in enumerate(requests):
+            if not isinstance(request, ChatRequest):
+                raise TypeError(f"requests[{i}]: expected a ChatRequest, got "
+                                f"{type(request).__name__}")
+        return list(requests)
+
+    def _budget_failure(self) -> str | None:
+        """The budget-cap reason when spending has reached the cap (and records the stop)."""
+        with self._lock:
+            if self.max_cost_usd is None or self.usage.cost_usd < self.max_cost_usd:
+                return None
+            reason = f"budget cap reached (${self.max_cost_usd:.2f})"
+            if self.stopped_reason is None:
+                self.stopped_reason = reason
+                log.warning("%s after $%.4f: no further requests are sent", reason,
+                            self.usage.cost_usd)
+            return reason
+
+    def _backoff(self, retry_index: int, retry_after: float | None) -> float:
+        with self._lock:
+            jitter = self._rng.uniform(0.0, min(self.backoff_max,
+                                                self.backoff_base * 2.0 ** retry_index))
+        return min(self.backoff_max, max(jitter, retry_after or 0.0))
+
+    def _need_key(self) -> str:
+        key = self._api_key()
+        if key is None:
+            raise ValueError(f"no API key for {self.base_url}: pass api_key=..., set "
+                             "$OPENAI_API_KEY (or $INTERP_LIB_API_KEY), or add a Colab secret "
+                             "named OPENAI_API_KEY")
+        return key
+
+    def _make_openai(self):
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(api_key=self._need_key(), base_url=self.base_url, max_retries=0,
+                           timeout=self.timeout)
+
+    async def _attempt(self, call) -> _Outcome:
+        """Run one HTTP call (a coroutine factory returning the body text) and classify how it
+        ended. The body is parsed here, not by openai's typed models: that halves the CPU per
+        request and lets a malformed body be retried like any other transient fault."""
+        import openai
+
+        with self._lock:
+            self.usage.requests_sent += 1
+        try:
+            text = await asyncio.wait_for(call(), timeout=self.timeout)
+        except (asyncio.TimeoutError, openai.APITimeoutError):
+            return _Outcome(retry=True, reason="timeout")
+        except openai.APIStatusError as exc:
+            status, message = exc.status_code, self._scrub(_error_message(exc))
+            if status in (408, 409, 429) or status >= 500:
+                return _Outcome(retry=True, reason=f"http {status}", status=status,
+                                retry_after=parse_retry_after(exc.response.headers),
+                                message=message)
+            return _Outcome(reason=f"http {status}: {message}", status=status, message=message)
+        except openai.APIConnectionError:
+            return _Outcome(retry=True, reason="connection error")
+        except Exception as exc:  # per-request failures must not escape chat_many
+            reason = self._scrub(f"{type(exc).__name__}: {exc}")
+            log.warning("request failed: %s", reason)
+            return _Outcome(reason=reason)
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return _Outcome(retry=True, reason="malformed response (not JSON)")
+        return _Outcome(data=data)
+
+    # -- chat ------------------------------------------------------------------------------------
+    def _chat_params(self, request: ChatRequest, drop: set[str]) -> dict:
+        params: dict[str, Any] = {"model": self.model, "messages": request.messages,
+                                  "temperature": request.temperature}
+        if self._use_max_completion_tokens or "max_tokens" in drop:
+            params["max_completion_tokens"] = request.max_tokens
+        else:
+            params["max_tokens"] = request.max_tokens
+        if request.json_mode and self.supports_json_mode and "response_format" not in drop:
+            params["response_format"] = {"type": "json_object"}
+        if request.logprobs and self.supports_logprobs and "logprobs" not in drop:
+            params["logprobs"] = True
+            if request.top_logprobs is not None:
+                params["top_logprobs"] = request.top_logprobs
+        return params
+
+    def _result_from_body(self, data: Any, request: ChatRequest, attempts: int) -> ChatResult | None:
+        """A ChatResult from a parsed body, or None when the body is not a chat completion."""
+        try:
+            choice = data["choices"][0]
+            message = choice.get("message") or {}
+            content = message.get("content")
+            finish_reason = choice.get("finish_reason")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return None
+        if content is not None and not isinstance(content, str):
+            return None
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        completion_tokens = int(usage.get("completion_tokens") or 0)
+        if not usage:  # endpoint reports no usage: estimate so the budget still binds
+            prompt_tokens = _estimate_prompt_tokens(request.messages)
+            completion_tokens = math.ceil(len(content or "") / 4)
+        with self._lock:
+            self.usage.prompt_tokens += prompt_tokens
+            self.usage.completion_tokens += completion_tokens
+            self.usage.cost_usd += self.cost(prompt_tokens, completion_tokens)
+        failure = None
+        if finish_reason == "length":
+            failure = "truncated (finish_reason=length)"
+        elif content is None:
+            failure = f"no content (finish_reason={finish_reason})"
+        elif finish_reason == "content_filter":
+            failure = "content filter (finish_reason=content_filter)"
+        return ChatResult(ok=failure is None, content=content, failure=failure,
+                          finish_reason=finish_reason, logprobs=_parse_logprobs(choice.get("logprobs")),
+                          prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          attempts=attempts)
+
+    async def _send(self, client, sem: asyncio.Semaphore, request: ChatRequest) -> ChatResult:
+        attempts, retries = 0, 0
+        drop: set[str] = set()
+        fallback: _Outcome | None = None  # the 400 that made us drop a feature, if any
+        while True:
+            async with sem:
+                budget = self._budget_failure()
+                if budget is not None:
+                    return ChatResult(ok=False, failure=budget, attempts=attempts)
+                attempts += 1
+                params = self._chat_params(request, drop)
+                outcome = await self._attempt(
+                    lambda: client.post("/chat/completions", cast_to=str, body=params))
+            if outcome.reason is None:
+                result = self._result_from_body(outcome.data, request, attempts)
+                if result is None:
+                    outcome = _Outcome(retry=True, reason="malformed response (no choices)")
+                else:
+                    if fallback is not None and _says_unsupported(fallback.message):
+                        # the retry without the feature worked and the 400 said the endpoint
+                        # lacks it (not e.g. "messages must contain the word 'json'"): remember
+                        if "response_format" in drop and self.supports_json_mode:
+                            self.supports_json_mode = False
+                            log.warning("%s rejects response_format; sending without it",
+                                        self.base_url)
+                        if "logprobs" in drop and self.supports_logprobs:
+                            self.supports_logprobs = False
+                            log.warning("%s rejects logprobs; sending without them", self.base_url)
+                    if "max_tokens" in drop:
+                        self._use_max_completion_tokens = True
+                    return result
+            if not outcome.retry:
+                if outcome.status == 400 and fallback is None:
+                    new_drop = self._features_to_drop(outcome.message, params)
+                    if new_drop:
+                        fallback, drop = outcome, drop | new_drop
+                        continue
+                if fallback is not None:
+                    outcome = fallback  # report the original rejection
+                return ChatResult(ok=False, failure=outcome.reason, attempts=attempts)
+            if retries >= self.max_retries:
+                return ChatResult(ok=False, failure=f"{outcome.reason} after {attempts} attempts",
+                                  attempts=attempts)
+            delay = self._backoff(retries, outcome.retry_after)
+            retries += 1
+            with self._lock:
+                self.usage.retries += 1
+            await asyncio.sleep(delay)
+
+    @staticmethod
+    def _features_to_drop(message: str, params: dict) -> set[str]:
+        """Which optional features a 400 seems to reject (all optional ones when it is unclear)."""
+        text = message.lower()
+        drop = set()
+        if "max_completion_tokens" in text and "max_tokens" in params:
+            drop.add("max_tokens")
+        if "response_format" in params and ("response_format" in text or "json" in text):
+            drop.add("response_format")
+        if "logprobs" in params and "logprob" in text:
+            drop.add("logprobs")
+        if not drop:
+            drop = {name for name in ("response_format", "logprobs") if name in params}
+        return drop
+
+    def estimate_cost(self, requests: Sequence[ChatRequest]) -> tuple[int, float]:
+        """(calls not answered by the cache, estimated USD). Prompt tokens are estimated as
+        chars / 4 + 4 per message (about right for English) and every completion is counted at
+        its full ``max_tokens``, so the estimate is on the high side. Identical requests count
+        once."""
+        requests = self._check_requests(requests)
+        seen: set[str] = set()
+        calls, usd = 0, 0.0
+        for request in requests:
+            key = self.cache_key(request)
+            if key in seen or self._cache_load(key) is not None:
+                continue
+            seen.add(key)
+            calls += 1
+            usd += self.cost(_estimate_prompt_tokens(request.messages), request.max_tokens)
+        return calls, usd
+
+    async def achat_many(self, requests: Sequence[ChatRequest], desc: str = "LLM") -> list[ChatResult]:
+        """Send the requests (cache first, concurrently, with retries); results in order."""
+        requests = self._check_requests(requests)
+        keys = [self.cache_key(r) for r in requests]
+        groups: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        found = {key: self._cache_load(key) for key in groups}
+        to_send = [key for key in groups if found[key] is None]
+        n_cached = sum(len(groups[k]) for k in groups if found[k] is not None)
+        results: list[ChatResult | None] = [None] * len(requests)
+
+        if self.dry_run:
+            usd = sum(self.cost(_estimate_prompt_tokens(requests[groups[k][0]].messages),
+                                requests[groups[k][0]].max_tokens) for k in to_send)
+            with self._lock:
+                self.usage.dry_run_calls += len(to_send)
+                self.usage.dry_run_cost_usd += usd
+                self.usage.cache_hits += n_cached
+            print(f"dry run: {len(to_send)} calls ({n_cached} cached), estimated ${usd:.4f}")
+            for key, indices in groups.items():
+                for i in indices:
+                    results[i] = found[key] or ChatResult(ok=False, failure="dry run")
+            return results  # type: ignore[return-value]
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(requests), desc=desc, unit="req", disable=not self.progress,
+                   leave=False)
+        bar.update(n_cached)
+        sent: dict[str, ChatResult] = {}
+        if to_send:
+            client = self._make_openai()
+            sem = asyncio.Semaphore(self.concurrency)
+
+            async def run(key: str) -> None:
+                request = requests[groups[key][0]]
+                sent[key] = await self._send(client, sem, request)
+                if sent[key].ok and self.cache_dir is not None:
+                    # fsync can take a while (Drive): keep the event loop free meanwhile
+                    await asyncio.to_thread(self._cache_store, key, request, sent[key])
+                bar.update(len(groups[key]))
+                bar.set_postfix_str(f"${self.usage.cost_usd:.4f}", refresh=False)
+
+            try:
+                await asyncio.gather(*(run(key) for key in to_send))
+            finally:
+                bar.close()
+                await client.close()
+        else:
+            bar.close()
+
+        for key, indices in groups.items():
+            first = found[key] or sent[key]
+            results[indices[0]] = first
+            for i in indices[1:]:  # a duplicate in the batch: answered by the first one
+                results[i] = dataclasses.replace(first, cached=True, attempts=0) if first.ok \
+                    else first
+        with self._lock:
+            self.usage.cache_hits += sum(1 for r in results if r.cached)  # type: ignore[union-attr]
+            self.usage.failures += sum(1 for r in results if not r.ok)  # type: ignore[union-attr]
+        log.info("%s: %s", desc, self.usage.summary())
+        return results  # type: ignore[return-value]
+
+    def chat_many(self, requests: Sequence[ChatRequest], desc: str = "LLM") -> list[ChatResult]:
+        """Synchronous ``achat_many``; inside a running event loop (Jupyter) it runs in a thread."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.achat_many(requests, desc))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(asyncio.run, self.achat_many(requests, desc)).result()
+
+    def chat(self, request: ChatRequest) -> ChatResult:
+        return self.chat_many([request], desc=request.tag or "LLM")[0]
+
+    # -- embeddings ------------------------------------------------------------------------------
+    def _embed_key(self, text: str, model: str) -> str:
+        blob = json.dumps({"format": CACHE_FORMAT, "base_url": self.base_url, "model": model,
+                           "input": text}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def embed(self, texts: list[str], model: str = "text-embedding-3-small") -> np.ndarray:
+        """Embeddings from ``/v1/embeddings`` as float32 ``[len(texts), dim]`` (cached per text).
+        Raises RuntimeError with the reason when the endpoint fails after retries."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence) \
+                or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"texts: expected a list of str, got {type(texts).__name__}")
+        texts = list(texts)
+        vectors: dict[str, list[float]] = {}
+        keys = [self._embed_key(t, model) for t in texts]
+        for key in set(keys):
+            path = self._cache_path(key, "embed")
+            if path is not None and path.exists():
+                try:
+                    vectors[key] = json.loads(path.read_text(encoding="utf-8"))["embedding"]
+                except (OSError, ValueError, KeyError):
+                    log.warning("ignoring unreadable cache file %s", path)
+        missing = list(dict.fromkeys(k for k in keys if k not in vectors))
+        if missing:
+            if self.dry_run:
+                raise RuntimeError(f"dry run: {len(missing)} texts to embed are not cached and "
+                                   "nothing is sent")
+            by_key = dict(zip(keys, texts))
+            coro = self._aembed([by_key[k] for k in missing], missing, model)
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                fresh = asyncio.run(coro)
+            else:
+                with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                    fresh = pool.submit(asyncio.run, coro).result()
+            vectors.update(fresh)
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.asarray([vectors[k] for k in keys], dtype=np.float32)
+
+    async def _aembed(self, texts: list[str], keys: list[str], model: str) -> dict[str, list[float]]:
+        client = self._make_openai()
+        sem = asyncio.Semaphore(self.concurrency)
+        out: dict[str, list[float]] = {}
+
+        async def batch(start: int) -> None:
+            chunk = texts[start:start + EMBED_BATCH]
+            attempts = 0
+            while True:
+                async with sem:
+                    budget = self._budget_failure()
+                    if budget is not None:
+                        raise RuntimeError(f"embeddings stopped: {budget}")
+                    attempts += 1
+                    outcome = await self._attempt(lambda: client.post(
+                        "/embeddings", cast_to=str,
+                        body={"model": model, "input": chunk, "encoding_format": "float"}))
+                vecs = None
+                if outcome.reason is None:
+                    try:
+                        rows = sorted(outcome.data["data"], key=lambda d: d["index"])
+                        vecs = [[float(x) for x in row["embedding"]] for row in rows]
+                        if len(vecs) != len(chunk):
+                            raise ValueError("wrong number of embeddings")
+                    except (KeyError, TypeError, ValueError):
+                        outcome = _Outcome(retry=True, reason="malformed response (no embeddings)")
+                if vecs is not None:
+                    n_tokens = int((outcome.data.get("usage") or {}).get("prompt_tokens") or 0)
+                    with self._lock:
+                        self.usage.prompt_tokens += n_tokens
+                        self.usage.cost_usd += self.cost(n_tokens, 0, model)
+                    for key, vec in zip(keys[start:start + EMBED_BATCH], vecs):
+                        out[key] = vec
+                        path = self._cache_path(key, "embed")
+                        if path is not None:
+                            _atomic_write_json(path, {"model": model, "embedding": vec})
+                    return
+                if not outcome.retry or attempts > self.max_retries:
+                    suffix = "" if not outcome.retry else f" after {attempts} attempts"
+                    raise RuntimeError(f"embeddings from {self.base_url} (model {model!r}) "
+                                       f"failed: {outcome.reason}{suffix}")
+                with self._lock:
+                    self.usage.retries += 1
+                await asyncio.sleep(self._backoff(attempts - 1, outcome.retry_after))
+
+        try:
+            await asyncio.gather(*(batch(s) for s in range(0, len(texts), EMBED_BATCH)))
+        finally:
+            await client.close()
+        return out

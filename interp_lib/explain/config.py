@@ -1,0 +1,94 @@
+"""Configuration of the head-explainer pipeline (no heavy imports: the CLI builds its flags
+from these fields)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .records import parse_head_label
+
+STAGES = ("sample", "events", "heuristic", "explain", "score", "refine", "causal", "taxonomy",
+          "report")
+LLM_SCORERS = ("simulation", "detection")
+ALL_SCORERS = ("contrastive", *LLM_SCORERS)
+
+
+@dataclass
+class ExplainConfig:
+    """Everything a head-explainer run depends on. Field help texts become the CLI's ``--help``."""
+
+    model: str = field(default="auto", metadata={"help": "model: bundled toy name, hub name (gpt2, gpt2-medium, ...) or local HF directory; 'auto' = gpt2 on Colab, toy-2l elsewhere"})
+    heads: str = field(default="all", metadata={"help": "'all' or comma-separated labels like L0H1,L1H0"})
+    dataset: str = field(default="auto", metadata={"help": "text source: auto (WikiText-103 when reachable, else the bundled corpus), bundled, wikitext, code"})
+    windows: int = field(default=256, metadata={"help": "number of text windows to sample"})
+    window_len: int = field(default=64, metadata={"help": "tokens per window (BOS included)"})
+    top_k: int = field(default=20, metadata={"help": "top salient events kept per head"})
+    n_random: int = field(default=10, metadata={"help": "random events kept per head (for scoring)"})
+    n_quantile: int = field(default=10, metadata={"help": "events spread over the activation quantiles per head"})
+    salience: str = field(default="z_norm", metadata={"help": "event salience: z_norm (||z||) or resid_write_norm (||z W_O||)"})
+    explainer: str | None = field(default=None, metadata={"help": "explainer LLM (e.g. gpt-4o-mini); unset = heuristic explainer, no LLM"})
+    simulator: str | None = field(default=None, metadata={"help": "simulator / detector LLM (default: the explainer)"})
+    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible endpoint (default: OpenAI's); the key comes from $INTERP_LIB_API_KEY / $OPENAI_API_KEY / Colab secrets"})
+    scorers: tuple[str, ...] = field(default=ALL_SCORERS, metadata={"help": "scorers to run: contrastive, simulation, detection"})
+    refine_rounds: int = field(default=1, metadata={"help": "refinement rounds (0 = none); a revision is kept only if its held-out score improves"})
+    holdout_fraction: float = field(default=0.5, metadata={"help": "fraction of each head's events held out for scoring (never shown to the explainer)"})
+    concurrency: int = field(default=16, metadata={"help": "LLM requests in flight at once"})
+    timeout: float = field(default=60.0, metadata={"help": "seconds per LLM request before it is retried"})
+    max_retries: int = field(default=5, metadata={"help": "retries per LLM request (429 / 5xx / timeouts)"})
+    prices: str | None = field(default=None, metadata={"help": "JSON file {model: [USD per 1M prompt tokens, USD per 1M completion tokens]} overriding the built-in price table"})
+    max_cost_usd: float | None = field(default=None, metadata={"help": "spending cap in USD: the run stops sending requests when reached"})
+    dry_run: bool = field(default=False, metadata={"help": "count the LLM calls and estimate their cost, send nothing"})
+    causal_method: str = field(default="zero", metadata={"help": "ablation for the causal check: zero or mean"})
+    min_cluster_size: int = field(default=3, metadata={"help": "HDBSCAN min cluster size for the taxonomy"})
+    embedding: str = field(default="auto", metadata={"help": "taxonomy embeddings: auto, sentence-transformers, openai, tfidf"})
+    batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
+    seed: int = field(default=0, metadata={"help": "seed for sampling, splits and clustering"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scorers, str):
+            self.scorers = tuple(s.strip() for s in self.scorers.split(",") if s.strip())
+        self.scorers = tuple(self.scorers)
+        bad = [s for s in self.scorers if s not in ALL_SCORERS]
+        if bad:
+            raise ValueError(f"scorers={list(self.scorers)!r}: unknown {bad}; valid: {list(ALL_SCORERS)}")
+        for name in ("windows", "window_len", "top_k", "concurrency", "batch_size", "min_cluster_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected a positive integer")
+        for name in ("n_random", "n_quantile", "refine_rounds", "max_retries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r}: expected a non-negative integer")
+        if self.window_len < 4:
+            raise ValueError(f"window_len={self.window_len!r}: expected at least 4 tokens")
+        if not 0.0 < float(self.holdout_fraction) < 1.0:
+            raise ValueError(f"holdout_fraction={self.holdout_fraction!r}: expected a number in (0, 1)")
+        if self.salience not in ("z_norm", "resid_write_norm"):
+            raise ValueError(f"salience={self.salience!r}: expected 'z_norm' or 'resid_write_norm'")
+        if self.causal_method not in ("zero", "mean"):
+            raise ValueError(f"causal_method={self.causal_method!r}: expected 'zero' or 'mean'")
+        if self.max_cost_usd is not None and not float(self.max_cost_usd) > 0:
+            raise ValueError(f"max_cost_usd={self.max_cost_usd!r}: expected a positive number or None")
+        if self.heads != "all":
+            for label in str(self.heads).split(","):
+                parse_head_label(label)
+
+    @property
+    def uses_llm(self) -> bool:
+        return bool(self.explainer)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["scorers"] = list(self.scorers)
+        return data
+
+    def params(self, *names: str) -> dict[str, Any]:
+        """The fields a stage depends on (its checkpoint params)."""
+        data = self.to_dict()
+        return {name: data[name] for name in names}
+
+
+def config_help() -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(ExplainConfig)}

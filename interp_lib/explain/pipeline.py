@@ -1,0 +1,464 @@
+"""The head-explainer pipeline: sample -> events -> heuristic -> explain -> score -> refine ->
+causal -> taxonomy -> report, each stage checkpointed, skippable and resumable.
+
+``ExplainConfig`` (one documented field per option) drives both ``interp-lib explain`` and the
+saved run configuration. A run folder holds::
+
+    <out>/config.json       the configuration (no API key, ever), embedding backend, versions
+    <out>/checkpoints/      one file per finished stage (interp_lib.checkpoint.Checkpointer)
+    <out>/llm_cache/        answered LLM requests: a rerun or a resumed run sends none twice
+    <out>/records.json      one HeadRecord per head (interp_lib.explain.records)
+    <out>/report.md         per-head explanations, scores, top events, best and worst heads
+    <out>/scores.html       layer x head score heatmap
+    <out>/viewer.html       the self-contained viewer with 1-5 ratings
+    <out>/usage.json        LLM calls, tokens and dollars
+
+With no LLM endpoint (``explainer`` unset) the heuristic explainer names every head and the
+LLM scorers are skipped with that reason recorded; the contrastive scorer and the causal
+check still run, so the whole pipeline works offline on the bundled models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from .records import Explanation, HeadRecord, RefinementStep, ScoreResult, head_label, parse_head_label
+
+from .config import ALL_SCORERS, LLM_SCORERS, STAGES, ExplainConfig, config_help  # noqa: F401
+
+
+# ---------------------------------------------------------------- heads and splits
+
+def select_heads(model, heads: str | Sequence = "all") -> list[tuple[int, int]]:
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    if isinstance(heads, str):
+        if heads == "all":
+            return [(l, h) for l in range(n_layers) for h in range(n_heads)]
+        heads = [s for s in heads.split(",") if s.strip()]
+    chosen = []
+    for item in heads:
+        layer, head = parse_head_label(item) if isinstance(item, str) else (int(item[0]), int(item[1]))
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise ValueError(f"heads: {head_label(layer, head)} is out of range for this model "
+                             f"(layers 0-{n_layers - 1}, heads 0-{n_heads - 1})")
+        if (layer, head) not in chosen:
+            chosen.append((layer, head))
+    if not chosen:
+        raise ValueError("heads: no head selected (expected 'all' or labels like L0H1,L1H0)")
+    return chosen
+
+
+# ---------------------------------------------------------------- causal check
+
+def _loss_per_position(logits: Tensor, tokens: Tensor) -> Tensor:
+    """[batch, pos-1] next-token cross entropy (position p predicts token p+1)."""
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]
+
+
+@torch.inference_mode()
+def causal_effects(model, windows: Int[Tensor, "window pos"], events_by_head: Mapping[tuple[int, int], Sequence],
+                   *, method: str = "zero", batch_size: int = 16, progress: bool = True
+                   ) -> dict[tuple[int, int], dict[str, float]]:
+    """Ablate each head alone and measure the change in next-token loss at its events.
+
+    For every head, ``events_by_head[head]`` (Events: window, position, kind) gives the query
+    positions; the effect is the mean of (ablated - clean) loss of predicting the token after
+    each query position, over its ``top`` events and, as a baseline, over its ``random`` events.
+    An explanation that scores well on a head with no effect explains something the model
+    does not use.
+
+    Returns ``{head: {"top": mean delta, "random": mean delta, "n_top": ..., "n_random": ...}}``.
+    """
+    if method not in ("zero", "mean"):
+        raise ValueError(f"method={method!r}: expected 'zero' or 'mean'")
+    if windows.ndim != 2 or windows.shape[0] == 0:
+        raise ValueError(f"windows: expected a non-empty [window, pos] tensor, got shape {tuple(windows.shape)}")
+    device = next(model.parameters()).device
+    windows = windows.to(device)
+    n_pos = windows.shape[1]
+
+    def losses(tokens: Tensor, hooks=()) -> Tensor:
+        out = []
+        for start in range(0, tokens.shape[0], batch_size):
+            chunk = tokens[start:start + batch_size]
+            logits = model.run_with_hooks(chunk, fwd_hooks=list(hooks)) if hooks else model(chunk)
+            out.append(_loss_per_position(logits, chunk))
+        return torch.cat(out)
+
+    clean = losses(windows)                                        # [window, pos-1]
+    means: dict[int, Tensor] = {}
+    if method == "mean":
+        layers = sorted({layer for layer, _ in events_by_head})
+        store: dict[int, Tensor] = {}
+
+        def keep(layer):
+            def hook(z, hook):
+                total = z.float().sum(dim=(0, 1))
+                store[layer] = store.get(layer, 0) + total
+            return hook
+
+        for start in range(0, windows.shape[0], batch_size):
+            model.run_with_hooks(windows[start:start + batch_size],
+                                 fwd_hooks=[(f"blocks.{l}.attn.hook_z", keep(l)) for l in layers])
+        means = {l: store[l] / (windows.shape[0] * n_pos) for l in layers}
+
+    from tqdm.auto import tqdm
+
+    results = {}
+    for (layer, head), events in tqdm(list(events_by_head.items()), desc="causal check",
+                                      disable=not progress, file=sys.stdout):
+        groups = {kind: [(e.window, e.position) for e in events if e.kind == kind and e.position < n_pos - 1]
+                  for kind in ("top", "random")}
+        needed = sorted({w for pairs in groups.values() for w, _ in pairs})
+        entry: dict[str, float] = {}
+        if needed:
+            def ablate(z, hook, head=head, layer=layer):
+                z[:, :, head] = 0.0 if method == "zero" else means[layer][head].to(z.dtype)
+                return z
+
+            index = {w: i for i, w in enumerate(needed)}
+            ablated = losses(windows[needed], [(f"blocks.{layer}.attn.hook_z", ablate)])
+            for kind, pairs in groups.items():
+                if pairs:
+                    deltas = [float(ablated[index[w], p] - clean[w, p]) for w, p in pairs]
+                    entry[kind] = float(np.mean(deltas))
+                entry[f"n_{kind}"] = len(pairs)
+        results[(layer, head)] = entry
+    return results
+
+
+# ---------------------------------------------------------------- the run
+
+@dataclass
+class ExplainRun:
+    """What ``run_explainer`` returns: the records, the output folder and the LLM usage."""
+
+    records: list[HeadRecord]
+    out: Path
+    config: ExplainConfig
+    stages_run: list[str]
+    usage: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _check_stage_names(names: Sequence[str] | None, argument: str) -> list[str]:
+    if names is None:
+        return []
+    if isinstance(names, str):
+        names = [s for s in names.replace(" ", ",").split(",") if s]
+    bad = [n for n in names if n not in STAGES]
+    if bad:
+        raise ValueError(f"{argument}={list(names)!r}: unknown stage(s) {bad}; valid: {list(STAGES)}")
+    return list(names)
+
+
+def make_client(config: ExplainConfig, out: Path, model_name: str | None = None, *, progress: bool = True):
+    """An LLMClient for the run (cache under ``out/llm_cache``), or None without an explainer."""
+    if not config.uses_llm:
+        return None
+    from .client import LLMClient
+
+    prices = None
+    if config.prices:
+        path = Path(config.prices).expanduser()
+        try:
+            prices = {str(k): tuple(float(x) for x in v) for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(f"prices={config.prices!r}: expected a readable JSON file "
+                             f"{{model: [USD per 1M prompt tokens, USD per 1M completion tokens]}} ({error})") from None
+    return LLMClient(model_name or config.explainer, base_url=config.base_url,
+                     concurrency=config.concurrency, max_retries=config.max_retries,
+                     timeout=config.timeout, cache_dir=out / "llm_cache",
+                     max_cost_usd=config.max_cost_usd, dry_run=config.dry_run, progress=progress, prices=prices,
+                     seed=config.seed)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stdout, flush=True)
+
+
+def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[str] | None = None,
+                  skip: Sequence[str] | None = None, model=None, client=None, simulator_client=None,
+                  progress: bool = True) -> ExplainRun:
+    """Run the pipeline into ``out``; finished stages are loaded, not recomputed.
+
+    Args:
+        stages: run only these stages (their inputs are loaded from earlier runs in ``out`` or
+            computed); default all. skip: stages not to run (their outputs are left out).
+        model: an already loaded model (else ``il.load_model(config.model)``).
+        client / simulator_client: LLMClients to use instead of building them from the config.
+    """
+    from .. import checkpoint as ckpt_module
+    from ..models import load_model
+    from ..notebook import resolve_model_name
+
+    if not isinstance(config, ExplainConfig):
+        raise TypeError(f"config: expected an ExplainConfig, got {type(config).__name__}")
+    selected = _check_stage_names(stages, "stages") or list(STAGES)
+    skipped = set(_check_stage_names(skip, "skip"))
+    wanted = [s for s in STAGES if s in selected and s not in skipped]
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_module.Checkpointer(out / "checkpoints")
+    model_name = resolve_model_name(config.model, default="toy-2l")
+    if model is None:
+        model = load_model(model_name)
+    else:
+        model_name = getattr(model.cfg, "model_name", model_name) if config.model == "auto" else model_name
+    model.eval()
+    base = {"model": model_name, "seed": config.seed}
+    run_config = {**config.to_dict(), "model_resolved": model_name,
+                  "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / "config.json").write_text(json.dumps(run_config, indent=1))
+    heads = select_heads(model, config.heads)
+    ran: list[str] = []
+
+    def stage(name: str, compute: Callable[[], Any], params: dict, needed: bool = True):
+        """Run / load a stage; a stage not wanted is loaded if it finished, else computed when a
+        later stage needs its output (``needed``) or None."""
+        full = {**base, **params}
+        if name in wanted:
+            _say(f"[{name}] " + ("loaded" if ckpt.has(name, full) else "running"))
+            ran.append(name)
+            return ckpt.stage(name, compute, full)
+        if name in skipped and not needed:
+            return None
+        if ckpt.has(name, full):
+            return ckpt.load(name, full)
+        if needed:
+            _say(f"[{name}] not finished yet; computing it for the stages after it")
+            return ckpt.stage(name, compute, full)
+        return None
+
+    # 1. sample
+    from .events import collect_events, sample_windows
+
+    sample_params = config.params("dataset", "windows", "window_len")
+    # clone: a view would drag its whole parent storage into the checkpoint file
+    windows = stage("sample", lambda: sample_windows(model, config.dataset, config.windows, config.window_len,
+                                                     seed=config.seed).clone(), sample_params)
+
+    # 2. events
+    event_params = {**sample_params, **config.params("heads", "top_k", "n_random", "n_quantile", "salience")}
+    event_set = stage("events", lambda: collect_events(
+        model, windows, heads, top_k=config.top_k, n_random=config.n_random, n_quantile=config.n_quantile,
+        salience=config.salience, batch_size=config.batch_size, seed=config.seed, progress=progress),
+        event_params)
+
+    # 3a. heuristic baseline (always: it is the offline explainer and the LLM's baseline)
+    from .heuristic import heuristic_explanations
+
+    heuristic, stats = stage("heuristic", lambda: heuristic_explanations(model, windows, progress=progress),
+                             sample_params)
+
+    # held-out split per head: the explainer sees one part, scorers the other
+    from .scoring import split_events
+
+    def splits():
+        result = {}
+        for head in heads:
+            shown, held = split_events(event_set.events(*head), holdout_fraction=config.holdout_fraction,
+                                       seed=config.seed)
+            result[head] = (shown, held)
+        return result
+
+    split = splits()
+
+    # 3b. explain
+    llm = client if client is not None else (make_client(config, out, progress=progress) if config.uses_llm else None)
+
+    def explain():
+        if llm is None:
+            return {head: (heuristic[head], None) for head in heads}
+        from .prompts import LLMExplainer
+
+        answers = LLMExplainer(llm).explain_many({head: split[head][0] for head in heads})
+        if config.dry_run:
+            _say(f"dry run: {llm.usage.dry_run_calls} explainer calls, estimated ${llm.usage.dry_run_cost_usd:.4f}")
+        return answers
+
+    explain_params = {**event_params, **config.params("explainer", "base_url", "holdout_fraction", "dry_run")}
+    if config.dry_run:
+        answers = explain()  # never checkpoint a dry run: it explains nothing
+        _say("dry run finished: nothing was sent; rerun without --dry-run to spend")
+        return ExplainRun([], out, config, ["explain"], usage=_usage(llm, None))
+    answers = stage("explain", explain, explain_params)
+
+    # 4. score
+    sim_client = simulator_client
+    if sim_client is None and llm is not None:
+        sim_client = llm if not config.simulator or config.simulator == config.explainer else \
+            make_client(config, out, config.simulator, progress=progress)
+
+    def scorers_available() -> tuple[list, dict[str, str]]:
+        from .scoring import ContrastiveScorer, DetectionScorer, SimulationScorer
+
+        chosen, reasons = [], {}
+        for name in config.scorers:
+            if name == "contrastive":
+                chosen.append(ContrastiveScorer(model, batch_size=config.batch_size))
+            elif sim_client is None:
+                reasons[name] = "no LLM endpoint configured (explainer unset)"
+            elif name == "simulation":
+                chosen.append(SimulationScorer(sim_client))
+            else:
+                chosen.append(DetectionScorer(sim_client, seed=config.seed))
+        return chosen, reasons
+
+    def score():
+        from .scoring import ScoringItem, score_explanations
+
+        chosen, reasons = scorers_available()
+        explained = [h for h in heads if answers[h][0] is not None]
+        items = [ScoringItem(h[0], h[1], answers[h][0], split[h][1]) for h in explained]
+        scored = score_explanations(chosen, items) if items else []
+        results = {h: dict(s) for h, s in zip(explained, scored)}
+        if llm is not None:  # the heuristic baseline, scored the same way on the same events
+            base_items = [ScoringItem(h[0], h[1], heuristic[h], split[h][1]) for h in heads]
+            for h, s in zip(heads, score_explanations(chosen, base_items)):
+                results.setdefault(h, {}).update({f"baseline_{k}": v for k, v in s.items()})
+        return results, reasons
+
+    score_params = {**explain_params, **config.params("scorers", "simulator")}
+    scores, skipped_scorers = stage("score", score, score_params, needed=False) or ({}, {})
+
+    # 5. refine
+    def refine():
+        if llm is None or config.refine_rounds == 0:
+            return {}
+        from .refine import refine_explanations
+        from .scoring import DetectionScorer, ScoringItem, SimulationScorer
+
+        scorer = SimulationScorer(sim_client) if "simulation" in config.scorers else DetectionScorer(sim_client, seed=config.seed)
+        explained = [h for h in heads if answers[h][0] is not None]
+        items = [ScoringItem(h[0], h[1], answers[h][0], split[h][1]) for h in explained]
+        steps = refine_explanations(llm, scorer, items, rounds=config.refine_rounds)
+        return dict(zip(explained, steps))
+
+    refinement = stage("refine", refine, {**score_params, **config.params("refine_rounds")},
+                       needed=False) or {}
+
+    # 6. causal check
+    def causal():
+        by_head = {h: event_set.events(*h, kinds=("top", "random")) for h in heads}
+        return causal_effects(model, windows, by_head, method=config.causal_method,
+                              batch_size=config.batch_size, progress=progress)
+
+    causal_result = stage("causal", causal, {**event_params, **config.params("causal_method")},
+                          needed=False) or {}
+
+    records = assemble_records(heads, answers, heuristic, scores, refinement, causal_result,
+                               event_set, stats)
+
+    # 7. taxonomy (text families of the explanations) -- best effort: a handful of heads with
+    # near-identical heuristic texts can be too few to cluster; the reason is recorded.
+    def taxonomy():
+        from .taxonomy import build_taxonomy
+
+        try:
+            tax = build_taxonomy(records, min_cluster_size=config.min_cluster_size,
+                                 backend=config.embedding, seed=config.seed, progress=progress)
+        except ValueError as error:
+            return {"error": str(error)}
+        return {"taxonomy": tax.to_dict()}
+
+    tax_params = {**score_params, **config.params("refine_rounds", "min_cluster_size", "embedding")}
+    tax_result = stage("taxonomy", taxonomy, tax_params, needed=False) or {}
+    if "taxonomy" in tax_result:
+        from .taxonomy import Taxonomy
+
+        Taxonomy.from_dict(tax_result["taxonomy"]).apply_to_records(records)
+
+    usage = _usage(llm, sim_client)
+    meta = {"config": run_config, "usage": usage, "skipped_scorers": skipped_scorers,
+            "taxonomy": {k: v for k, v in tax_result.get("taxonomy", {}).items()
+                         if k in ("config", "metrics")} or tax_result.get("error")}
+    files: dict[str, Path] = {}
+    if "report" in wanted:
+        from .report import write_report
+
+        ran.append("report")
+        files = write_report(records, out, meta=meta, n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads)
+        _say(f"[report] {', '.join(str(p.relative_to(out)) for p in files.values())} in {out}")
+    if usage:
+        (out / "usage.json").write_text(json.dumps(usage, indent=1))
+        _say(f"LLM usage: {usage.get('summary', '')}")
+    return ExplainRun(records, out, config, ran, usage=usage, files=files)
+
+
+def _usage(*clients) -> dict[str, Any]:
+    usage: dict[str, Any] = {}
+    for client in clients:
+        if client is None or client is clients[0] and usage:
+            continue
+        stats = client.usage
+        entry = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(vars(stats))
+        entry["summary"] = stats.summary() if hasattr(stats, "summary") else ""
+        entry["stopped_reason"] = getattr(client, "stopped_reason", None)
+        usage[getattr(client, "model", "llm")] = entry
+    if usage:
+        usage["summary"] = "; ".join(f"{name}: {entry['summary']}" for name, entry in usage.items())
+    return usage
+
+
+def assemble_records(heads, answers, heuristic, scores, refinement, causal_result, event_set, stats
+                     ) -> list[HeadRecord]:
+    """One HeadRecord per head from the stage outputs (any of which may be empty)."""
+    stats_by_head = {}
+    if stats is not None and len(stats):
+        for row in stats.to_dict("records"):
+            stats_by_head[(int(row["layer"]), int(row["head"]))] = {
+                k: float(v) for k, v in row.items()
+                if k not in ("layer", "head", "label") and isinstance(v, (int, float, np.floating))
+                and not isinstance(v, bool)}
+    records = []
+    for head in heads:
+        explanation, failure = answers.get(head, (None, "not explained"))
+        steps: list[RefinementStep] = list(refinement.get(head, []))
+        kept = [s for s in steps if s.kept]
+        if kept:
+            explanation = kept[-1].explanation
+        head_scores: dict[str, ScoreResult] = dict(scores.get(head, {}))
+        if kept and kept[-1].score is not None:
+            # the refined explanation's held-out score replaces the first explanation's
+            head_scores["refined"] = ScoreResult("refined", kept[-1].score, details={
+                "round": kept[-1].round, "first_score": steps[0].previous_score})
+        causal = causal_result.get(head, {})
+        records.append(HeadRecord(
+            layer=head[0], head=head[1], explanation=explanation, failure=failure,
+            heuristic=heuristic.get(head) if heuristic else None, scores=head_scores,
+            refinement=steps, causal_effect=causal.get("top"),
+            top_events=list(event_set.top.get(head, []))[:20] if event_set is not None else [],
+            stats={**stats_by_head.get(head, {}),
+                   **({"causal_random": causal["random"]} if "random" in causal else {})}))
+    return records
+
+
+def finite_or_none(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def load_stage(out: str | Path, name: str) -> Any:
+    """The stored result of a finished stage of the run in ``out`` (e.g. ``"events"``)."""
+    from ..checkpoint import Checkpointer
+
+    _check_stage_names([name], "name")
+    return Checkpointer(Path(out) / "checkpoints").load(name)

@@ -1,0 +1,219 @@
+"""Report stage of the head explainer: records.json, report.md, scores.html and viewer.html."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .records import Event, HeadRecord, save_records
+
+SCORE_ORDER = ("refined", "simulation", "detection", "contrastive")
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "–" if not math.isfinite(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _md(text: str | None) -> str:
+    """One table cell / line of Markdown: no pipes, no newlines, no raw HTML."""
+    text = "" if text is None else str(text)
+    return (text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+            .replace("<", "&lt;").replace(">", "&gt;"))
+
+
+def _token(text: str) -> str:
+    return text.replace("Ġ", " ").replace("Ċ", "⏎").replace("\n", "⏎")
+
+
+def event_line(event: Event, max_context: int = 24) -> str:
+    """The event's context ending at the query, query in ``[[...]]``, attended tokens marked
+    ``{token|weight}`` (strongest sources only)."""
+    weights = {int(p): float(w) for p, w in event.attended}
+    start = max(0, event.position + 1 - max_context)
+    parts = []
+    for index in range(start, min(event.position + 1, len(event.tokens))):
+        token = _token(event.tokens[index])
+        if index == event.position:
+            token = f"[[{token}]]"
+        if index in weights and weights[index] >= 0.05:
+            token = f"{{{token}|{weights[index]:.2f}}}"
+        parts.append(token)
+    return ("…" if start > 0 else "") + "".join(parts)
+
+
+def score_grid(records: Sequence[HeadRecord], n_layers: int, n_heads: int, scorer: str | None = None
+               ) -> np.ndarray:
+    """[layer, head] preferred score (NaN where a head has none)."""
+    grid = np.full((n_layers, n_heads), np.nan)
+    for record in records:
+        value = record.best_score(scorer)
+        if value is not None and record.layer < n_layers and record.head < n_heads:
+            grid[record.layer, record.head] = value
+    return grid
+
+
+def score_heatmap(records: Sequence[HeadRecord], n_layers: int, n_heads: int, scorer: str | None = None):
+    """Plotly layer x head heatmap of the preferred score, hover = explanation."""
+    import plotly.graph_objects as go
+
+    grid = score_grid(records, n_layers, n_heads, scorer)
+    hover = [["" for _ in range(n_heads)] for _ in range(n_layers)]
+    for record in records:
+        text = record.explanation.text if record.explanation else f"(no explanation: {record.failure})"
+        hover[record.layer][record.head] = f"{record.label}: {text[:160]}"
+    figure = go.Figure(go.Heatmap(z=grid, x=[f"H{h}" for h in range(n_heads)],
+                                  y=[f"L{l}" for l in range(n_layers)], text=hover,
+                                  hovertemplate="%{text}<br>score %{z:.3f}<extra></extra>",
+                                  colorscale="Viridis"))
+    figure.update_layout(title=f"explanation score by head ({scorer or 'preferred score'})",
+                         yaxis_autorange="reversed", xaxis_title="head", yaxis_title="layer")
+    return figure
+
+
+def markdown_report(records: Sequence[HeadRecord], meta: Mapping | None = None, n_best: int = 5,
+                    n_events: int = 3) -> str:
+    meta = dict(meta or {})
+    config = meta.get("config", {})
+    lines = ["# Head explainer report", ""]
+    if config:
+        lines.append(f"Model **{_md(config.get('model_resolved', config.get('model')))}**, "
+                     f"explainer **{_md(config.get('explainer') or 'heuristic (no LLM)')}**, "
+                     f"{config.get('windows')} windows x {config.get('window_len')} tokens "
+                     f"({_md(config.get('dataset'))}), top-{config.get('top_k')} events per head, "
+                     f"seed {config.get('seed')}.")
+        lines.append("")
+    skipped = meta.get("skipped_scorers") or {}
+    for name, why in skipped.items():
+        lines.append(f"- scorer `{name}` not run: {_md(why)}")
+    usage = meta.get("usage") or {}
+    if usage.get("summary"):
+        lines.append(f"- LLM usage: {_md(usage['summary'])}")
+    taxonomy = meta.get("taxonomy")
+    if isinstance(taxonomy, str):
+        lines.append(f"- taxonomy not built: {_md(taxonomy)}")
+    elif isinstance(taxonomy, Mapping) and taxonomy.get("metrics"):
+        metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in taxonomy["metrics"].items()
+                            if isinstance(v, (int, float)))
+        lines.append(f"- taxonomy: {_md(metrics)}")
+    explained = [r for r in records if r.explanation is not None]
+    failed = [r for r in records if r.explanation is None]
+    lines += [f"- {len(explained)} of {len(records)} heads explained; {len(failed)} failed", ""]
+
+    names = [s for s in SCORE_ORDER if any(s in r.scores for r in records)]
+    names += sorted({k for r in records for k in r.scores} - set(names))
+    lines += ["## Scores", "", "| head | family | " + " | ".join(names) + " | causal Δloss | explanation |",
+              "|---|---|" + "---|" * len(names) + "---|---|"]
+    for record in records:
+        cells = [_fmt(record.scores[n].score) if n in record.scores else "–" for n in names]
+        text = record.explanation.text if record.explanation else f"FAILED: {record.failure}"
+        family = "–" if record.family is None else (str(record.family) if record.family >= 0 else "none")
+        lines.append(f"| {record.label} | {family} | " + " | ".join(cells)
+                     + f" | {_fmt(record.causal_effect)} | {_md(text)[:200]} |")
+    lines.append("")
+
+    ranked = sorted([r for r in explained if r.best_score() is not None], key=lambda r: r.best_score(),
+                    reverse=True)
+    if ranked:
+        lines += ["## Best explained heads", ""]
+        lines += [f"- {r.label} ({_fmt(r.best_score())}): {_md(r.explanation.text)}" for r in ranked[:n_best]]
+        lines += ["", "## Worst explained heads", ""]
+        lines += [f"- {r.label} ({_fmt(r.best_score())}): {_md(r.explanation.text)}"
+                  for r in ranked[::-1][:n_best]]
+        lines.append("")
+    if failed:
+        lines += ["## Heads without an explanation", ""]
+        lines += [f"- {r.label}: {_md(r.failure)}" for r in failed]
+        lines.append("")
+
+    lines += ["## Heads", ""]
+    for record in records:
+        lines.append(f"### {record.label}")
+        lines.append("")
+        if record.explanation is not None:
+            e = record.explanation
+            lines.append(f"**{_md(e.text)}** ({_md(e.source)}, round {e.round})")
+            if e.attends_from or e.attends_to:
+                lines.append(f"- attends from: {_md(e.attends_from)}; to: {_md(e.attends_to)}")
+        else:
+            lines.append(f"No explanation: {_md(record.failure)}")
+        if record.heuristic is not None and record.heuristic is not record.explanation \
+                and (record.explanation is None or record.heuristic.text != record.explanation.text):
+            lines.append(f"- heuristic baseline: {_md(record.heuristic.text)}")
+        for name, result in record.scores.items():
+            extra = f", {result.n_unparseable} unparseable" if result.n_unparseable else ""
+            why = f" ({_md(result.failure)})" if result.failure else ""
+            lines.append(f"- {name}: {_fmt(result.score)} on {result.n} items{extra}{why}")
+        if record.refinement:
+            gains = ", ".join(f"round {s.round}: " + (f"revision failed ({_md(s.failure)})" if s.failure else
+                              f"{_fmt(s.previous_score)} → {_fmt(s.score)} ({'kept' if s.kept else 'rejected'})")
+                              for s in record.refinement)
+            lines.append(f"- refinement: {gains}")
+        if record.causal_effect is not None:
+            base = record.stats.get("causal_random")
+            lines.append(f"- causal check: ablating it changes next-token loss by {_fmt(record.causal_effect, 4)} "
+                         f"nats at its top events ({_fmt(base, 4)} at random positions)")
+        if record.top_events:
+            lines.append("- top events:")
+            for event in record.top_events[:n_events]:
+                lines.append(f"  - `{event_line(event).replace('`', 'ʼ')}` ({event.activation:.2f})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(records: Sequence[HeadRecord], out: str | Path, *, meta: Mapping | None = None,
+                 n_layers: int | None = None, n_heads: int | None = None) -> dict[str, Path]:
+    """Write records.json, report.md, scores.html and viewer.html into ``out``."""
+    from ..checkpoint import _atomic_write
+    from .viewer import write_viewer
+
+    if not records:
+        raise ValueError("records is empty: nothing to report")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_layers = n_layers or max(r.layer for r in records) + 1
+    n_heads = n_heads or max(r.head for r in records) + 1
+    files = {"records": save_records(list(records), out / "records.json", meta=meta)}
+    text = markdown_report(records, meta).encode()
+    _atomic_write(out / "report.md", lambda handle: handle.write(text))
+    files["report"] = out / "report.md"
+    html = score_heatmap(records, n_layers, n_heads).to_html(include_plotlyjs="cdn", full_html=True).encode()
+    _atomic_write(out / "scores.html", lambda handle: handle.write(html))
+    files["heatmap"] = out / "scores.html"
+    title = "interp_lib head explainer"
+    if meta and meta.get("config"):
+        title += f": {meta['config'].get('model_resolved', '')}"
+    files["viewer"] = write_viewer(records, out / "viewer.html", n_layers=n_layers, n_heads=n_heads,
+                                   title=title, meta=meta)
+    return files
+
+
+def events_frame(events: Sequence[Event], max_context: int = 24):
+    """One row per event: kind, window, position, activation, and the context as a line with
+    the query in ``[[...]]`` and attended tokens as ``{token|weight}``."""
+    import pandas as pd
+
+    return pd.DataFrame([{"head": e.label, "kind": e.kind, "window": e.window, "position": e.position,
+                          "activation": e.activation, "context": event_line(e, max_context)} for e in events])
+
+
+def records_frame(records: Sequence[HeadRecord]):
+    """One row per head: explanation (or failure), source, family, every score, causal effect."""
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        row = {"head": r.label, "layer": r.layer, "head_index": r.head,
+               "explanation": r.explanation.text if r.explanation else None,
+               "failure": r.failure, "source": r.explanation.source if r.explanation else None,
+               "family": r.family, "family_label": r.family_label, "best_score": r.best_score(),
+               "causal_effect": r.causal_effect, "causal_random": r.stats.get("causal_random")}
+        row.update({f"score_{name}": result.score for name, result in r.scores.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,204 @@
+"""The head-explainer pipeline end to end on toy-2l: offline (heuristic), and against a real
+local OpenAI-compatible server that injects faults, gets killed mid-stage, and must never see
+its API key written anywhere."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import interp_lib as il
+from interp_lib.cli import main as cli_main
+from interp_lib.explain.client import LLMClient
+from interp_lib.explain.config import ExplainConfig
+from interp_lib.explain.local_server import LocalOpenAIServer
+from interp_lib.explain.pipeline import run_explainer
+from interp_lib.explain.prompts import DETECT_SYSTEM, EXPLAIN_SYSTEM, REFINE_SYSTEM, SIMULATE_SYSTEM
+from interp_lib.explain.records import load_records
+
+PLANTED_KEY = "sk-test-PLANTED-key-0123456789"
+SMALL = dict(model="toy-2l", windows=24, window_len=32, top_k=8, n_random=6, n_quantile=4, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return il.load_model("toy-2l")
+
+
+def _hash(*parts) -> int:
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+
+
+def responder(body: dict) -> str:
+    """A deterministic stand-in LLM that follows each prompt's answer format. Head L0H3 always
+    gets an answer that is not JSON (it must be recorded as unparseable, not explained)."""
+    system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
+    if system in (EXPLAIN_SYSTEM, REFINE_SYSTEM):
+        label = re.search(r"head (L\d+H\d+)", user)
+        if label and label.group(1) == "L0H3":
+            return "I am not sure what this head does."
+        revised = " (revised)" if system == REFINE_SYSTEM else ""
+        return json.dumps({
+            "explanation": f"Attends from a token to the token right before it{revised}.",
+            "attends_from": "every token", "attends_to": "the previous token",
+            "positive_examples": ["the cat sat on the mat", "one two three four"],
+            "negative_examples": ["a", "b"]})
+    if system == SIMULATE_SYSTEM:
+        n = int(re.search(r"Give the (\d+) activations", user).group(1))
+        return json.dumps({"activations": [_hash(user, i) % 11 for i in range(n)]})
+    if system == DETECT_SYSTEM:
+        n = int(re.search(r"Which of the (\d+) texts", user).group(1))
+        return json.dumps({"fires": [i for i in range(1, n + 1) if _hash(user, i) % 2]})
+    raise AssertionError(f"unexpected prompt: {system[:60]!r}")
+
+
+def _files_containing(root: Path, needle: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+def test_offline_run_names_the_known_heads_and_reruns_from_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["explain", "--out", str(out), "--no-progress"] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "heuristic (no-LLM) explainer" in printed and "explained 8 of 8 heads" in printed
+    records, meta = load_records(out / "records.json")
+    by_label = {r.label: r for r in records}
+    # measured facts of the bundled model (data/known_heads/toy-models.json)
+    for label in ("L1H0", "L1H1", "L1H2"):
+        assert by_label[label].explanation.text.startswith("Induction head"), by_label[label].explanation.text
+    assert by_label["L0H2"].explanation.text.startswith("Previous-token head")
+    assert all(r.explanation.source == "heuristic" and r.causal_effect is not None for r in records)
+    assert any(r.scores.get("contrastive") and r.scores["contrastive"].score is not None for r in records)
+    assert not any(k in r.scores for r in records for k in ("simulation", "detection"))
+    assert set(meta["skipped_scorers"]) == {"simulation", "detection"}
+    report = (out / "report.md").read_text()
+    assert "scorer `simulation` not run: no LLM endpoint configured" in report
+    assert "### L1H0" in report and (out / "viewer.html").stat().st_size > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_resolved"] == "toy-2l" and config["windows"] == SMALL["windows"]
+
+    assert cli_main(args) == 0  # a second run loads every stage
+    printed = capsys.readouterr().out
+    assert "running" not in printed and printed.count("loaded") >= 8
+    again, _ = load_records(out / "records.json")
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in records]
+
+
+def test_llm_run_with_30_percent_faults_completes_and_rerun_sends_nothing(tmp_path, model, monkeypatch):
+    monkeypatch.setenv("INTERP_LIB_API_KEY", PLANTED_KEY)
+    out = tmp_path / "run"
+    with LocalOpenAIServer(responder, fault_rate=0.3, retry_after=0.05, timeout_delay=1.0, seed=3,
+                           require_api_key=PLANTED_KEY) as server:
+        config = ExplainConfig(**{**SMALL, "top_k": 6, "n_random": 4, "n_quantile": 2}, explainer="test-model",
+                               base_url=server.url, refine_rounds=1, timeout=0.4, max_retries=8, embedding="tfidf")
+        # the run's own client, with quick backoff so the test is short (the key from the environment)
+        client = LLMClient("test-model", base_url=server.url, timeout=0.4, max_retries=8, backoff_base=0.02,
+                           backoff_max=0.2, cache_dir=out / "llm_cache", progress=False)
+        run = run_explainer(config, out, model=model, client=client, progress=False)
+        first = server.n_requests
+        assert first > 0 and sum(server.fault_counts.values()) > 0.15 * first
+        records = run.records
+        assert len(records) == 8
+        for record in records:  # explained, or failed with a reason: never silently missing
+            assert (record.explanation is None) != (record.failure is None), record.label
+        by_label = {r.label: r for r in records}
+        assert by_label["L0H3"].explanation is None
+        # never JSON: unparseable (or, when the fault injector cut it short, truncated)
+        assert re.match(r"unparseable|request failed: truncated", by_label["L0H3"].failure), by_label["L0H3"].failure
+        explained = [r for r in records if r.explanation is not None]
+        assert len(explained) >= 5 and all(r.explanation.source == "llm:test-model" for r in explained)
+        assert any(r.scores.get("simulation") and r.scores["simulation"].score is not None for r in explained)
+        assert any(r.scores.get("detection") and r.scores["detection"].score is not None for r in explained)
+        assert any("baseline_contrastive" in r.scores for r in records)  # heuristic baseline scored too
+        assert all(r.heuristic is not None for r in records)
+        assert any(r.refinement for r in explained)
+        usage = json.loads((out / "usage.json").read_text())
+        assert usage["test-model"]["requests_sent"] >= 1
+
+        server.reset()
+        rerun = run_explainer(config, out, model=model, progress=False)  # a fresh client from the config
+        assert server.n_requests == 0
+        assert [r.to_dict() for r in rerun.records] == [r.to_dict() for r in records]
+    leaked = _files_containing(out, PLANTED_KEY) + _files_containing(out, PLANTED_KEY[8:])
+    assert leaked == []
+
+
+def test_killed_mid_stage_resumes_without_resending_answered_requests(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "INTERP_LIB_API_KEY": PLANTED_KEY}
+    with LocalOpenAIServer(responder, latency=0.15, require_api_key=PLANTED_KEY) as server:
+        command = [sys.executable, "-m", "interp_lib.cli", "explain", "--out", str(out), "--no-progress",
+                   "--explainer", "test-model", "--base-url", server.url, "--concurrency", "2",
+                   "--refine-rounds", "0", "--embedding", "tfidf"] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 120
+            while server.n_requests < 6 and time.time() < deadline and process.poll() is None:
+                time.sleep(0.02)
+            assert server.n_requests >= 6, "the run never reached the LLM stage"
+            process.send_signal(signal.SIGKILL)
+            process.wait(30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        time.sleep(0.3)  # let requests already in flight reach the server
+        before = [json.dumps(b["messages"], sort_keys=True) for b in server.requests]
+        server.reset()
+        finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert finished.returncode == 0, finished.stderr[-2000:]
+        after = [json.dumps(b["messages"], sort_keys=True) for b in server.requests]
+    resent = set(before) & set(after)
+    assert len(resent) <= 2, f"{len(resent)} answered requests were sent again (concurrency is 2)"
+    assert after, "the resumed run had requests left to send"
+    records, _ = load_records(out / "records.json")
+    assert len(records) == 8
+    assert _files_containing(out, PLANTED_KEY) == []
+
+
+def test_dry_run_counts_calls_and_sends_nothing(tmp_path, model, capsys):
+    with LocalOpenAIServer(responder) as server:
+        config = ExplainConfig(**SMALL, explainer="gpt-4o-mini", base_url=server.url, dry_run=True)
+        run = run_explainer(config, tmp_path / "run", model=model, progress=False)
+        assert server.n_requests == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"dry run: 8 explainer calls, estimated \$\d", printed), printed
+    assert run.records == [] and not (tmp_path / "run" / "records.json").exists()
+
+
+def test_spending_cap_stops_cleanly_and_says_so(tmp_path, model):
+    with LocalOpenAIServer(responder, require_api_key=PLANTED_KEY) as server:
+        client = LLMClient("test-model", base_url=server.url, api_key=PLANTED_KEY, concurrency=1,
+                           cache_dir=tmp_path / "cache", prices={"test-model": (2000.0, 2000.0)},
+                           max_cost_usd=2.0, progress=False)
+        config = ExplainConfig(**SMALL, explainer="test-model", base_url=server.url, refine_rounds=0,
+                               embedding="tfidf")
+        run = run_explainer(config, tmp_path / "run", model=model, client=client, progress=False)
+        sent = server.n_requests
+    assert 1 <= sent < 8
+    failures = [r.failure for r in run.records if r.explanation is None]
+    assert any("budget cap" in f for f in failures), failures
+    assert client.stopped_reason and "budget" in client.stopped_reason
+    assert "budget cap" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_bad_input_is_one_clear_line(tmp_path, capsys):
+    assert cli_main(["explain", "--out", str(tmp_path), "--scorers", "vibes"]) == 2
+    assert "scorers=['vibes']: unknown ['vibes']; valid:" in capsys.readouterr().err
+    assert cli_main(["explain", "--out", str(tmp_path), "--heads", "L9H0", "--model", "toy-2l"]) == 2
+    assert "L9H0 is out of range for this model (layers 0-1, heads 0-3)" in capsys.readouterr().err
+    assert cli_main(["explain", "--out", str(tmp_path), "--model", "toy-2l", "--skip", "dessert"]) == 2
+    assert "unknown stage(s) ['dessert']" in capsys.readouterr().err
+    assert cli_main(["explain", "--out", str(tmp_path), "--holdout-fraction", "1.5"]) == 2
+    assert "holdout_fraction=1.5" in capsys.readouterr().err

@@ -1,0 +1,447 @@
+"""The static HTML viewer, ratings read-back, the notebook rating widget; the page is driven in a
+real headless Chromium (Debian chromium + chromedriver)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from interp_lib.explain.records import Event, Explanation, HeadRecord, ScoreResult
+from interp_lib.explain.viewer import (DATA_ELEMENT_ID, RatingWidget, rating_widgets, ratings_vs_scores,
+                                       read_ratings, viewer_data, viewer_run_id, write_viewer)
+
+MALICIOUS = "</script><img src=x onerror=alert(1)>"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+def _event(layer: int, head: int, tokens: list[str], position: int, attended, window: int = 0) -> Event:
+    return Event(layer=layer, head=head, window=window, position=position, activation=1.5,
+                 tokens=tokens, attended=list(attended))
+
+
+def make_records() -> list[HeadRecord]:
+    toks = [" The", " cat", " sat", " on", " the", " mat", ".", " The", " cat"]
+    return [
+        HeadRecord(  # induction head: attends to the token after the previous occurrence
+            layer=1, head=0,
+            explanation=Explanation(text="Induction: attends to the token after an earlier copy of the current token",
+                                    attends_from="repeated token", attends_to="token after its earlier copy",
+                                    source="llm:test-model"),
+            heuristic=Explanation(text="attends 6 tokens back"),
+            scores={"simulation": ScoreResult("simulation", 0.8, n=20),
+                    "contrastive": ScoreResult("contrastive", 0.7, n=10)},
+            causal_effect=0.42,
+            top_events=[_event(1, 0, toks, 8, [(2, 0.72), (1, 0.11)]),
+                        _event(1, 0, toks, 7, [(1, 0.5)], window=3)],
+            family=0, family_label="induction", stats={"mean_offset": 6.0}),
+        HeadRecord(
+            layer=0, head=2,
+            explanation=Explanation(text="Previous token head: attends to the immediately preceding token"),
+            scores={"simulation": ScoreResult("simulation", 0.6, n=20)},
+            top_events=[_event(0, 2, toks, 4, [(3, 0.93)])],
+            family=1, family_label="previous token"),
+        HeadRecord(  # a hostile explanation (and a URL token) that must stay inert text
+            layer=0, head=0,
+            explanation=Explanation(text=MALICIOUS),
+            scores={"simulation": ScoreResult("simulation", 0.2, n=20)},
+            top_events=[_event(0, 0, ["<b>", "https://evil.example/x.png", MALICIOUS], 2,
+                               [(0, 0.4), (1, 0.3)])],
+            family=-1),
+        HeadRecord(  # failed head: no explanation, no score
+            layer=1, head=1, failure="unparseable: the model answered with prose",
+            scores={"simulation": ScoreResult("simulation", None, failure="no explanation")},
+            family=None),
+        HeadRecord(
+            layer=1, head=2,
+            explanation=Explanation(text="Attends to the first token (attention sink)"),
+            scores={"simulation": ScoreResult("simulation", 0.35, n=20)},
+            top_events=[_event(1, 2, toks[:5], 4, [(0, 0.97)])],
+            family=2, family_label="sink"),
+    ]
+
+
+def _embedded(page: str) -> dict:
+    match = re.search(r'<script type="application/json" id="%s">(.*?)</script>' % DATA_ELEMENT_ID,
+                      page, re.S)
+    assert match, "no embedded data element"
+    return json.loads(match.group(1))
+
+
+# ----------------------------------------------------------------------------- page, unit
+
+
+def test_page_is_self_contained_and_data_round_trips(tmp_path):
+    records = make_records()
+    meta = {"model": "toy-2l", "api_key": "sk-should-not-appear", "client": {"password": "pw-nope", "n": 3}}
+    path = write_viewer(records, tmp_path / "viewer.html", meta=meta, n_layers=2, n_heads=4)
+    page = path.read_text(encoding="utf-8")
+
+    # no external resource at all; the URL token inside the data is escaped too
+    assert not re.search(r"https?://", page, re.I) and "//evil" not in page
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", page, re.I)
+    # the hostile text cannot close the data element or create markup
+    assert page.count("</script>") == 2
+    assert "<img" not in page and MALICIOUS not in page
+    # credentials in meta are dropped
+    assert "sk-should-not-appear" not in page and "pw-nope" not in page
+    assert "api_key" not in page and "password" not in page
+
+    data = _embedded(page)
+    assert data == viewer_data(records, meta=meta, n_layers=2, n_heads=4)
+    assert data["meta"] == {"model": "toy-2l", "client": {"n": 3}}
+    assert (data["n_layers"], data["n_heads"]) == (2, 4)
+    by_label = {h["label"]: h for h in data["heads"]}
+    assert set(by_label) == {r.label for r in records}
+    assert by_label["L0H0"]["explanation"]["text"] == MALICIOUS
+    assert by_label["L0H0"]["top_events"][0]["tokens"][1] == "https://evil.example/x.png"
+    for record in records:
+        expected = record.to_dict()
+        got = dict(by_label[record.label])
+        assert got.pop("best_score") == record.best_score()
+        assert got == expected
+    assert data["run"] == viewer_run_id(records)
+
+
+def test_viewer_options_and_bad_input(tmp_path):
+    records = make_records()
+    data = viewer_data(records, max_events=1, color_by="score")
+    assert max(len(h["top_events"]) for h in data["heads"]) == 1
+    assert (data["n_layers"], data["n_heads"]) == (2, 3)   # inferred from the records
+    assert data["scorers"] == ["contrastive", "simulation"]
+    # the run id follows the explanations: same text -> same id, new text -> new id
+    assert viewer_run_id(make_records()) == viewer_run_id(records)
+    changed = make_records()
+    changed[0].explanation.text += " (refined)"
+    assert viewer_run_id(changed) != viewer_run_id(records)
+
+    with pytest.raises(ValueError, match="color_by='heat'"):
+        write_viewer(records, tmp_path / "v.html", color_by="heat")
+    with pytest.raises(ValueError, match="n_heads=2 is too small"):
+        write_viewer(records, tmp_path / "v.html", n_heads=2)
+    with pytest.raises(ValueError, match="records is empty"):
+        write_viewer([], tmp_path / "v.html")
+    with pytest.raises(TypeError, match=r"records\[1\] must be a HeadRecord"):
+        write_viewer([records[0], {"layer": 0}], tmp_path / "v.html")
+    with pytest.raises(ValueError, match="'L1H0' twice"):
+        write_viewer([records[0], records[0]], tmp_path / "v.html")
+    with pytest.raises(ValueError, match="must end in .html"):
+        write_viewer(records, tmp_path / "v.json")
+    with pytest.raises(ValueError, match="max_events=-1"):
+        write_viewer(records, tmp_path / "v.html", max_events=-1)
+
+
+# ----------------------------------------------------------------------------- ratings
+
+
+def _write_ratings(path: Path, entries: list, **extra) -> Path:
+    path.write_text(json.dumps({"schema": 1, "run": "r", "ratings": entries, **extra}))
+    return path
+
+
+def test_read_ratings_valid_and_errors(tmp_path):
+    good = _write_ratings(tmp_path / "ok.json", [
+        {"label": "L1H0", "rating": 4, "comment": "good", "time": "2024-05-01T10:00:00.000Z"},
+        {"label": "L0H2", "rating": 2, "comment": "", "time": "2024-05-01T10:01:00+00:00", "rater": "ann"},
+    ])
+    frame = read_ratings(good)
+    assert list(frame.columns) == ["label", "layer", "head", "rating", "comment", "rater", "time"]
+    assert frame.set_index("label")["rating"].to_dict() == {"L1H0": 4, "L0H2": 2}
+    assert frame.loc[frame.label == "L0H2", "rater"].item() == "ann"
+    assert str(frame["time"].dt.tz) == "UTC"
+    assert frame.attrs["run"] == "r"
+
+    cases = [
+        ([{"label": "L1H0", "rating": 6}], r"rating 6; expected an int from 1 to 5"),
+        ([{"label": "L1H0", "rating": 3.5}], r"rating 3.5"),
+        ([{"label": "L1H0", "rating": True}], r"rating True"),
+        ([{"label": "L1H0", "rating": "4"}], r"rating '4'"),
+        ([{"label": "head7", "rating": 3}], r"label 'head7'; expected a head label like 'L1H0'"),
+        ([{"label": "L1H0", "rating": 3, "time": "yesterday-ish"}], r"time 'yesterday-ish'"),
+        ([{"label": "L1H0", "rating": 3}, {"label": "L1H0", "rating": 4}], r"rates L1H0 a second time"),
+        (["L1H0"], r"ratings\[0\] is str; expected an object"),
+    ]
+    for entries, message in cases:
+        with pytest.raises(ValueError, match=message):
+            read_ratings(_write_ratings(tmp_path / "bad.json", entries))
+    with pytest.raises(ValueError, match="schema 2; expected 1"):
+        read_ratings({"schema": 2, "ratings": []})
+    with pytest.raises(ValueError, match="not a ratings document"):
+        read_ratings({"heads": []})
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_ratings(tmp_path / "broken.json")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_ratings(tmp_path / "missing.json")
+    # two raters may rate the same head
+    two = read_ratings({"schema": 1, "ratings": [{"label": "L1H0", "rating": 3, "rater": "a"},
+                                                 {"label": "L1H0", "rating": 5, "rater": "b"}]})
+    assert sorted(two["rating"]) == [3, 5]
+
+
+def test_ratings_vs_scores():
+    records = make_records()
+    # simulation scores: L1H0 0.8, L0H2 0.6, L1H2 0.35, L0H0 0.2; L1H1 has none
+    ratings = read_ratings({"schema": 1, "run": "r", "ratings": [
+        {"label": "L1H0", "rating": 5}, {"label": "L0H2", "rating": 4},
+        {"label": "L1H2", "rating": 2}, {"label": "L0H0", "rating": 1},
+        {"label": "L1H1", "rating": 3}, {"label": "L3H3", "rating": 3}]})
+    result = ratings_vs_scores(ratings, records, scorer="simulation")
+    assert result["n"] == 4
+    assert result["spearman_rho"] == pytest.approx(1.0)
+    assert 0.9 < result["pearson_r"] <= 1.0
+    assert "L3H3" in result["message"] and "L1H1" in result["message"]
+    table = result["table"].set_index("label")
+    assert math.isnan(table.loc["L1H1", "score"]) and not table.loc["L3H3", "in_records"]
+    assert table.loc["L1H0", "score"] == pytest.approx(0.8)
+
+    reversed_ = ratings.assign(rating=6 - ratings["rating"])
+    assert ratings_vs_scores(reversed_, records)["spearman_rho"] == pytest.approx(-1.0)
+
+    # averaging raters: two ratings of one head count as one point
+    multi = read_ratings({"schema": 1, "ratings": [
+        {"label": "L1H0", "rating": 5, "rater": "a"}, {"label": "L1H0", "rating": 3, "rater": "b"},
+        {"label": "L0H2", "rating": 2}, {"label": "L1H2", "rating": 1}]})
+    out = ratings_vs_scores(multi, records)
+    assert out["n"] == 3 and out["table"].set_index("label").loc["L1H0", "rating"] == 4.0
+
+    few = ratings_vs_scores(ratings.iloc[:2], records)
+    assert few["n"] == 2 and math.isnan(few["spearman_rho"]) and math.isnan(few["pearson_r"])
+    assert "at least 3" in few["message"]
+    const = ratings.assign(rating=3)
+    assert "ratings are constant" in ratings_vs_scores(const, records)["message"]
+    with pytest.raises(ValueError, match="scorer='detection' scored none"):
+        ratings_vs_scores(ratings, records, scorer="detection")
+    with pytest.raises(TypeError, match="ratings must be a DataFrame"):
+        ratings_vs_scores([1, 2, 3], records)
+
+
+def test_rating_widget_saves_the_page_format(tmp_path):
+    records = make_records()
+    save_to = tmp_path / "sub" / "ratings.json"
+    widget = rating_widgets(records, save_to=save_to)
+    assert isinstance(widget, RatingWidget)
+    assert [r.label for r in widget.records] == ["L0H0", "L0H2", "L1H0", "L1H1", "L1H2"]
+    # the hostile explanation is escaped in the widget's HTML too
+    assert MALICIOUS not in widget.head_view.value and "&lt;/script&gt;" in widget.head_view.value
+    assert not save_to.exists()   # nothing rated yet
+
+    widget.select("L1H0")
+    assert "Induction" in widget.head_view.value and "rgba(255,140,0,0.72)" in widget.head_view.value
+    widget.buttons.value = 4          # what a click on "4" does
+    widget.comment.value = "clear induction"
+    widget.next_button.click()        # -> L1H1 (the failed head)
+    assert widget.current.label == "L1H1" and widget.buttons.value is None
+    assert "unparseable" in widget.head_view.value
+    widget.rate(2)
+
+    frame = read_ratings(save_to)
+    assert frame.set_index("label")["rating"].to_dict() == {"L1H0": 4, "L1H1": 2}
+    assert frame.set_index("label").loc["L1H0", "comment"] == "clear induction"
+    assert frame.attrs["run"] == viewer_run_id(records)   # same run id as the page
+    assert widget.ratings["L1H0"]["rating"] == 4
+    assert "rated 2 / 5" in widget.status.value
+    doc = json.loads(save_to.read_text())
+    assert set(doc) == {"schema", "run", "ratings"}
+    assert list(tmp_path.joinpath("sub").iterdir()) == [save_to]   # atomic: no temp left
+
+    widget.buttons.value = None       # un-rating removes the entry
+    assert set(read_ratings(save_to)["label"]) == {"L1H0"}
+
+    resumed = RatingWidget(records, save_to=save_to)   # a restarted kernel picks up the file
+    resumed.select("L1H0")
+    assert resumed.buttons.value == 4 and resumed.comment.value == "clear induction"
+    with pytest.raises(ValueError, match="rating=7"):
+        resumed.rate(7)
+    with pytest.raises(ValueError, match="not one of the rated heads"):
+        resumed.select("L5H5")
+
+
+# ----------------------------------------------------------------------------- real Chromium
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.skip(f"headless Chromium tests need {' and '.join(missing)} (Debian packages "
+                    "chromium and chromium-driver; CI installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    downloads = tmp_path_factory.mktemp("downloads")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", f"--user-data-dir={tmp_path_factory.mktemp('chrome-profile')}"):
+        options.add_argument(arg)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False,
+                                              "download.directory_upgrade": True,
+                                              "safebrowsing.enabled": False})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    driver.downloads = downloads
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def page_url(tmp_path_factory):
+    path = write_viewer(make_records(), tmp_path_factory.mktemp("page") / "viewer.html",
+                        n_layers=2, n_heads=4, meta={"model": "toy-2l"})
+    return path.resolve().as_uri()
+
+
+def _open(driver, url):
+    driver.get(url)
+    driver.execute_script("window.localStorage.clear();")
+    driver.get("about:blank")
+    driver.get_log("browser")  # drop what came before this page
+    driver.get(url)
+
+
+def _severe(driver) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def _cell(driver, label):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, f'button.cell[data-head="{label}"]')
+
+
+def test_chromium_loads_cleanly_and_hostile_text_stays_text(browser, page_url):
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    _open(browser, page_url)
+    assert browser.execute_script("return typeof window.interpLibViewer.exportRatings") == "function"
+    cells = browser.find_elements(By.CSS_SELECTOR, "button.cell")
+    assert len(cells) == 8   # 2 layers x 4 heads, unexplained ones disabled
+    assert not _cell(browser, "L0H3").is_enabled() and _cell(browser, "L1H0").is_enabled()
+    _cell(browser, "L0H0").click()
+    assert browser.find_element(By.ID, "detail-explanation").text == MALICIOUS
+    assert browser.find_elements(By.TAG_NAME, "img") == []
+    assert browser.find_elements(By.CSS_SELECTOR, "#detail-events b") == []
+    tokens = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#detail-events .tok")]
+    assert tokens == ["<b>", "https://evil.example/x.png", MALICIOUS]
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text
+    assert _severe(browser) == []
+
+
+def test_chromium_click_shows_head_with_attended_tokens(browser, page_url):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, page_url)
+    assert browser.find_element(By.ID, "detail-body").get_attribute("hidden") is not None
+    _cell(browser, "L1H0").click()
+    assert browser.find_element(By.ID, "detail-label").text == "L1H0"
+    assert browser.find_element(By.ID, "detail-explanation").text.startswith("Induction: attends")
+    assert "selected" in _cell(browser, "L1H0").get_attribute("class")
+    scores = {row.get_attribute("data-scorer"): row.find_elements(By.TAG_NAME, "td")[1].text
+              for row in browser.find_elements(By.CSS_SELECTOR, "#detail-scores tr[data-scorer]")}
+    assert scores == {"simulation": "0.800", "contrastive": "0.700"}
+    fields = browser.find_element(By.ID, "detail-fields").text
+    assert "induction" in fields and "0.420" in fields and "attends 6 tokens back" in fields
+
+    events = browser.find_elements(By.CSS_SELECTOR, "#detail-events .event")
+    assert len(events) == 2
+    first = events[0]
+    attended = first.find_elements(By.CSS_SELECTOR, ".tok.attended")
+    assert {(a.text, a.get_attribute("data-pos")) for a in attended} == {(" sat", "2"), (" cat", "1")}
+    strong = next(a for a in attended if a.get_attribute("data-pos") == "2")
+    assert float(strong.get_attribute("data-weight")) == pytest.approx(0.72)
+    assert "attention 0.720" in strong.get_attribute("title")
+    assert "0.72" in strong.value_of_css_property("background-color")
+    query = first.find_element(By.CSS_SELECTOR, ".tok.query")
+    assert (query.text, query.get_attribute("data-pos")) == (" cat", "8")
+
+    _cell(browser, "L1H1").click()   # the failed head shows why it has no explanation
+    assert "unparseable" in browser.find_element(By.ID, "detail-failure").text
+    assert "failed" in _cell(browser, "L1H1").get_attribute("class")
+    assert browser.find_element(By.ID, "detail-explanation").text == ""
+
+    # keyboard: ArrowLeft from L1H1 -> L1H0, ArrowUp -> L0H0
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys("\ue012")
+    assert browser.find_element(By.ID, "detail-label").text == "L1H0"
+    body.send_keys("\ue013")
+    assert browser.find_element(By.ID, "detail-label").text == "L0H0"
+    assert _severe(browser) == []
+
+
+def test_chromium_rating_round_trips_through_export_and_reload(browser, page_url):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, page_url)
+    for old in browser.downloads.glob("ratings*.json"):
+        old.unlink()
+    _cell(browser, "L1H0").click()
+    browser.find_element(By.CSS_SELECTOR, '.rate-btn[data-value="4"]').click()
+    browser.find_element(By.ID, "rating-comment").send_keys("copies the next token")
+    assert _cell(browser, "L1H0").text == "4"
+    assert "rated 1 / 5" in browser.find_element(By.ID, "rated-count").text
+    browser.find_element(By.ID, "export-btn").click()
+
+    target = browser.downloads / "ratings.json"
+    deadline = time.monotonic() + 20
+    while not target.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert target.exists(), f"no download; directory holds {list(browser.downloads.iterdir())}"
+    frame = read_ratings(target)
+    assert frame.set_index("label")["rating"].to_dict() == {"L1H0": 4}
+    assert frame.loc[0, "comment"] == "copies the next token"
+    assert frame.attrs["run"] == viewer_run_id(make_records())
+    assert json.loads(browser.execute_script("return window.interpLibViewer.exportRatings()")) \
+        == json.loads(target.read_text())
+
+    browser.refresh()   # localStorage keeps the rating; the URL hash keeps the selection
+    assert browser.find_element(By.ID, "detail-label").text == "L1H0"
+    pressed = browser.find_elements(By.CSS_SELECTOR, '.rate-btn[aria-pressed="true"]')
+    assert [b.get_attribute("data-value") for b in pressed] == ["4"]
+    assert browser.find_element(By.ID, "rating-comment").get_attribute("value") == "copies the next token"
+    assert _cell(browser, "L1H0").text == "4"
+
+    # the automation hook and the keyboard rate too
+    browser.execute_script("window.interpLibViewer.select('L0H2')")
+    browser.find_element(By.TAG_NAME, "body").send_keys("2")
+    exported = json.loads(browser.execute_script("return window.interpLibViewer.exportRatings()"))
+    assert {e["label"]: e["rating"] for e in exported["ratings"]} == {"L0H2": 2, "L1H0": 4}
+    assert _severe(browser) == []
+
+
+def test_chromium_color_toggle(browser, page_url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    _open(browser, page_url)
+
+    def colours():
+        return {label: _cell(browser, label).get_attribute("data-color")
+                for label in ("L0H0", "L0H2", "L1H0", "L1H1", "L1H2")}
+
+    family = colours()
+    assert family["L1H1"] == family["L0H0"] == "#bdbdbd"          # none / unclustered: grey
+    assert len({family["L1H0"], family["L0H2"], family["L1H2"]}) == 3
+    assert "family 0: induction" in browser.find_element(By.ID, "legend").text
+
+    Select(browser.find_element(By.ID, "color-by")).select_by_value("score:simulation")
+    score = colours()
+    assert score["L1H1"] == "missing"
+    assert "missing" in _cell(browser, "L1H1").get_attribute("class")
+    assert score["L1H0"] == "rgb(253,231,37)" and score["L0H0"] == "rgb(68,1,84)"  # max / min
+    legend = browser.find_element(By.ID, "legend").text
+    assert "0.200" in legend and "0.800" in legend and "no score" in legend
+
+    Select(browser.find_element(By.ID, "color-by")).select_by_value("family")
+    assert colours() == family
+    assert _severe(browser) == []
