@@ -27,6 +27,9 @@ _LAZY = {
     "rating_widgets": "viewer",
     "ExplainConfig": "config",
     "run_explainer": "pipeline",
+    "collect_events": "events",
+    "sample_windows": "events",
+    "heuristic_explanations": "heuristic",
 }
 
 __all__ = ["Event", "Explanation", "HeadRecord", "RefinementStep", "ScoreResult", "head_label",
