@@ -123,6 +123,10 @@ def test_llm_run_with_30_percent_faults_completes_and_rerun_sends_nothing(tmp_pa
         assert any("baseline_contrastive" in r.scores for r in records)  # heuristic baseline scored too
         assert all(r.heuristic is not None for r in records)
         assert any(r.refinement for r in explained)
+        report = (out / "report.md").read_text()
+        assert "## Refinement: held-out score gain per round" in report and "mean_gain" in report
+        assert "## Heads without an explanation" in report and "L0H3" in report
+        assert json.loads((out / "config.json").read_text())["taxonomy"]["embedding"]["backend"] == "tfidf"
         usage = json.loads((out / "usage.json").read_text())
         assert usage["test-model"]["requests_sent"] >= 1
 

@@ -383,6 +383,9 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
 
         Taxonomy.from_dict(tax_result["taxonomy"]).apply_to_records(records)
 
+    if "taxonomy" in tax_result:  # the embedding actually used goes into the saved run config
+        run_config["taxonomy"] = tax_result["taxonomy"].get("config", {})
+        (out / "config.json").write_text(json.dumps(run_config, indent=1))
     usage = _usage(llm, sim_client)
     meta = {"config": run_config, "usage": usage, "skipped_scorers": skipped_scorers,
             "taxonomy": {k: v for k, v in tax_result.get("taxonomy", {}).items()

@@ -127,6 +127,15 @@ def markdown_report(records: Sequence[HeadRecord], meta: Mapping | None = None, 
         lines += [f"- {r.label} ({_fmt(r.best_score())}): {_md(r.explanation.text)}"
                   for r in ranked[::-1][:n_best]]
         lines.append("")
+    refined = [r.refinement for r in records if r.refinement]
+    if refined:
+        from ..runner import markdown_table
+        from .refine import refinement_gain
+
+        lines += ["## Refinement: held-out score gain per round", "",
+                  "A revision is kept only when its held-out score beats the current explanation's; "
+                  "`mean_gain` counts a rejected revision as 0.", "",
+                  markdown_table(refinement_gain(refined)), ""]
     if failed:
         lines += ["## Heads without an explanation", ""]
         lines += [f"- {r.label}: {_md(r.failure)}" for r in failed]
