@@ -190,11 +190,22 @@ def test_spending_cap_stops_cleanly_and_says_so(tmp_path, model):
                                embedding="tfidf")
         run = run_explainer(config, tmp_path / "run", model=model, client=client, progress=False)
         sent = server.n_requests
-    assert 1 <= sent < 8
-    failures = [r.failure for r in run.records if r.explanation is None]
-    assert any("budget cap" in f for f in failures), failures
-    assert client.stopped_reason and "budget" in client.stopped_reason
-    assert "budget cap" in (tmp_path / "run" / "report.md").read_text()
+        assert 1 <= sent < 8
+        failures = [r.failure for r in run.records if r.explanation is None]
+        assert any("budget cap" in f for f in failures), failures
+        assert client.stopped_reason and "budget" in client.stopped_reason
+        assert "budget cap" in (tmp_path / "run" / "report.md").read_text()
+
+        # a higher cap: only what the cap stopped is sent; answered requests come from the cache
+        answered = sum(1 for f in failures if "budget cap" not in f) + sum(r.explanation is not None for r in run.records)
+        server.reset()
+        richer = LLMClient("test-model", base_url=server.url, api_key=PLANTED_KEY, cache_dir=tmp_path / "cache",
+                           prices={"test-model": (2000.0, 2000.0)}, max_cost_usd=1e6, progress=False)
+        config = ExplainConfig(**{**config.to_dict(), "max_cost_usd": 1e6})
+        again = run_explainer(config, tmp_path / "run", model=model, client=richer, progress=False)
+        explain_requests = [b for b in server.requests if b["messages"][0]["content"] == EXPLAIN_SYSTEM]
+        assert len(explain_requests) == 8 - answered
+        assert not any("budget" in (r.failure or "") for r in again.records)
 
 
 def test_bad_input_is_one_clear_line(tmp_path, capsys):

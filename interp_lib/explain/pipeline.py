@@ -291,7 +291,10 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
             _say(f"dry run: {llm.usage.dry_run_calls} explainer calls, estimated ${llm.usage.dry_run_cost_usd:.4f}")
         return answers
 
-    explain_params = {**event_params, **config.params("explainer", "base_url", "holdout_fraction", "dry_run")}
+    # max_cost_usd is a param: raising the cap recomputes the LLM stages, and the request cache
+    # answers everything already paid for, so only what the cap stopped is sent
+    explain_params = {**event_params, **config.params("explainer", "base_url", "holdout_fraction", "dry_run",
+                                                      "max_cost_usd")}
     if config.dry_run:
         answers = explain()  # never checkpoint a dry run: it explains nothing
         _say("dry run finished: nothing was sent; rerun without --dry-run to spend")
