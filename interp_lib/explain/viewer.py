@@ -602,6 +602,8 @@ header { padding: 8px 16px; background: #fff; border-bottom: 1px solid #ddd; }
 h1 { font-size: 1.25em; margin: 4px 0; }
 #meta { font-size: 0.85em; color: #555; }
 #meta span { margin-right: 12px; }
+#meta details { margin-top: 4px; }
+#meta pre { white-space: pre-wrap; word-break: break-word; max-height: 320px; overflow: auto; background: #f6f6f6; padding: 6px; }
 .controls { margin-top: 6px; display: flex; gap: 14px; align-items: center; flex-wrap: wrap; }
 main { display: flex; gap: 16px; padding: 12px 16px; align-items: flex-start; }
 #grid-panel { flex: 0 0 auto; max-width: 50vw; overflow: auto; }
@@ -711,11 +713,25 @@ _JS = r"""
   function labelOf(layer, head) { return "L" + layer + "H" + head; }
 
   // ---------------------------------------------------------------- header
+  // scalars inline; nested run details (config, usage, taxonomy) folded away in one <details>
   var metaBox = document.getElementById("meta");
-  Object.keys(DATA.meta || {}).forEach(function (k) {
-    var v = DATA.meta[k];
-    metaBox.appendChild(el("span", null, k + ": " + (typeof v === "object" ? JSON.stringify(v) : v)));
+  var meta = DATA.meta || {};
+  var cfg = (meta.config && typeof meta.config === "object") ? meta.config : {};
+  ["model_resolved", "explainer", "dataset", "windows", "window_len", "top_k"].forEach(function (k) {
+    if (k in cfg) { metaBox.appendChild(el("span", null, k.replace("_resolved", "") + ": " + (cfg[k] === null ? "none (heuristic)" : cfg[k]))); }
   });
+  var nested = [];
+  Object.keys(meta).forEach(function (k) {
+    var v = meta[k];
+    if (v !== null && typeof v === "object") { nested.push(k); }
+    else { metaBox.appendChild(el("span", null, k + ": " + v)); }
+  });
+  if (nested.length) {
+    var details = el("details"), summary = el("summary", null, "run details (" + nested.join(", ") + ")");
+    details.appendChild(summary);
+    nested.forEach(function (k) { details.appendChild(el("pre", null, k + ": " + JSON.stringify(meta[k], null, 1))); });
+    metaBox.appendChild(details);
+  }
   var select = document.getElementById("color-by");
   [["family", "family"], ["score:best", "score (preferred)"]].concat(
     DATA.scorers.map(function (s) { return ["score:" + s, "score: " + s]; })
