@@ -58,7 +58,7 @@ def responder(body: dict) -> str:
     if system == DETECT_SYSTEM:
         n = int(re.search(r"Which of the (\d+) texts", user).group(1))
         return json.dumps({"fires": [i for i in range(1, n + 1) if _hash(user, i) % 2]})
-    raise AssertionError(f"unexpected prompt: {system[:60]!r}")
+    return "Previous-token heads"  # e.g. the taxonomy's request for a family name
 
 
 def _files_containing(root: Path, needle: str) -> list[Path]:
@@ -117,7 +117,7 @@ def test_llm_run_with_30_percent_faults_completes_and_rerun_sends_nothing(tmp_pa
         # never JSON: unparseable (or, when the fault injector cut it short, truncated)
         assert re.match(r"unparseable|request failed: truncated", by_label["L0H3"].failure), by_label["L0H3"].failure
         explained = [r for r in records if r.explanation is not None]
-        assert len(explained) >= 5 and all(r.explanation.source == "llm:test-model" for r in explained)
+        assert len(explained) >= 4 and all(r.explanation.source == "llm:test-model" for r in explained)
         assert any(r.scores.get("simulation") and r.scores["simulation"].score is not None for r in explained)
         assert any(r.scores.get("detection") and r.scores["detection"].score is not None for r in explained)
         assert any("baseline_contrastive" in r.scores for r in records)  # heuristic baseline scored too
@@ -126,7 +126,8 @@ def test_llm_run_with_30_percent_faults_completes_and_rerun_sends_nothing(tmp_pa
         report = (out / "report.md").read_text()
         assert "## Refinement: held-out score gain per round" in report and "mean_gain" in report
         assert "## Heads without an explanation" in report and "L0H3" in report
-        assert json.loads((out / "config.json").read_text())["taxonomy"]["embedding"]["backend"] == "tfidf"
+        taxonomy = json.loads((out / "config.json").read_text())["taxonomy"]
+        assert taxonomy["embedding"]["backend"] == "tfidf" and taxonomy["label_model"] == "test-model"
         usage = json.loads((out / "usage.json").read_text())
         assert usage["test-model"]["requests_sent"] >= 1
 
@@ -206,6 +207,7 @@ def test_spending_cap_stops_cleanly_and_says_so(tmp_path, model):
         explain_requests = [b for b in server.requests if b["messages"][0]["content"] == EXPLAIN_SYSTEM]
         assert len(explain_requests) == 8 - answered
         assert not any("budget" in (r.failure or "") for r in again.records)
+        assert any(r.family_label == "Previous-token heads" for r in again.records)  # family named by the LLM
 
 
 def test_bad_input_is_one_clear_line(tmp_path, capsys):

@@ -373,8 +373,11 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
         from .taxonomy import build_taxonomy
 
         try:
+            # with an LLM, it names the families (falling back to the member nearest the centroid)
+            # and can embed them (embedding="openai")
             tax = build_taxonomy(records, min_cluster_size=config.min_cluster_size,
-                                 backend=config.embedding, seed=config.seed, progress=progress)
+                                 backend=config.embedding, seed=config.seed, progress=progress,
+                                 client=llm, llm_labels=llm is not None)
         except ValueError as error:
             return {"error": str(error)}
         return {"taxonomy": tax.to_dict()}
