@@ -13,17 +13,28 @@ def _check_layer(model, layer: int) -> None:
 
 
 @torch.no_grad()
-def attention_pattern(model, text: str, layer: int) -> tuple[list[str], torch.Tensor]:
-    """String tokens and the attention pattern [head, query, key] of ``layer`` on ``text``."""
+def attention_pattern(model, text: str | torch.Tensor, layer: int) -> tuple[list[str], torch.Tensor]:
+    """String tokens and the attention pattern [head, query, key] of ``layer`` on ``text``
+    (a string, tokenised with BOS, or token ids ``[pos]`` / ``[1, pos]`` used as they are --
+    e.g. random tokens, which need not survive decoding and re-encoding)."""
     _check_layer(model, layer)
-    tokens = model.to_tokens(text)
+    if isinstance(text, str):
+        tokens = model.to_tokens(text)
+    elif isinstance(text, torch.Tensor) and text.dtype in (torch.int32, torch.int64) and (
+            text.ndim == 1 or (text.ndim == 2 and text.shape[0] == 1)) and text.numel() > 0:
+        tokens = text.reshape(1, -1).to(next(model.parameters()).device)
+        if int(tokens.max()) >= model.cfg.d_vocab or int(tokens.min()) < 0:
+            raise ValueError(f"text: token ids must be in [0, {model.cfg.d_vocab - 1}]")
+    else:
+        raise ValueError(f"text={text!r}: expected a string or an integer token tensor of shape [pos] or [1, pos]")
     _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{layer}.attn.hook_pattern")
     pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0].detach().cpu().clone()
     return model.to_str_tokens(tokens[0]), pattern
 
 
-def attention_view(model, text: str, layer: int, heads: Sequence[int] | None = None):
-    """An interactive circuitsvis view of the heads of ``layer`` attending over ``text``."""
+def attention_view(model, text: str | torch.Tensor, layer: int, heads: Sequence[int] | None = None):
+    """An interactive circuitsvis view of the heads of ``layer`` attending over ``text`` (a string
+    or token ids, see :func:`attention_pattern`)."""
     import circuitsvis as cv
 
     str_tokens, pattern = attention_pattern(model, text, layer)

@@ -52,3 +52,18 @@ def test_attention_view_renders_the_layer_pattern(toy_2l):
         il.plots.attention_view(toy_2l, "abc", layer=5)
     with pytest.raises(ValueError, match="heads="):
         il.plots.attention_view(toy_2l, "abc", layer=0, heads=[9])
+
+
+def test_attention_view_takes_token_ids_as_they_are(toy_2l):
+    # random tokens: the induction heads of toy-2l attend to the token after the earlier copy
+    tokens = il.heads.repeat_probe_tokens(toy_2l, 12, 0, 1, seed=3)[0]
+    words, pattern = il.plots.attention_pattern(toy_2l, tokens, layer=1)
+    assert len(words) == len(tokens) == pattern.shape[-1]
+    query = len(tokens) - 1                      # last token of the second copy
+    assert pattern[0, query].argmax() == query - 12 + 1  # L1H0: the token after its first occurrence
+    _, same = il.plots.attention_pattern(toy_2l, tokens[None], layer=1)
+    assert torch.equal(pattern, same)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        il.plots.attention_pattern(toy_2l, torch.tensor([0, 10**6]), layer=0)
+    with pytest.raises(ValueError, match="expected a string or an integer token tensor"):
+        il.plots.attention_pattern(toy_2l, torch.zeros(2, 3, dtype=torch.long), layer=0)
