@@ -421,7 +421,13 @@ def known_heads(model_name: str, kind: str | None = None) -> dict[str, list[Head
     or the list for one ``kind``. Model names: ``gpt2`` (alias ``gpt2-small``), ``toy-2l``, ``toy-1l``."""
     folder = data_dir() / "known_heads"
     if model_name in ("gpt2", "gpt2-small"):
-        roles = json.loads((folder / "gpt2-small.json").read_text())["roles"]
+        document = json.loads((folder / "gpt2-small.json").read_text())
+        roles = document["roles"]
+        # the IOI circuit's classes (name mover, s2 inhibition, ...) are roles too, where they
+        # do not repeat one of the verified roles above
+        ioi = {name: {"heads": heads} for name, heads in document.get("ioi_classes", {}).items()
+               if name != "source" and name.replace(" ", "_") not in roles}
+        roles = {**roles, **ioi}
     else:
         models = json.loads((folder / "toy-models.json").read_text())["models"]
         if model_name not in models:

@@ -180,6 +180,9 @@ def test_gpt2_small_ground_truth_table():
     assert set(table["induction"]) == {(5, 1), (5, 5), (6, 9), (7, 2), (7, 10)}
     assert set(table["previous_token"]) == {(4, 11), (2, 2)}
     assert set(table["duplicate_token"]) == {(0, 1), (0, 10), (3, 0)}
+    # the IOI circuit's classes (Wang et al. 2022) are roles too
+    assert set(H.known_heads("gpt2", "name mover")) == {(9, 9), (9, 6), (10, 0)}
+    assert {"s2 inhibition", "negative name mover", "backup name mover"} <= set(table)
 
 
 def test_qk_and_ov_circuits(toy_2l):
