@@ -45,7 +45,7 @@ def _serve(conn, kwargs: dict) -> None:
     """Child process: run a server, answer "stats" with its counters, stop on "stop"."""
     with LocalOpenAIServer(**kwargs) as server:
         conn.send(server.url)
-        while (command := conn.recv()) != "stop":
+        while conn.recv() != "stop":
             conn.send({"n_requests": server.n_requests, "max_in_flight": server.max_in_flight})
 
 

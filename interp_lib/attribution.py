@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 

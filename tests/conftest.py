@@ -33,3 +33,21 @@ def toy_1l():
     import interp_lib as il
 
     return il.load_model("toy-1l", device="cpu")
+
+
+@pytest.fixture
+def make_server():
+    """Start real local OpenAI-compatible servers (``LocalOpenAIServer(**kwargs)``); all are
+    stopped when the test ends."""
+    from interp_lib.explain.local_server import LocalOpenAIServer
+
+    servers = []
+
+    def make(**kwargs):
+        server = LocalOpenAIServer(**kwargs).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()

@@ -29,20 +29,6 @@ def _no_ambient_key(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def make_server():
-    servers = []
-
-    def make(**kwargs) -> LocalOpenAIServer:
-        server = LocalOpenAIServer(**kwargs).start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
-
-
 def client_for(server: LocalOpenAIServer, model: str = "local-model", **kwargs) -> LLMClient:
     options = dict(timeout=2.0, backoff_base=0.01, backoff_max=1.0, progress=False)
     options.update(kwargs)

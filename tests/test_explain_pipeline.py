@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-import interp_lib as il
 from interp_lib.cli import main as cli_main
 from interp_lib.explain.client import LLMClient
 from interp_lib.explain.config import ExplainConfig
@@ -29,9 +28,9 @@ PLANTED_KEY = "sk-test-PLANTED-key-0123456789"
 SMALL = dict(model="toy-2l", windows=24, window_len=32, top_k=8, n_random=6, n_quantile=4, batch_size=8)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return il.load_model("toy-2l")
+@pytest.fixture
+def model(toy_2l):
+    return toy_2l
 
 
 def _hash(*parts) -> int:

@@ -108,22 +108,6 @@ def st_embed():
     return embed
 
 
-@pytest.fixture
-def make_server():
-    from interp_lib.explain.local_server import LocalOpenAIServer
-
-    servers = []
-
-    def make(**kwargs):
-        server = LocalOpenAIServer(**kwargs).start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
-
-
 def client_for(server, **kwargs):
     from interp_lib.explain.client import LLMClient
 

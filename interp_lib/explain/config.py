@@ -88,7 +88,3 @@ class ExplainConfig:
         """The fields a stage depends on (its checkpoint params)."""
         data = self.to_dict()
         return {name: data[name] for name in names}
-
-
-def config_help() -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(ExplainConfig)}

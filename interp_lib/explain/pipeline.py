@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,9 +33,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .records import Explanation, HeadRecord, RefinementStep, ScoreResult, head_label, parse_head_label
+from .records import HeadRecord, RefinementStep, ScoreResult, head_label, parse_head_label
 
-from .config import ALL_SCORERS, LLM_SCORERS, STAGES, ExplainConfig, config_help  # noqa: F401
+from .config import STAGES, ExplainConfig
 
 
 # ---------------------------------------------------------------- heads and splits
@@ -455,14 +454,6 @@ def assemble_records(heads, answers, heuristic, scores, refinement, causal_resul
             stats={**stats_by_head.get(head, {}),
                    **({"causal_random": causal["random"]} if "random" in causal else {})}))
     return records
-
-
-def finite_or_none(value) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def load_stage(out: str | Path, name: str) -> Any:
