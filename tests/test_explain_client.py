@@ -10,6 +10,7 @@ import pickle
 import sys
 import time
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -94,8 +95,10 @@ def test_cost_from_price_table(make_server):
 
 @pytest.mark.parametrize("kind", ["429", "500", "timeout", "malformed"])
 def test_each_fault_is_retried_then_succeeds(make_server, kind):
-    server = make_server(fault_sequence=[kind], timeout_delay=1.2)
-    client = client_for(server, timeout=0.5)  # generous: the test machine may be busy
+    # generous timeout: a normal request on a loaded 2-core machine must not hit it; the one
+    # injected timeout sleeps well past it
+    server = make_server(fault_sequence=[kind], timeout_delay=5.0)
+    client = client_for(server, timeout=2.5)
     request = req(f"fault {kind}")
     result = client.chat(request)
     assert result.ok and result.content == expected_content(request)
@@ -106,17 +109,23 @@ def test_each_fault_is_retried_then_succeeds(make_server, kind):
 
 
 def test_retry_after_is_honoured_and_capped(make_server):
-    server = make_server(fault_sequence=["429"], retry_after=0.3)
-    client = client_for(server, backoff_base=0.001)  # jitter alone would wait ~1 ms
+    # Retry-After is honoured beyond backoff_max (the server knows how long it is busy)
+    server = make_server(fault_sequence=["429"], retry_after=0.5)
+    client = client_for(server, backoff_base=0.001, backoff_max=0.05)  # jitter: ~1 ms
     assert client.chat(req("rate limited")).ok
     first, second = sorted(entry["time"] for entry in server.log)
-    assert second - first >= 0.3
+    assert second - first >= 0.5
 
+    # ... up to retry_after_max
     slow = make_server(fault_sequence=["429"], retry_after=30.0)
-    client = client_for(slow, backoff_base=0.001, backoff_max=0.2)
+    client = client_for(slow, backoff_base=0.001, backoff_max=0.05, retry_after_max=0.3)
     t0 = time.monotonic()
     assert client.chat(req("capped wait")).ok
-    assert time.monotonic() - t0 < 10.0  # waited backoff_max, not 30 s
+    first, second = sorted(entry["time"] for entry in slow.log)
+    assert second - first >= 0.3 and time.monotonic() - t0 < 10.0  # 0.3 s, not 30 s
+    assert LLMClient("m", base_url=slow.url).retry_after_max == 120.0
+    with pytest.raises(ValueError, match="retry_after_max=-1"):
+        client_for(slow, retry_after_max=-1)
 
 
 def test_parse_retry_after():
@@ -125,6 +134,13 @@ def test_parse_retry_after():
     assert parse_retry_after({"retry-after": "-3"}) == 0.0
     assert parse_retry_after({"retry-after": "soon"}) is None
     assert parse_retry_after({}) is None
+    # header names are case-insensitive, also in a plain dict
+    assert parse_retry_after({"Retry-After": "2"}) == 2.0
+    assert parse_retry_after({"Retry-After-Ms": "1500", "RETRY-AFTER": "9"}) == 1.5
+    # a retry-after-ms that is not a finite number is ignored, not an infinite wait
+    assert parse_retry_after({"retry-after-ms": "inf", "retry-after": "3"}) == 3.0
+    assert parse_retry_after({"retry-after-ms": "nan"}) is None
+    assert parse_retry_after({"retry-after": "inf"}) is None
     future = email.utils.formatdate(time.time() + 10, usegmt=True)
     assert 7.0 < parse_retry_after({"retry-after": future}) <= 10.5
 
@@ -201,6 +217,32 @@ def test_unsupported_features_fall_back_once_and_are_remembered(make_server):
                                             "form, to use 'response_format' of type 'json_object'.")
         return default_responder(body)
 
+    # an endpoint that rejects both features, one 400 at a time (SimulationScorer asks for
+    # JSON mode and logprobs together): each is dropped in turn, both are remembered
+    both = make_server(reject_params=("response_format", "logprobs"))
+    client = client_for(both)
+    result = client.chat(req("json and logprobs", json_mode=True, logprobs=True, top_logprobs=2))
+    assert result.ok and result.attempts == 3 and both.n_requests == 3
+    assert "response_format" in both.requests[0] and "logprobs" in both.requests[0]
+    assert "response_format" not in both.requests[1] and "logprobs" in both.requests[1]
+    assert "response_format" not in both.requests[2] and "logprobs" not in both.requests[2]
+    assert not client.supports_json_mode and not client.supports_logprobs
+    assert client.chat(req("again", json_mode=True, logprobs=True)).ok and both.n_requests == 4
+
+    # when every retry is rejected, the first 400 is the reason and nothing is written off
+    def rejects_all(body):
+        if body.get("response_format"):
+            raise LocalServerHTTPError(400, "response_format is not supported")
+        if body.get("logprobs"):
+            raise LocalServerHTTPError(400, "logprobs are not supported")
+        raise LocalServerHTTPError(400, "This model's maximum context length is 10 tokens")
+
+    hopeless = make_server(responder=rejects_all)
+    client = client_for(hopeless)
+    result = client.chat(req("all fail", json_mode=True, logprobs=True))
+    assert result.failure == "http 400: response_format is not supported"
+    assert hopeless.n_requests == 3 and client.supports_json_mode and client.supports_logprobs
+
     strict = make_server(responder=picky)
     client = client_for(strict)
     assert client.chat(req("no magic word", json_mode=True)).ok and strict.n_requests == 2
@@ -210,13 +252,16 @@ def test_unsupported_features_fall_back_once_and_are_remembered(make_server):
 
 
 def test_mixed_faults_complete_in_order(make_server):
-    server = make_server(fault_rate=0.3, timeout_delay=1.0, seed=3)
-    client = client_for(server, timeout=0.4, max_retries=6, concurrency=8)
+    # one injected timeout (it costs a whole client timeout), the other faults at random; the
+    # timeout is generous so that a normal request on a busy machine does not hit it
+    server = make_server(fault_rate=0.3, faults=("429", "500", "malformed", "truncated"),
+                         fault_sequence=["timeout"], timeout_delay=5.0, seed=3)
+    client = client_for(server, timeout=2.5, max_retries=6, concurrency=8)
     requests = [req(f"head number {i}") for i in range(40)]
     results = client.chat_many(requests)
     assert len(results) == 40 and all(isinstance(r, ChatResult) for r in results)
     faults = sum(server.fault_counts.values())
-    assert faults >= 6, server.fault_counts
+    assert faults >= 6 and server.fault_counts["timeout"] == 1, server.fault_counts
     n_ok = 0
     for request, result in zip(requests, results):
         if result.ok:
@@ -402,9 +447,10 @@ def test_planted_key_is_sent_but_never_stored(make_server, tmp_path, caplog, mon
         return default_responder(body)
 
     server = make_server(require_api_key=PLANTED, responder=responder, fault_rate=0.3,
-                         timeout_delay=0.6)
+                         faults=("429", "500", "malformed", "truncated"),
+                         fault_sequence=["timeout"], timeout_delay=5.0)
     run_dir = tmp_path / "run"
-    client = client_for(server, api_key=PLANTED, cache_dir=run_dir / "cache", timeout=0.3,
+    client = client_for(server, api_key=PLANTED, cache_dir=run_dir / "cache", timeout=2.5,
                         max_retries=8)
     results = client.chat_many([req(f"keyed {i}") for i in range(8)] + [req("echo the key")])
     assert all(r.ok or r.failure.startswith("truncated") for r in results[:8])  # key accepted
@@ -428,7 +474,10 @@ def test_planted_key_is_sent_but_never_stored(make_server, tmp_path, caplog, mon
 
     # from the environment: used, still masked; an unpickled client resolves it again
     server.fault_rate = 0.0
+    # $OPENAI_API_KEY is for OpenAI: a local server gets the placeholder, not the key
     monkeypatch.setenv("OPENAI_API_KEY", PLANTED)
+    assert client_for(server).chat(req("openai key")).failure.startswith("http 401")
+    monkeypatch.setenv("INTERP_LIB_API_KEY", PLANTED)
     from_env = client_for(server, max_retries=8)
     assert from_env.chat(req("env key")).ok and PLANTED not in repr(from_env)
     restored = pickle.loads(pickle.dumps(client))
@@ -448,10 +497,17 @@ def test_resolve_api_key_order(monkeypatch):
     monkeypatch.setitem(sys.modules, "google", google)
     monkeypatch.setitem(sys.modules, "google.colab", colab)
     assert resolve_api_key(None, None) == "from-colab"
+    assert resolve_api_key(None, "http://127.0.0.1:8000/v1") == "unused"  # OpenAI's, not theirs
     monkeypatch.setenv("OPENAI_API_KEY", "from-openai-env")
     assert resolve_api_key(None, None) == "from-openai-env"
+    assert resolve_api_key(None, "https://api.openai.com/v1") == "from-openai-env"
+    # an OpenAI key never goes to another host, however its name looks
+    for other in ("http://127.0.0.1:8000/v1", "https://proxy.example.com/v1",
+                  "https://api.openai.com.evil.example/v1"):
+        assert resolve_api_key(None, other) == "unused", other
     monkeypatch.setenv("INTERP_LIB_API_KEY", "from-lib-env")
     assert resolve_api_key(None, None) == "from-lib-env"
+    assert resolve_api_key(None, "http://127.0.0.1:8000/v1") == "from-lib-env"
     assert resolve_api_key("explicit", None) == "explicit"
 
 
@@ -478,3 +534,72 @@ def test_bad_input_is_named(make_server):
     with pytest.raises(ValueError, match="fault_rate=2"):
         LocalOpenAIServer(fault_rate=2)
     assert server.n_requests == 0
+
+
+def test_cache_write_failure_still_returns_results(make_server, tmp_path, caplog):
+    server = make_server()
+    cache = tmp_path / "cache"
+    client = client_for(server, cache_dir=cache)
+    # a file where the cache's folders should be: every write fails with an OSError
+    (cache / "chat").write_text("not a folder")
+    (cache / "embed").write_text("not a folder")
+    requests = [req(f"unwritable {i}") for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger="interp_lib.explain.client"):
+        results = client.chat_many(requests)
+        vectors = client.embed(["a text", "another text"])
+    assert [r.ok for r in results] == [True] * 3
+    assert [r.content for r in results] == [expected_content(r) for r in requests]
+    assert vectors.shape == (2, 64)
+    assert "could not write cache file" in caplog.text
+    # nothing was cached: the same requests are sent again, and still succeed
+    assert all(r.ok for r in client.chat_many(requests)) and server.n_requests == 3 + 1 + 3
+
+
+@pytest.mark.parametrize("stored", [{"result": None}, [1, 2], {"result": [1]}, "text",
+                                    {"result": {"ok": True, "content": None}}])
+def test_cache_file_of_another_shape_is_a_miss(make_server, tmp_path, stored):
+    server = make_server()
+    client = client_for(server, cache_dir=tmp_path / "cache")
+    request = req("odd cache file")
+    path = client.cache_path(request)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(stored))
+    result = client.chat(request)
+    assert result.ok and not result.cached and server.n_requests == 1
+    assert json.loads(path.read_text())["result"]["content"] == expected_content(request)
+    embed_path = client._cache_path(client._embed_key("x", "text-embedding-3-small"), "embed")
+    embed_path.parent.mkdir(parents=True)
+    embed_path.write_text(json.dumps(stored))
+    assert client.embed(["x"]).shape == (1, 64) and server.n_requests == 2
+
+
+def test_non_numeric_usage_counts_are_zero():
+    # LocalOpenAIServer always writes a correct usage block, so the body is parsed directly
+    import interp_lib.explain.client as client_module
+
+    assert client_module._count("many") == 0 and client_module._count(None) == 0
+    assert client_module._count("12") == 12 and client_module._count(7.0) == 7
+    assert client_module._count(float("nan")) == 0 and client_module._count(-3) == 0
+    assert client_module._count(True) == 0
+    client = LLMClient("local-model", base_url="http://127.0.0.1:9/v1", progress=False)
+    result = client._result_from_body(
+        {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": "lots", "completion_tokens": [1]}}, req("x"), 1)
+    assert result.ok and result.content == "hi"
+    assert result.prompt_tokens == 0 and result.completion_tokens == 0
+
+
+def test_unknown_price_with_a_budget_warns_and_fine_tunes_are_priced(make_server):
+    server = make_server()
+    with pytest.warns(UserWarning, match=r"model 'my-local-llm'.*prices="):
+        client_for(server, model="my-local-llm", max_cost_usd=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a priced model, or no cap: no warning
+        client_for(server, model="gpt-4o-mini", max_cost_usd=1.0)
+        client_for(server, model="my-local-llm", prices={"my-local-llm": (1.0, 2.0)},
+                   max_cost_usd=1.0)
+        client_for(server, model="my-local-llm")
+        tuned = client_for(server, model="ft:gpt-4o-mini:my-org::abc123", max_cost_usd=1.0)
+    assert tuned.price() == tuned.prices["gpt-4o-mini"]
+    assert tuned.price("ft:gpt-4o-2024-08-06:org:custom:id9") == tuned.prices["gpt-4o"]
+    assert tuned.price("ft:unknown-base:org::id") == (0.0, 0.0)

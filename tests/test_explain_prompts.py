@@ -106,6 +106,15 @@ def test_simulation_detection_refinement_messages_exact():
         "Texts it got wrong (activation at the marked query, 0-10):\n"
         "1. predicted 8.0, actual 1.5: {<|endoftext|>|0.20}The{ cat|0.62} sat.\u23ce[[ The]]\n\n"
         "Write the revised explanation, in the JSON format given.")
+    rejected = Explanation("Fires on punctuation.", source="llm:m")
+    again = refinement_messages("L1H0", EX, [(E1, 8.0, 1.5)], rejected=[rejected])
+    assert again[1]["content"] == ref[1]["content"].replace(
+        "\n\nWrite the revised",
+        "\n\nYour previous revision(s) below scored no better than the current explanation on "
+        "other texts; do not repeat them, write a clearly different revision:\n"
+        'Rejected revision 1: "Fires on punctuation."\n\nWrite the revised')
+    with pytest.raises(TypeError, match=r"rejected\[0\]"):
+        refinement_messages("L1H0", EX, [], rejected=["text"])
     with pytest.raises(ValueError, match="event_tokens"):
         simulation_messages(EX, [])
     with pytest.raises(ValueError, match="contexts"):
@@ -223,6 +232,11 @@ def test_parse_detection():
     assert parse_detection('{"fires": [1, 3]}', 4) == [1.0, 0.0, 1.0, 0.0]
     assert parse_detection('{"fires": []}', 2) == [0.0, 0.0]
     assert parse_detection("Answer: [2]", 2) == [0.0, 1.0]
+    # prose with a bracketed aside before the object: the object wins, not the aside
+    assert parse_detection('Text [2] looks active, so: {"fires": [2, 4]}', 4) == [0.0, 1.0, 0.0, 1.0]
+    assert parse_detection('See [1] and [3]. Final: {"probabilities": [0.2, 0.9, 0.1]}', 3) == \
+        [0.2, 0.9, 0.1]
+    assert parse_detection("Texts [bad then [1, 3]", 3) == [1.0, 0.0, 1.0]  # arrays still found
     assert parse_detection('{"probabilities": [0.1, 0.9]}', 2) == [0.1, 0.9]
     for content, reason in [('{"fires": [0]}', "not one of 1..3"), ('{"fires": [4]}', "not one of 1..3"),
                             ('{"fires": [1.5]}', "not one of"), ('{"probabilities": [0.1]}', "expected 3 probabilities"),
@@ -256,6 +270,23 @@ def test_expected_values_from_logprobs_json_and_tab():
     assert expected_values_from_logprobs(no_top, 2) is None             # nothing to take an expectation over
     no_digits = [_entry('{"activations": ['), _entry("7", [("seven", 0.9), ("x", 0.1)]), _entry("]}")]
     assert expected_values_from_logprobs(no_digits, 1) is None
+
+
+def test_expected_values_only_where_the_token_is_the_whole_number():
+    # a tokenizer that writes "10" as "1", "0" and "3.5" as "3", ".", "5": the alternatives of
+    # the first piece are not values (the old code read 0.9 for a written 10); those positions
+    # get None so the written value is used, the whole-number positions keep the expectation
+    split = [_entry('{"activations": ['), _entry("1", [("1", 0.9), ("0", 0.1)]), _entry("0"),
+             _entry(","), _entry(" 3", [(" 3", 0.5), (" 5", 0.5)]), _entry(","),
+             _entry("3", [("3", 0.8), ("4", 0.2)]), _entry("."), _entry("5"), _entry("]}")]
+    content = "".join(e["token"] for e in split)
+    assert parse_simulation(content, 3) == [10.0, 3.0, 3.5]
+    assert expected_values_from_logprobs(split, 3) == [None, pytest.approx(4.0), None]
+    # a whole-number token, with JSON punctuation stuck to it, still counts
+    whole = [_entry('{"activations":'), _entry("[10", [("[10", 0.5), ("[8", 0.5)]), _entry("]}")]
+    assert expected_values_from_logprobs(whole, 1) == [pytest.approx(9.0)]
+    # only split numbers: nothing to take an expectation over
+    assert expected_values_from_logprobs(split[:4] + [_entry(" 7]}")], 2) is None
 
 
 # --------------------------------------------------------------------------------------------

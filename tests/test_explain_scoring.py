@@ -359,6 +359,77 @@ def test_score_explanations_shared_signature(client_for, toy_2l):
 # Refinement
 # --------------------------------------------------------------------------------------------
 
+def _split_ten_logprobs(body: dict) -> dict:
+    """The smart answer, tokenised the way some tokenizers write numbers: "10" as "1", "0"."""
+    content = smart_responder(body)
+    entries = []
+    for token in split_tokens(content):
+        value = token.strip()
+        if value == "10":
+            pieces = [(token[:-1], [(token[:-1], 0.9), (" 0", 0.1)]), ("0", [("0", 1.0)])]
+        elif value == "0" and not entries[-1]["token"].endswith('"'):
+            pieces = [(token, [(token, 0.9), (" 3", 0.1)])]
+        else:
+            pieces = [(token, [(token, 1.0)])]
+        for piece, top in pieces:
+            entries.append({"token": piece, "logprob": math.log(top[0][1]),
+                            "top_logprobs": [{"token": t, "logprob": math.log(p)} for t, p in top]})
+    return {"content": content, "logprobs": entries}
+
+
+def test_simulation_split_digit_logprobs_use_the_written_value(client_for):
+    events = make_events(1)
+    client, server = client_for(_split_ten_logprobs, logprobs=True)
+    result = SimulationScorer(client).score_many([ScoringItem(1, 0, REPEAT, events)])[0]
+    kinds = [events[i].kind for i in result.details["event_ids"]]
+    # a written 10 split into "1", "0" is 10 (the old code took the first piece's expectation:
+    # 0.9 * 1 + 0.1 * 0 = 0.9); a whole "0" token keeps the expectation 0.1 * 3
+    assert result.details["predicted"] == pytest.approx([10.0 if k == "top" else 0.3 for k in kinds])
+    assert result.details["n_logprob_values"] == kinds.count("random") == 10
+    assert result.score > 0.85
+
+
+def test_simulation_min_events_below_three_is_rejected(client_for):
+    client, _ = client_for(smart_responder)
+    for bad in (1, 2):
+        with pytest.raises(ValueError, match=f"min_events={bad}.*>= 3"):
+            SimulationScorer(client, min_events=bad)
+    assert SimulationScorer(client, min_events=5).min_events == 5
+
+
+def test_refinement_after_a_rejection_asks_something_new(client_for):
+    # round 1 keeps REPEAT, round 2's revision (PUNCT) is rejected; round 3 must not resend the
+    # round-2 request (the same cached answer) and record the same rejection again
+    items = [ScoringItem(1, 0, PUNCT, make_events(6, n_top=12, n_other=12))]
+    client, server = client_for(smart_responder)
+    steps = refine_explanations(client, SimulationScorer(client), items, rounds=3, n_wrong=4)
+    assert [(s.round, s.kept, s.explanation.text) for s in steps[0]] == \
+        [(1, True, REPEAT.text), (2, False, PUNCT.text)]  # no duplicate round-3 step
+    prompts = [r["messages"][-1]["content"] for r in server.requests
+               if r["messages"][0]["content"] == REFINE_SYSTEM]
+    assert len(prompts) == 3 and len(set(prompts)) == 3  # round 3 was a new request
+    assert "Rejected revision" not in prompts[1]
+    assert f"Rejected revision 1: {json.dumps(PUNCT.text)}" in prompts[2]
+    gain = refinement_gain(steps)
+    assert list(gain["round"]) == [1, 2] and list(gain["n_kept"]) == [1, 0]
+
+    # an explainer that does write something new after a rejection gets it scored and recorded
+    variant = Explanation("Fires on a token that repeats an earlier word, variant.", "repeats", "earlier copy")
+
+    def learns(body):
+        user = body["messages"][-1]["content"]
+        if body["messages"][0]["content"] == REFINE_SYSTEM and "Rejected revision" in user:
+            return json.dumps({"explanation": variant.text, "attends_from": variant.attends_from,
+                               "attends_to": variant.attends_to})
+        return smart_responder(body)
+
+    client, server = client_for(learns)
+    steps = refine_explanations(client, SimulationScorer(client), items, rounds=3, n_wrong=4)
+    assert [(s.round, s.explanation.text) for s in steps[0]] == \
+        [(1, REPEAT.text), (2, PUNCT.text), (3, variant.text)]
+    assert steps[0][2].score is not None and not steps[0][2].kept  # as good, not strictly better
+
+
 def test_most_wrong_events_scales_and_orders():
     events = make_events(5, n_top=2, n_other=2)
     result = ScoreResult("simulation", 0.5, details={"predicted": [0.0, 10.0, 10.0, 5.0],

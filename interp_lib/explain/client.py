@@ -7,22 +7,24 @@ halves the CPU per request and lets a body that is not JSON be retried) and retu
 
 * bounded concurrency (a semaphore held only while a request is on the wire);
 * retries on 408 / 409 / 429 / 5xx, timeouts, connection errors and bodies that are not JSON,
-  with exponential backoff and full jitter (seeded), honouring ``Retry-After`` /
-  ``retry-after-ms`` (float seconds or an HTTP date), every wait capped at ``backoff_max``;
+  with exponential backoff and full jitter (seeded, capped at ``backoff_max``), honouring
+  ``Retry-After`` / ``retry-after-ms`` (float seconds or an HTTP date) up to ``retry_after_max``;
   other 4xx fail at once with the reason. A 400 that names ``response_format`` / ``logprobs``
-  (or ``max_completion_tokens``) is retried once without that feature, and the client remembers
-  it (``supports_json_mode``, ``supports_logprobs``);
+  (or ``max_completion_tokens``) is retried without that feature, again for each 400 that names
+  another one (the first 400 is the reason if all fail), and the client remembers it
+  (``supports_json_mode``, ``supports_logprobs``);
 * ``finish_reason == "length"`` gives ``ok=False``, ``failure="truncated (finish_reason=length)"``
   and keeps the partial text in ``content``;
-* a disk cache (one JSON file per request, keyed by the SHA-256 of the canonical request:
+* a disk cache (one JSON file per request; a file that cannot be written is logged and skipped, keyed by the SHA-256 of the canonical request:
   base_url, model, messages, max_tokens, temperature, json_mode, logprobs, top_logprobs -- never
   the API key, never ``tag``), so a rerun or a resumed run sends no request twice. Only
   successful results are cached. Identical requests in one batch are sent once. As a
   consequence, identical requests at ``temperature > 0`` share one sample: vary the prompt to get
   several;
 * token and dollar accounting from the ``usage`` block of each response and a price table
-  (``DEFAULT_PRICES`` merged with ``prices``; a model not in the table costs 0; names match by
-  longest prefix, so ``gpt-4o-mini-2024-07-18`` is priced as ``gpt-4o-mini``);
+  (``DEFAULT_PRICES`` merged with ``prices``; a model not in the table costs 0, with a warning
+  when ``max_cost_usd`` is set; names match by longest prefix, so ``gpt-4o-mini-2024-07-18`` is
+  priced as ``gpt-4o-mini``, and a fine-tune ``ft:gpt-4o-mini:org::id`` as its base model);
 * a spending cap: once ``usage.cost_usd >= max_cost_usd`` no further request is sent (those in
   flight finish, so the total may overshoot by at most ``concurrency`` responses); the rest return
   ``failure="budget cap reached ($X)"`` and ``stopped_reason`` is set;
@@ -47,6 +49,7 @@ import os
 import random
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,7 +66,6 @@ log = logging.getLogger(__name__)
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 PLACEHOLDER_KEY = "unused"  # local servers (vLLM, Ollama, LocalOpenAIServer) accept any key
 CACHE_FORMAT = 1
-KEY_ENV_VARS = ("INTERP_LIB_API_KEY", "OPENAI_API_KEY")
 COLAB_SECRET_NAME = "OPENAI_API_KEY"
 EMBED_BATCH = 256
 _ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -190,22 +192,22 @@ def _colab_secret(name: str) -> str | None:
 
 
 def resolve_api_key(api_key: str | None = None, base_url: str | None = None) -> str | None:
-    """The key to send: ``api_key`` if given, else ``$INTERP_LIB_API_KEY`` / ``$OPENAI_API_KEY``,
-    else the Colab secret ``OPENAI_API_KEY``, else (for a non-OpenAI ``base_url``) the placeholder
-    ``"unused"`` that local servers accept, else None."""
+    """The key to send: ``api_key`` if given, else ``$INTERP_LIB_API_KEY``; then, only when
+    ``base_url`` is OpenAI's (None or an ``*.openai.com`` host), ``$OPENAI_API_KEY`` or the Colab
+    secret ``OPENAI_API_KEY``. An OpenAI key is never sent to another host (a local server, a
+    third-party proxy): such a ``base_url`` gets an explicit key, ``$INTERP_LIB_API_KEY`` or the
+    placeholder ``"unused"`` that local servers accept. None when nothing applies."""
     if api_key is not None:
         if not isinstance(api_key, str) or not api_key:
             raise TypeError("api_key: expected a non-empty str or None (value not shown)")
         return api_key
-    for name in KEY_ENV_VARS:
-        if os.environ.get(name):
-            return os.environ[name]
-    secret = _colab_secret(COLAB_SECRET_NAME)
-    if secret:
-        return secret
-    if base_url is not None and not _is_openai_url(base_url):
+    if os.environ.get("INTERP_LIB_API_KEY"):
+        return os.environ["INTERP_LIB_API_KEY"]
+    if not _is_openai_url(base_url):
         return PLACEHOLDER_KEY
-    return None
+    if os.environ.get("OPENAI_API_KEY"):
+        return os.environ["OPENAI_API_KEY"]
+    return _colab_secret(COLAB_SECRET_NAME) or None
 
 
 class _Secret:
@@ -248,18 +250,24 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (float seconds or HTTP date)."""
     if not headers:
         return None
+    try:  # header names are case-insensitive; a plain dict may spell them any way
+        headers = {str(k).lower(): v for k, v in headers.items()}
+    except (AttributeError, TypeError):
+        return None
     value = headers.get("retry-after-ms")
     if value is not None:
         try:
-            return max(0.0, float(value) / 1000.0)
-        except ValueError:
-            pass
+            millis = float(value)
+        except (TypeError, ValueError):
+            millis = math.nan
+        if math.isfinite(millis):
+            return max(0.0, millis / 1000.0)
     value = headers.get("retry-after")
     if value is None:
         return None
     try:
         seconds = float(value)
-    except ValueError:
+    except (TypeError, ValueError):
         try:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
@@ -273,6 +281,17 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
 def _estimate_prompt_tokens(messages: Sequence[dict]) -> int:
     # ~4 characters per token for English, plus a few tokens of per-message overhead.
     return sum(4 + math.ceil(len(m.get("content") or "") / 4) for m in messages)
+
+
+def _count(value: Any) -> int:
+    """A token count from a usage block; 0 for anything that is not a finite number >= 0."""
+    if isinstance(value, bool):
+        return 0
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0
+    return int(number) if math.isfinite(number) and number >= 0 else 0
 
 
 def _parse_logprobs(raw: Any) -> list[dict] | None:
@@ -353,13 +372,14 @@ class LLMClient:
     """Async, cached, budgeted client for one model at one OpenAI-compatible endpoint.
 
     ``base_url=None`` means ``$OPENAI_BASE_URL`` or OpenAI itself. ``timeout`` bounds each attempt
-    (seconds, whole request). ``seed`` seeds the backoff jitter.
+    (seconds, whole request). Backoff waits are jittered up to ``backoff_max``; a server's
+    ``Retry-After`` is honoured up to ``retry_after_max`` seconds. ``seed`` seeds the jitter.
     """
 
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, *,
                  concurrency: int = 8, max_retries: int = 5, timeout: float = 60.0,
                  backoff_base: float = 0.5, backoff_max: float = 20.0,
-                 cache_dir: str | Path | None = None, prices: dict | None = None,
+                 retry_after_max: float = 120.0, cache_dir: str | Path | None = None, prices: dict | None = None,
                  max_cost_usd: float | None = None, dry_run: bool = False,
                  progress: bool = True, seed: int = 0):
         if not isinstance(model, str) or not model:
@@ -390,6 +410,7 @@ class LLMClient:
         self.timeout = _float("timeout", timeout, positive=True)
         self.backoff_base = _float("backoff_base", backoff_base)
         self.backoff_max = _float("backoff_max", backoff_max)
+        self.retry_after_max = _float("retry_after_max", retry_after_max)
         self.max_cost_usd = None if max_cost_usd is None else _float("max_cost_usd", max_cost_usd)
         self.prices = dict(DEFAULT_PRICES)
         for name, pair in (prices or {}).items():
@@ -398,6 +419,11 @@ class LLMClient:
                 raise ValueError(f"prices[{name!r}]={pair!r}: expected (USD per 1M prompt "
                                  "tokens, USD per 1M completion tokens), both >= 0")
             self.prices[name] = (float(pair[0]), float(pair[1]))
+        if self.max_cost_usd is not None and self.price() == (0.0, 0.0):
+            warnings.warn(f"max_cost_usd={self.max_cost_usd!r} cannot bind: model {self.model!r} "
+                          "has no price in the table (it costs $0 here); pass prices={"
+                          f"{self.model!r}: (USD per 1M prompt tokens, USD per 1M completion "
+                          "tokens)}", UserWarning, stacklevel=2)
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -442,6 +468,8 @@ class LLMClient:
     def price(self, model: str | None = None) -> tuple[float, float]:
         """(USD per 1M prompt tokens, per 1M completion tokens); (0, 0) for an unknown model."""
         name = model or self.model
+        if name.startswith("ft:"):  # OpenAI fine-tune "ft:<base>:<org>::<id>": the base's price
+            name = name[3:].split(":", 1)[0]
         for candidate in (name, name.rsplit("/", 1)[-1]):
             if candidate in self.prices:
                 return self.prices[candidate]
@@ -474,10 +502,13 @@ class LLMClient:
             stored = json.loads(path.read_text(encoding="utf-8"))["result"]
             names = {f.name for f in dataclasses.fields(ChatResult)}
             result = ChatResult(**{k: v for k, v in stored.items() if k in names})
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # damaged or of another shape ({"result": null}, a list): a miss, sent again
             log.warning("ignoring unreadable cache file %s (%s)", path, type(exc).__name__)
             return None
-        return dataclasses.replace(result, cached=True, attempts=0) if result.ok else None
+        if result.ok is not True or not isinstance(result.content, str):
+            return None
+        return dataclasses.replace(result, cached=True, attempts=0)
 
     def _cache_store(self, key: str, request: ChatRequest, result: ChatResult) -> None:
         path = self._cache_path(key)
@@ -513,7 +544,8 @@ class LLMClient:
         with self._lock:
             jitter = self._rng.uniform(0.0, min(self.backoff_max,
                                                 self.backoff_base * 2.0 ** retry_index))
-        return min(self.backoff_max, max(jitter, retry_after or 0.0))
+        # the server knows how long it is busy: honour its wait beyond backoff_max, within reason
+        return max(min(jitter, self.backoff_max), min(retry_after or 0.0, self.retry_after_max))
 
     def _need_key(self) -> str:
         key = self._api_key()
@@ -588,8 +620,8 @@ class LLMClient:
         if content is not None and not isinstance(content, str):
             return None
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        completion_tokens = int(usage.get("completion_tokens") or 0)
+        prompt_tokens = _count(usage.get("prompt_tokens"))
+        completion_tokens = _count(usage.get("completion_tokens"))
         if not usage:  # endpoint reports no usage: estimate so the budget still binds
             prompt_tokens = _estimate_prompt_tokens(request.messages)
             completion_tokens = math.ceil(len(content or "") / 4)
@@ -612,7 +644,8 @@ class LLMClient:
     async def _send(self, client, sem: asyncio.Semaphore, request: ChatRequest) -> ChatResult:
         attempts, retries = 0, 0
         drop: set[str] = set()
-        fallback: _Outcome | None = None  # the 400 that made us drop a feature, if any
+        fallback: _Outcome | None = None  # the first 400 that made us drop a feature, if any
+        dropped_by: dict[str, str] = {}  # feature -> message of the 400 that dropped it
         while True:
             async with sem:
                 budget = self._budget_failure()
@@ -627,24 +660,32 @@ class LLMClient:
                 if result is None:
                     outcome = _Outcome(retry=True, reason="malformed response (no choices)")
                 else:
-                    if fallback is not None and _says_unsupported(fallback.message):
-                        # the retry without the feature worked and the 400 said the endpoint
-                        # lacks it (not e.g. "messages must contain the word 'json'"): remember
-                        if "response_format" in drop and self.supports_json_mode:
-                            self.supports_json_mode = False
-                            log.warning("%s rejects response_format; sending without it",
-                                        self.base_url)
-                        if "logprobs" in drop and self.supports_logprobs:
-                            self.supports_logprobs = False
-                            log.warning("%s rejects logprobs; sending without them", self.base_url)
+                    # the retry without a feature worked and the 400 that dropped it said the
+                    # endpoint lacks it (not e.g. "messages must contain the word 'json'"):
+                    # remember, so later requests go without it at once
+                    said = {name for name, message in dropped_by.items()
+                            if _says_unsupported(message)}
+                    if "response_format" in said and self.supports_json_mode:
+                        self.supports_json_mode = False
+                        log.warning("%s rejects response_format; sending without it",
+                                    self.base_url)
+                    if "logprobs" in said and self.supports_logprobs:
+                        self.supports_logprobs = False
+                        log.warning("%s rejects logprobs; sending without them", self.base_url)
                     if "max_tokens" in drop:
                         self._use_max_completion_tokens = True
                     return result
             if not outcome.retry:
-                if outcome.status == 400 and fallback is None:
-                    new_drop = self._features_to_drop(outcome.message, params)
+                if outcome.status == 400:
+                    # an endpoint may reject several features one 400 at a time: drop them in
+                    # turn while each 400 names a feature still sent (after the first 400 only
+                    # named ones, so an unrelated 400 ends the loop)
+                    new_drop = self._features_to_drop(outcome.message, params,
+                                                      named_only=fallback is not None) - drop
                     if new_drop:
-                        fallback, drop = outcome, drop | new_drop
+                        fallback = fallback or outcome
+                        drop = drop | new_drop
+                        dropped_by.update({name: outcome.message for name in new_drop})
                         continue
                 if fallback is not None:
                     outcome = fallback  # report the original rejection
@@ -659,8 +700,9 @@ class LLMClient:
             await asyncio.sleep(delay)
 
     @staticmethod
-    def _features_to_drop(message: str, params: dict) -> set[str]:
-        """Which optional features a 400 seems to reject (all optional ones when it is unclear)."""
+    def _features_to_drop(message: str, params: dict, named_only: bool = False) -> set[str]:
+        """Which optional features a 400 seems to reject (all optional ones when it is unclear,
+        unless ``named_only``)."""
         text = message.lower()
         drop = set()
         if "max_completion_tokens" in text and "max_tokens" in params:
@@ -669,7 +711,7 @@ class LLMClient:
             drop.add("response_format")
         if "logprobs" in params and "logprob" in text:
             drop.add("logprobs")
-        if not drop:
+        if not drop and not named_only:
             drop = {name for name in ("response_format", "logprobs") if name in params}
         return drop
 
@@ -729,8 +771,13 @@ class LLMClient:
                 request = requests[groups[key][0]]
                 sent[key] = await self._send(client, sem, request)
                 if sent[key].ok and self.cache_dir is not None:
-                    # fsync can take a while (Drive): keep the event loop free meanwhile
-                    await asyncio.to_thread(self._cache_store, key, request, sent[key])
+                    # a slow disk (Drive) must not block the event loop; a failed write (full
+                    # disk, read-only folder) loses only the cache entry, never the result
+                    try:
+                        await asyncio.to_thread(self._cache_store, key, request, sent[key])
+                    except OSError as exc:
+                        log.warning("could not write cache file for %s (%s)", request.tag or key[:12],
+                                    exc)
                 bar.update(len(groups[key]))
                 bar.set_postfix_str(f"${self.usage.cost_usd:.4f}", refresh=False)
 
@@ -785,8 +832,9 @@ class LLMClient:
             path = self._cache_path(key, "embed")
             if path is not None and path.exists():
                 try:
-                    vectors[key] = json.loads(path.read_text(encoding="utf-8"))["embedding"]
-                except (OSError, ValueError, KeyError):
+                    vector = json.loads(path.read_text(encoding="utf-8"))["embedding"]
+                    vectors[key] = [float(x) for x in vector]
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
                     log.warning("ignoring unreadable cache file %s", path)
         missing = list(dict.fromkeys(k for k in keys if k not in vectors))
         if missing:
@@ -834,7 +882,8 @@ class LLMClient:
                     except (KeyError, TypeError, ValueError):
                         outcome = _Outcome(retry=True, reason="malformed response (no embeddings)")
                 if vecs is not None:
-                    n_tokens = int((outcome.data.get("usage") or {}).get("prompt_tokens") or 0)
+                    usage = outcome.data.get("usage") if isinstance(outcome.data, dict) else None
+                    n_tokens = _count(usage.get("prompt_tokens")) if isinstance(usage, dict) else 0
                     with self._lock:
                         self.usage.prompt_tokens += n_tokens
                         self.usage.cost_usd += self.cost(n_tokens, 0, model)
@@ -842,7 +891,10 @@ class LLMClient:
                         out[key] = vec
                         path = self._cache_path(key, "embed")
                         if path is not None:
-                            _atomic_write_json(path, {"model": model, "embedding": vec})
+                            try:
+                                _atomic_write_json(path, {"model": model, "embedding": vec})
+                            except OSError as exc:  # a cache is an optimisation: keep the vector
+                                log.warning("could not write cache file %s (%s)", path, exc)
                     return
                 if not outcome.retry or attempts > self.max_retries:
                     suffix = "" if not outcome.retry else f" after {attempts} attempts"

@@ -248,7 +248,8 @@ _FENCE_RE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
 
 def _find_json(content: str | None, kinds: tuple[type, ...]) -> Any:
     """The first JSON value of one of ``kinds`` in ``content`` (whole text, a ``` fence, or the
-    first decodable ``{`` / ``[`` after leading prose)."""
+    first decodable ``{`` / ``[`` after leading prose). Objects are looked for before arrays, so
+    prose like ``"Text [2] ... {"fires": [2, 4]}"`` gives the object, not ``[2]``."""
     if content is None or not str(content).strip():
         raise ParseError("empty answer")
     text = str(content).strip()
@@ -261,15 +262,17 @@ def _find_json(content: str | None, kinds: tuple[type, ...]) -> Any:
         if isinstance(value, kinds):
             return value
     decoder = json.JSONDecoder()
-    openers = "".join({dict: "{", list: "["}[k] for k in kinds)
-    for index, char in enumerate(text):
-        if char in openers:
+    for kind in sorted(kinds, key=lambda k: k is not dict):  # objects first
+        opener = {dict: "{", list: "["}[kind]
+        index = text.find(opener)
+        while index >= 0:
             try:
                 value, _ = decoder.raw_decode(text, index)
             except ValueError:
-                continue
-            if isinstance(value, kinds):
+                value = None
+            if isinstance(value, kind):
                 return value
+            index = text.find(opener, index + 1)
     names = " or ".join({dict: "object", list: "array"}[k] for k in kinds)
     raise ParseError(f"no JSON {names} in the answer: {_snippet(text)}")
 
@@ -408,13 +411,21 @@ def _value_offsets(content: str) -> list[int]:
     return offsets
 
 
-def expected_values_from_logprobs(logprobs: Sequence[Mapping] | None, n_tokens: int) -> list[float] | None:
+_NUMBER_TOKEN_STRIP = " \t\r\n,[]{}:\"'"
+
+
+def expected_values_from_logprobs(logprobs: Sequence[Mapping] | None, n_tokens: int
+                                  ) -> list[float | None] | None:
     """Expected activation per simulated token from the answer's top log-probabilities.
 
     Follows OpenAI's simulator: at each value position, the probabilities of the candidate
     tokens ``"0"``..``"10"`` are renormalised and their expectation taken. Returns None when the
-    logprobs are missing, hold no top alternatives, do not give exactly ``n_tokens`` value
-    positions, or a value position has no numeric candidate.
+    logprobs are missing, do not give exactly ``n_tokens`` value positions, or no position has a
+    usable expectation. Otherwise one entry per value, None where the expectation does not
+    apply, so the written value is used there:
+    the sampled token is not the whole written integer (a tokenizer that writes ``10`` as ``1``,
+    ``0`` or ``3.5`` as ``3``, ``.``, ``5``: the first token's alternatives are not the values),
+    or it has no numeric alternative.
     """
     n_tokens = _check_int(n_tokens, "n_tokens", 1)
     if not logprobs:
@@ -431,22 +442,29 @@ def expected_values_from_logprobs(logprobs: Sequence[Mapping] | None, n_tokens: 
     for piece in pieces:
         starts.append(position)
         position += len(piece)
-    values = []
+    values: list[float | None] = []
     for offset in offsets:
         index = max(i for i, s in enumerate(starts) if s <= offset)
-        top = logprobs[index].get("top_logprobs") or []
+        written = _NUMBER_RE.match(content, offset)
+        end = offset + len(written.group()) if written else offset
+        whole = (written is not None and end <= starts[index] + len(pieces[index])
+                 and pieces[index].strip(_NUMBER_TOKEN_STRIP) == written.group()
+                 and written.group().isdigit())
+        top = (logprobs[index].get("top_logprobs") or []) if whole else []
         mass, total = 0.0, 0.0
         for candidate in top:
-            match = _DIGIT_TOKEN_RE.fullmatch(str(candidate.get("token", "")))
-            if not match or int(match.group(1)) > 10:
+            try:
+                match = _DIGIT_TOKEN_RE.fullmatch(str(candidate.get("token", "")))
+                logprob = float(candidate["logprob"])
+            except (AttributeError, KeyError, TypeError, ValueError):
                 continue
-            p = math.exp(float(candidate["logprob"]))
+            if not match or int(match.group(1)) > 10 or not math.isfinite(logprob):
+                continue
+            p = math.exp(logprob)
             mass += p
             total += p * int(match.group(1))
-        if mass <= 0.0:
-            return None
-        values.append(total / mass)
-    return values
+        values.append(total / mass if mass > 0.0 else None)
+    return values if any(v is not None for v in values) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,9 +529,13 @@ def _explanation_json(explanation: Explanation) -> str:
 
 def refinement_messages(label: str, explanation: Explanation,
                         wrong_events: Sequence[tuple[Event, float, float]], *, max_context: int = 32,
-                        n_attended: int = 5) -> list[dict]:
+                        n_attended: int = 5, rejected: Sequence[Explanation] = ()) -> list[dict]:
     """Show the explainer its explanation and the events it got wrong (predicted vs actual
-    activation, both on the 0-10 scale) and ask for a revision in the same JSON format."""
+    activation, both on the 0-10 scale) and ask for a revision in the same JSON format.
+
+    ``rejected``: earlier revisions of this explanation that scored no better; they are listed
+    and the explainer is told to write something different (so a later round is a new request,
+    not a repeat of one whose answer is already known)."""
     if not isinstance(explanation, Explanation):
         raise TypeError(f"explanation={explanation!r}: expected an interp_lib.explain.Explanation")
     lines = [f"Attention head {label}.", "", "Current explanation:", _explanation_json(explanation), ""]
@@ -524,6 +546,16 @@ def refinement_messages(label: str, explanation: Explanation,
             lines.append(f"{i}. predicted {float(predicted):.1f}, actual {float(actual):.1f}: {text}")
     else:
         lines.append("No per-text errors are available; make the explanation more precise.")
+    rejected = list(rejected)
+    for i, candidate in enumerate(rejected, 1):
+        if not isinstance(candidate, Explanation):
+            raise TypeError(f"rejected[{i - 1}]={candidate!r}: expected an "
+                            "interp_lib.explain.Explanation")
+    if rejected:
+        lines += ["", "Your previous revision(s) below scored no better than the current "
+                      "explanation on other texts; do not repeat them, write a clearly different revision:"]
+        lines += [f"Rejected revision {i}: {json.dumps(c.text, ensure_ascii=False)}"
+                  for i, c in enumerate(rejected, 1)]
     lines += ["", "Write the revised explanation, in the JSON format given."]
     return [{"role": "system", "content": REFINE_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
 

@@ -57,7 +57,10 @@ def refine_explanations(explainer_client, scorer: Scorer, items: Sequence[Scorin
     two. A step records the candidate's held-out ``score``, the current ``previous_score`` and
     whether it was ``kept`` (strictly better). A revision that could not be parsed, or whose
     request failed, is a step with the unchanged current explanation, ``score=None`` and
-    ``kept=False``; an item with no per-event predictions gets no step that round.
+    ``kept=False``; an item with no per-event predictions gets no step that round. Revisions
+    rejected since the current explanation last changed are listed in the next request (the
+    explainer is told to write a different one), so a later round never repeats a request whose
+    answer is known, and no rejected revision is recorded twice.
     """
     from .client import ChatRequest
 
@@ -90,6 +93,9 @@ def refine_explanations(explainer_client, scorer: Scorer, items: Sequence[Scorin
         raise ValueError(f"scorer {getattr(scorer, 'name', scorer)!r} gives no per-event predictions "
                          "(details['predicted']): refinement needs a simulation or detection scorer")
     source = f"llm:{getattr(explainer_client, 'model', 'unknown')}"
+    # revisions rejected against the current explanation: shown in later requests, forgotten
+    # once a revision is kept (it is judged against a new explanation then)
+    rejected: dict[int, list[Explanation]] = {i: [] for i in range(len(items))}
     for round_ in range(1, rounds + 1):
         asked, requests = [], []
         for i, item in enumerate(items):
@@ -97,7 +103,8 @@ def refine_explanations(explainer_client, scorer: Scorer, items: Sequence[Scorin
             if not wrong:
                 continue
             asked.append(i)
-            requests.append(ChatRequest(messages=refinement_messages(item.label, current[i], wrong),
+            messages = refinement_messages(item.label, current[i], wrong, rejected=rejected[i])
+            requests.append(ChatRequest(messages=messages,
                                         max_tokens=max_tokens, temperature=0.0, json_mode=True,
                                         tag=f"refine {item.label} round {round_}"))
         answers = explainer_client.chat_many(requests, desc=f"refine round {round_}") if requests else []
@@ -115,6 +122,8 @@ def refine_explanations(explainer_client, scorer: Scorer, items: Sequence[Scorin
             if candidate is None:
                 steps[i].append(RefinementStep(round_, current[i], None, previous, False, failure=why))
                 continue
+            if any(r.text == candidate.text for r in rejected[i]):
+                continue  # a rejected revision again: already recorded, not scored twice
             candidate.round = round_
             revised[i] = candidate
         candidate_score = score(revised, deciding)
@@ -126,6 +135,9 @@ def refine_explanations(explainer_client, scorer: Scorer, items: Sequence[Scorin
             if kept:
                 current[i], current_score[i] = revised[i], candidate_score[i]
                 changed[i] = revised[i]
+                rejected[i] = []
+            else:
+                rejected[i].append(revised[i])
         if round_ < rounds and changed:
             feedback_result.update(score(changed, feedback))
     return steps

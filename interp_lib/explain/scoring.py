@@ -254,9 +254,12 @@ class SimulationScorer:
                             ("min_events", min_events)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive integer")
+        if min_events < 3:  # a Pearson correlation of fewer than 3 points means nothing
+            raise ValueError(f"min_events={min_events!r}: expected an integer >= 3 (a correlation "
+                             "needs at least 3 events)")
         self.client, self.use_logprobs = client, use_logprobs
         self.max_tokens_per_event, self.top_logprobs = max_tokens_per_event, min(20, top_logprobs)
-        self.min_events = max(3, min_events)
+        self.min_events = min_events
 
     def _wants_logprobs(self) -> bool:
         if self.use_logprobs == "auto":
@@ -299,8 +302,9 @@ class SimulationScorer:
                 _keep_reason(slot, f"unparseable: {error.reason}")
                 continue
             expected = expected_values_from_logprobs(answer.logprobs, n_tokens) if answer.logprobs else None
-            if expected is not None:
-                values = expected
+            # per value: the expectation where it applies, else the value written
+            if expected is not None and expected[-1] is not None:
+                values = [w if e is None else e for w, e in zip(values, expected)]
                 slot["n_logprob_values"] += 1
             slot["predicted"].append(float(values[-1]))
             slot["actual"].append(float(event.activation))
