@@ -256,6 +256,24 @@ def test_build_taxonomy_round_trip_and_figures(st_embed, tmp_path):
         figures.taxonomy_map(taxonomy, hover=("nope",))
 
 
+def test_round_trip_keeps_none_and_int_metrics():
+    texts = ["Attends to the previous token."] * 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # identical texts: warned about in its own test
+        taxonomy = tx.build_taxonomy(texts, backend="tfidf", progress=False)
+    metrics = taxonomy.metrics
+    assert metrics["n_missing_score"] is None and np.isnan(metrics["silhouette"])
+    back = tx.Taxonomy.from_dict(json.loads(json.dumps(taxonomy.to_dict(), allow_nan=False)))
+    assert back.metrics.keys() == metrics.keys()
+    for key, value in metrics.items():
+        got = back.metrics[key]
+        if isinstance(value, float) and np.isnan(value):
+            assert isinstance(got, float) and np.isnan(got), key
+        else:
+            assert got == value and type(got) is type(value), key
+    assert back.metrics["n_missing_score"] is None and back.metrics["n_skipped"] == 0
+
+
 def test_build_taxonomy_from_records(st_embed):
     texts, _ = flatten(DISTINCT)
     records = []
@@ -304,9 +322,20 @@ def test_llm_family_labels_and_openai_embeddings(make_server):
 
 def test_stability_identical_configs_is_one(st_embed):
     texts, _ = flatten(DISTINCT)
-    frame = tx.stability(texts, seeds=(0, 1, 2), min_cluster_sizes=(3,), backends=("tfidf",),
-                         subsample=1.0, progress=False)
-    assert len(frame) == 3 and frame["ari_vs_reference"].tolist() == [1.0, 1.0, 1.0]
+    frame = tx.stability(texts, seeds=(0, 1), min_cluster_sizes=(3, 12),
+                         backends=("tfidf", "sentence-transformers"), subsample=1.0, progress=False)
+    assert len(frame) == 8 and frame["failure"].isna().all()
+    ari = frame.set_index(["backend", "min_cluster_size", "seed"])["ari_vs_reference"]
+    reference = frame[frame["reference"]]
+    assert len(reference) == 1 and reference.iloc[0]["ari_vs_reference"] == 1.0
+    assert (reference.iloc[0]["backend"], reference.iloc[0]["min_cluster_size"]) == ("tfidf", 3)
+    # Same backend and min_cluster_size on all texts: the deterministic clustering repeats.
+    assert ari[("tfidf", 3, 1)] == 1.0
+    # Clearly different configurations are not: no family of 6 paraphrases reaches 12 members
+    # (measured ARI 0.0), and MiniLM partitions the texts differently from TF-IDF (0.33).
+    for seed in (0, 1):
+        assert ari[("tfidf", 12, seed)] < 0.5 and ari[("sentence-transformers", 12, seed)] < 0.5
+        assert 0.0 < ari[("sentence-transformers", 3, seed)] < 0.9
     frame = tx.stability(texts, seeds=(0, 1), min_cluster_sizes=(3, 4),
                          backends=("sentence-transformers", "tfidf"), subsample=0.8, progress=False)
     assert len(frame) == 8 and frame["reference"].sum() == 1 and frame["failure"].isna().all()
@@ -332,6 +361,34 @@ def test_compare_with_behaviour_constructed():
     assert same["ari"] == 1.0 and same["nmi"] == pytest.approx(1.0) and same["disagreements"].empty
     with pytest.raises(ValueError, match="keys"):
         tx.compare_with_behaviour(text, behaviour)
+
+
+def test_compare_with_behaviour_uses_family_ids_not_names():
+    # head_families-like output: clusters 0 and 2 are both named "diffuse", and two heads are
+    # HDBSCAN-unclustered (-1). Text families that separate every one of them agree perfectly.
+    keys = [f"L{i // 4}H{i % 4}" for i in range(8)]
+    behaviour = pd.DataFrame({
+        "head": keys, "family": [0, 0, 1, 1, 2, 2, -1, -1],
+        "family_name": ["diffuse", "diffuse", "bos", "bos", "diffuse", "diffuse",
+                        "unclustered", "unclustered"]})
+    result = tx.compare_with_behaviour(dict(zip(keys, [0, 0, 1, 1, 2, 2, 3, 4])), behaviour)
+    assert result["ari"] == 1.0 and result["nmi"] == pytest.approx(1.0)
+    assert result["ari_all"] == 1.0 and result["disagreements"].empty
+    assert result["n_behaviour_unclustered"] == 2
+    # Names stay available for display, made unique by the id.
+    assert sorted(result["contingency"].columns) == ["-1 (unclustered)", "0 (diffuse)",
+                                                      "1 (bos)", "2 (diffuse)"]
+    assert result["contingency"].loc[2, "2 (diffuse)"] == 2
+    # Text families that merge the two "diffuse" clusters (and the unclustered pair) disagree.
+    merged = [0, 0, 1, 1, 0, 0, 3, 3]
+    result = tx.compare_with_behaviour(dict(zip(keys, merged)), behaviour)
+    expected = adjusted_rand_score(merged, [0, 0, 1, 1, 2, 2, 5, 6])
+    assert result["ari"] == pytest.approx(expected) and expected < 0.7
+    # Text family 0 holds two behaviour clusters of two (one pair is off the majority), text
+    # family 3 two unclustered singletons (one is off).
+    flagged = set(result["disagreements"]["key"])
+    assert len(flagged & {"L0H0", "L0H1", "L1H0", "L1H1"}) == 2
+    assert len(flagged & {"L1H2", "L1H3"}) == 1 and len(flagged) == 3
 
 
 def test_compare_with_behaviour_on_toy_model_families(toy_2l):

@@ -108,6 +108,25 @@ def test_page_is_self_contained_and_data_round_trips(tmp_path):
     assert data["run"] == viewer_run_id(records)
 
 
+def test_meta_urls_lose_user_info_and_query(tmp_path):
+    records = make_records()
+    meta = {"base_url": "https://user:s3cr3t@api.example.com:8443/v1?key=q-secret&x=1#tok=f-secret",
+            "client": {"endpoints": ["http://bob@localhost:8000/v1", "https://plain.example/v1"],
+                       "note": "see https://x.example/?key=kept-in-prose", "n": 2},
+            "not_a_url": "ftp://u:p@host/?a=1", "model": "toy-2l"}
+    data = viewer_data(records, meta=meta)
+    assert data["meta"] == {
+        "base_url": "https://api.example.com:8443/v1",
+        "client": {"endpoints": ["http://localhost:8000/v1", "https://plain.example/v1"],
+                   # only whole-string http(s) URLs are rewritten; prose is left as written
+                   "note": "see https://x.example/?key=kept-in-prose", "n": 2},
+        "not_a_url": "ftp://u:p@host/?a=1", "model": "toy-2l"}
+    page = write_viewer(records, tmp_path / "viewer.html", meta=meta).read_text(encoding="utf-8")
+    for secret in ("s3cr3t", "q-secret", "f-secret", "bob"):
+        assert secret not in page
+    assert _embedded(page)["meta"] == data["meta"]
+
+
 def test_viewer_options_and_bad_input(tmp_path):
     records = make_records()
     data = viewer_data(records, max_events=1, color_by="score")
@@ -336,6 +355,36 @@ def test_chromium_loads_cleanly_and_hostile_text_stays_text(browser, page_url):
     with pytest.raises(NoAlertPresentException):
         browser.switch_to.alert.text
     assert _severe(browser) == []
+
+
+def test_chromium_prototype_names_in_url_hash_select_nothing(browser, page_url):
+    from selenium.webdriver.common.by import By
+
+    def selected():
+        return browser.execute_script(
+            "return Array.prototype.map.call(document.querySelectorAll('button.cell.selected'),"
+            " function (b) { return b.getAttribute('data-head'); });")
+
+    for fragment in ("constructor", "__proto__", "toString", "hasOwnProperty", "%E0%A4%A"):
+        _open(browser, page_url + "#" + fragment)
+        assert browser.execute_script("return typeof window.interpLibViewer") == "object", fragment
+        assert _severe(browser) == [], fragment
+        assert selected() == [], fragment
+        assert browser.find_element(By.ID, "detail-body").get_attribute("hidden") is not None
+    # A real head label in the hash is still honoured.
+    _open(browser, page_url + "#L1H1")
+    assert selected() == ["L1H1"] and _severe(browser) == []
+    # Stored ratings under prototype names are not heads: only the real one counts or exports.
+    browser.execute_script(
+        "localStorage.setItem('interp_lib_viewer:' + window.interpLibViewer.run, JSON.stringify("
+        "{ratings: JSON.parse('{\"constructor\": {\"rating\": 2}, \"__proto__\": "
+        "{\"rating\": 3}, \"L0H0\": {\"rating\": 4, \"comment\": \"\"}}')}));")
+    browser.get("about:blank")
+    browser.get(page_url + "#constructor")
+    assert _severe(browser) == [] and selected() == []
+    assert browser.find_element(By.ID, "rated-count").text == "rated 1 / 5"
+    exported = json.loads(browser.execute_script("return window.interpLibViewer.exportRatings();"))
+    assert [r["label"] for r in exported["ratings"]] == ["L0H0"]
 
 
 def test_chromium_click_shows_head_with_attended_tokens(browser, page_url):

@@ -479,7 +479,10 @@ class Taxonomy:
         families = pd.DataFrame(data["families"], columns=list(_FAMILY_COLUMNS))
         families = families.astype({"family": int, "size": int, "agreement": float,
                                     "specificity": float})
-        metrics = {k: (float("nan") if v is None else v) for k, v in data["metrics"].items()}
+        # JSON stores NaN as null; only the float metrics were NaN, the rest (e.g.
+        # "n_missing_score": None when no scores were given) were None and stay None.
+        metrics = {k: (float("nan") if v is None and k in _FLOAT_METRICS else v)
+                   for k, v in data["metrics"].items()}
         return cls(texts=list(data["texts"]), keys=list(data["keys"]),
                    labels=np.asarray(data["labels"], dtype=int),
                    embeddings=np.asarray(data["embeddings"], dtype=np.float32),
@@ -506,6 +509,8 @@ class Taxonomy:
 
 
 _FAMILY_COLUMNS = ("family", "size", "label", "label_source", "agreement", "specificity", "members")
+_FLOAT_METRICS = frozenset({"coverage", "unclustered_fraction", "mean_agreement",
+                            "mean_specificity", "silhouette"})   # family_metrics' float values
 
 
 def _project(embeddings: np.ndarray, seed: int, n_neighbors: int, min_dist: float) -> tuple[np.ndarray, dict]:
@@ -717,11 +722,13 @@ def _as_label_map(labels, keys, name: str) -> dict[str, Any]:
     if isinstance(labels, Taxonomy):
         return dict(zip(labels.keys, labels.labels.tolist()))
     if isinstance(labels, pd.DataFrame):
-        column = next((c for c in ("family_name", "family") if c in labels.columns), None)
+        # The integer ``family`` id first: head_families names ("diffuse", "bos", ...) are not
+        # unique, so grouping by name would merge distinct clusters.
+        column = next((c for c in ("family", "family_name") if c in labels.columns), None)
         if "head" not in labels.columns or column is None:
-            raise ValueError(f"{name}: a DataFrame needs columns 'head' and 'family_name' or "
-                             "'family' (e.g. il.heads.head_families output)")
-        return dict(zip(labels["head"].astype(str), labels[column]))
+            raise ValueError(f"{name}: a DataFrame needs columns 'head' and 'family' or "
+                             "'family_name' (e.g. il.heads.head_families output)")
+        return dict(zip(labels["head"].astype(str), labels[column].tolist()))
     if isinstance(labels, Mapping):
         return {str(k): v for k, v in labels.items()}
     values = list(np.asarray(labels).tolist())
@@ -732,56 +739,78 @@ def _as_label_map(labels, keys, name: str) -> dict[str, Any]:
     return dict(zip([str(k) for k in keys], values))
 
 
+def _display_names(labels) -> dict[Any, str]:
+    """``{family id: "3 (diffuse)"}`` for a DataFrame with both ``family`` and ``family_name``."""
+    if isinstance(labels, pd.DataFrame) and {"family", "family_name"} <= set(labels.columns):
+        return {f: f"{f} ({n})" for f, n in zip(labels["family"].tolist(),
+                                                 labels["family_name"].tolist())}
+    return {}
+
+
+def _is_unclustered(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value < 0
+
+
 def compare_with_behaviour(text_labels, behaviour_labels, keys: Sequence[str] | None = None) -> dict:
     """Agreement between text families and behavioural families (e.g. ``il.heads.head_families``
     on attention statistics). Either side: a :class:`Taxonomy`, a ``{head: family}`` mapping, a
-    DataFrame with ``head`` and ``family_name`` / ``family``, or a sequence aligned with ``keys``.
+    DataFrame with ``head`` and ``family`` (preferred: names are not unique) or ``family_name``,
+    or a sequence aligned with ``keys``. A negative integer behaviour family (HDBSCAN's
+    unclustered ``-1``) counts as its own singleton, as in :func:`family_ari`.
 
     Returns ``ari`` and ``nmi`` (over heads on both sides and clustered in text; unclustered
     text heads count as singletons in ``ari_all``), the ``contingency`` DataFrame (text family x
-    behaviour family), and ``disagreements``: heads whose behaviour family differs from the
-    majority behaviour family of their text family, or whose text family differs from the
-    majority text family of their behaviour family.
+    behaviour family, the latter shown as ``"3 (diffuse)"`` when the DataFrame has both columns;
+    unclustered behaviour heads share one column there), and ``disagreements``: heads whose
+    behaviour family differs from the majority behaviour family of their text family, or whose
+    text family differs from the majority text family of their behaviour family.
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     text = _as_label_map(text_labels, keys, "text_labels")
     behaviour = _as_label_map(behaviour_labels, keys, "behaviour_labels")
+    display = _display_names(behaviour_labels)
     common = [k for k in (list(keys) if keys is not None else text) if k in text and k in behaviour]
     if len(common) < 2:
         raise ValueError(f"only {len(common)} head(s) appear in both text_labels and "
                          "behaviour_labels: expected at least 2 shared keys")
+    raw = [v.item() if isinstance(v, np.generic) else v for v in (behaviour[k] for k in common)]
+    # One integer code per behaviour family; every unclustered head gets a code of its own.
+    codes = pd.factorize(pd.Series(raw, dtype=object))[0].astype(int)
+    noise = np.flatnonzero([_is_unclustered(v) for v in raw])
+    codes[noise] = codes.max(initial=-1) + 1 + np.arange(len(noise))
     frame = pd.DataFrame({"key": common, "text_family": [int(text[k]) for k in common],
-                          "behaviour_family": [behaviour[k] for k in common]})
+                          "behaviour_family": [display.get(v, v) for v in raw],
+                          "behaviour_code": codes})
+    shown = dict(zip(frame["behaviour_code"], frame["behaviour_family"]))
     clustered = frame[frame["text_family"] >= 0]
-    behaviour_codes = pd.factorize(frame["behaviour_family"].astype(str))[0]
     out: dict[str, Any] = {
         "n_heads": len(frame), "n_unclustered": int((frame["text_family"] < 0).sum()),
-        "ari_all": family_ari(frame["text_family"].to_numpy(), behaviour_codes),
+        "n_behaviour_unclustered": len(noise),
+        "ari_all": family_ari(frame["text_family"].to_numpy(), codes),
         "ari": float("nan"), "nmi": float("nan")}
     if len(clustered) >= 2:
-        out["ari"] = float(adjusted_rand_score(clustered["text_family"],
-                                               clustered["behaviour_family"].astype(str)))
+        out["ari"] = float(adjusted_rand_score(clustered["text_family"], clustered["behaviour_code"]))
         out["nmi"] = float(normalized_mutual_info_score(clustered["text_family"],
-                                                        clustered["behaviour_family"].astype(str)))
+                                                        clustered["behaviour_code"]))
     out["contingency"] = pd.crosstab(frame["text_family"], frame["behaviour_family"])
-    majority_behaviour = clustered.groupby("text_family")["behaviour_family"].agg(
+    majority_behaviour = clustered.groupby("text_family")["behaviour_code"].agg(
         lambda s: s.value_counts().index[0])
-    majority_text = clustered.groupby("behaviour_family")["text_family"].agg(
+    majority_text = clustered.groupby("behaviour_code")["text_family"].agg(
         lambda s: s.value_counts().index[0])
     rows = []
     for row in clustered.itertuples(index=False):
         expected_b = majority_behaviour[row.text_family]
-        expected_t = majority_text[row.behaviour_family]
+        expected_t = majority_text[row.behaviour_code]
         reasons = []
-        if row.behaviour_family != expected_b:
+        if row.behaviour_code != expected_b:
             reasons.append("behaviour differs from its text family's majority")
         if row.text_family != expected_t:
             reasons.append("text family differs from its behaviour family's majority")
         if reasons:
             rows.append({"key": row.key, "text_family": row.text_family,
                          "behaviour_family": row.behaviour_family,
-                         "text_family_majority_behaviour": expected_b,
+                         "text_family_majority_behaviour": shown[expected_b],
                          "behaviour_family_majority_text": expected_t, "reason": "; ".join(reasons)})
     out["disagreements"] = pd.DataFrame(rows, columns=[
         "key", "text_family", "behaviour_family", "text_family_majority_behaviour",

@@ -34,6 +34,7 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
@@ -69,14 +70,33 @@ def _check_records(records: Any) -> list[HeadRecord]:
     return records
 
 
+def _strip_url_credentials(value: str) -> str:
+    """An http(s) URL without user-info, query string or fragment (where API keys and tokens
+    ride, e.g. ``https://user:pass@host/v1?key=...``); any other string unchanged."""
+    text = value.strip()
+    if not re.match(r"(?i)https?://", text) or re.search(r"\s", text):
+        return value
+    try:
+        parts = urlsplit(text)
+    except ValueError:   # e.g. a malformed IPv6 host: not a URL we can vouch for, keep nothing
+        return REDACTED
+    if not parts.netloc:
+        return value
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 def _clean_meta(value: Any, secrets: set[str]) -> Any:
-    """Meta without credential-named keys (at any depth) or credential values."""
+    """Meta without credential-named keys (at any depth), credential values, or credentials
+    inside http(s) URLs (user-info and query strings are dropped)."""
     if isinstance(value, Mapping):
         return {str(k): _clean_meta(v, secrets) for k, v in value.items() if not is_secret_key(k)}
     if isinstance(value, (list, tuple)):
         return [_clean_meta(v, secrets) for v in value]
-    if isinstance(value, str) and value in secrets:
-        return REDACTED
+    if isinstance(value, str):
+        if value in secrets:
+            return REDACTED
+        return _strip_url_credentials(value)
     return _jsonable(value)
 
 
@@ -653,9 +673,19 @@ _JS = r"""
                  "#ff9da7", "#9c755f", "#17becf", "#bcbd22", "#8c564b"];
   var GREY = "#bdbdbd";
   var VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
-  var heads = {};
+  // Maps keyed by head label (and looked up with the URL hash or stored ratings) have no
+  // prototype, so "#constructor" or "__proto__" never find Object.prototype members.
+  function has(obj, key) { return Object.prototype.hasOwnProperty.call(obj, key); }
+  function nullMap(source) {
+    var out = Object.create(null);
+    if (source && typeof source === "object") {
+      Object.keys(source).forEach(function (k) { out[k] = source[k]; });
+    }
+    return out;
+  }
+  var heads = Object.create(null);
   DATA.heads.forEach(function (h) { heads[h.label] = h; });
-  var cells = {};
+  var cells = Object.create(null);
   var selected = null;
   var colorMode = DATA.color_by === "score" ? "score:best" : "family";
 
@@ -668,7 +698,7 @@ _JS = r"""
     } catch (e) { storageOk = false; return {}; }
   }
   var store = loadStore();
-  var ratings = (store && typeof store.ratings === "object" && store.ratings) || {};
+  var ratings = nullMap(store && typeof store.ratings === "object" ? store.ratings : null);
   var rater = (store && typeof store.rater === "string") ? store.rater : "";
   function saveStore() {
     try {
@@ -693,7 +723,8 @@ _JS = r"""
   function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } }
   function scoreOf(h, mode) {
     if (mode === "score:best") { return h.best_score; }
-    var s = h.scores[mode.slice(6)];
+    var name = mode.slice(6);
+    var s = h.scores && has(h.scores, name) ? h.scores[name] : null;
     return s ? s.score : null;
   }
   function viridis(t) {
@@ -1025,7 +1056,7 @@ _JS = r"""
     if (t && (t.tagName === "TEXTAREA" || t.tagName === "INPUT" || t.tagName === "SELECT")) { return; }
     if (e.key >= "1" && e.key <= "5" && selected) { setRating(selected, Number(e.key)); return; }
     var moves = { ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1] };
-    if (!moves[e.key]) { return; }
+    if (!has(moves, e.key)) { return; }
     e.preventDefault();
     var cur = selected ? heads[selected] : null;
     var layer = cur ? cur.layer : 0, head = cur ? cur.head : -1;
@@ -1038,8 +1069,9 @@ _JS = r"""
 
   paint();
   saveStore();
-  var initial = decodeURIComponent(window.location.hash.slice(1));
-  if (heads[initial]) { selectHead(initial); }
+  var initial = null;
+  try { initial = decodeURIComponent(window.location.hash.slice(1)); } catch (e) { /* bad %-escape */ }
+  if (initial !== null && heads[initial]) { selectHead(initial); }
   window.interpLibViewer = {
     exportRatings: exportRatings,
     select: selectHead,
