@@ -95,8 +95,8 @@ def _add_explain_command(subparsers: argparse._SubParsersAction) -> None:
             "OUT/llm_cache, so a killed or repeated run resumes without recomputing or resending.\n"
             "With no --explainer the heuristic (no-LLM) explainer names the heads and the LLM\n"
             "scorers are skipped (said in the report). The API key is read from\n"
-            "$INTERP_LIB_API_KEY or $OPENAI_API_KEY (or Colab secrets), never from the command\n"
-            "line, and is written nowhere."),
+            "$INTERP_LIB_API_KEY, or for OpenAI itself $OPENAI_API_KEY (or the Colab secret),\n"
+            "never from the command line, and is written nowhere."),
         epilog=(
             "examples:\n"
             "  interp-lib explain --model toy-2l --out runs/explain-toy          # offline, heuristic\n"

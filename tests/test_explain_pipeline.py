@@ -93,6 +93,13 @@ def test_offline_run_names_the_known_heads_and_reruns_from_checkpoints(tmp_path,
     again, _ = load_records(out / "records.json")
     assert [r.to_dict() for r in again] == [r.to_dict() for r in records]
 
+    # leaving scoring out changes what is clustered: the taxonomy is recomputed, not reused
+    assert cli_main(args + ["--skip", "score"]) == 0
+    printed = capsys.readouterr().out
+    assert "[taxonomy] running" in printed and "[events] loaded" in printed
+    unscored, _ = load_records(out / "records.json")
+    assert all(not r.scores for r in unscored)
+
 
 def test_llm_run_with_30_percent_faults_completes_and_rerun_sends_nothing(tmp_path, model, monkeypatch):
     monkeypatch.setenv("INTERP_LIB_API_KEY", PLANTED_KEY)
@@ -177,7 +184,10 @@ def test_dry_run_counts_calls_and_sends_nothing(tmp_path, model, capsys):
         run = run_explainer(config, tmp_path / "run", model=model, progress=False)
         assert server.n_requests == 0
     printed = capsys.readouterr().out
-    assert re.search(r"dry run: 8 explainer calls, estimated \$\d", printed), printed
+    match = re.search(r"dry run: (\d+) LLM calls \(explain 8, scoring (\d+), refinement ~(\d+)\), estimated \$(\S+)", printed)
+    assert match, printed
+    total, scoring, refining = (int(match.group(i)) for i in (1, 2, 3))
+    assert scoring > 8 and refining > 8 and total == 8 + scoring + refining and float(match.group(4)) > 0
     assert run.records == [] and not (tmp_path / "run" / "records.json").exists()
 
 
@@ -218,3 +228,8 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     assert "unknown stage(s) ['dessert']" in capsys.readouterr().err
     assert cli_main(["explain", "--out", str(tmp_path), "--holdout-fraction", "1.5"]) == 2
     assert "holdout_fraction=1.5" in capsys.readouterr().err
+    assert cli_main(["explain", "--out", str(tmp_path), "--embedding", "bert"]) == 2
+    assert "embedding='bert': expected 'auto'" in capsys.readouterr().err
+    assert cli_main(["explain", "--out", str(tmp_path), "--model", "toy-2l", "--dry-run"]) == 2
+    assert "dry_run=True needs an explainer" in capsys.readouterr().err
+    assert not (tmp_path / "config.json").exists()  # refused runs write nothing

@@ -30,7 +30,7 @@ class ExplainConfig:
     salience: str = field(default="z_norm", metadata={"help": "event salience: z_norm (||z||) or resid_write_norm (||z W_O||)"})
     explainer: str | None = field(default=None, metadata={"help": "explainer LLM (e.g. gpt-4o-mini); unset = heuristic explainer, no LLM"})
     simulator: str | None = field(default=None, metadata={"help": "simulator / detector LLM (default: the explainer)"})
-    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible endpoint (default: OpenAI's); the key comes from $INTERP_LIB_API_KEY / $OPENAI_API_KEY / Colab secrets"})
+    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible endpoint (default: OpenAI's); the key comes from $INTERP_LIB_API_KEY, or for OpenAI $OPENAI_API_KEY / the Colab secret"})
     scorers: tuple[str, ...] = field(default=ALL_SCORERS, metadata={"help": "scorers to run: contrastive, simulation, detection"})
     refine_rounds: int = field(default=1, metadata={"help": "refinement rounds (0 = none); a revision is kept only if its held-out score improves"})
     holdout_fraction: float = field(default=0.5, metadata={"help": "fraction of each head's events held out for scoring (never shown to the explainer)"})
@@ -67,6 +67,9 @@ class ExplainConfig:
             raise ValueError(f"holdout_fraction={self.holdout_fraction!r}: expected a number in (0, 1)")
         if self.salience not in ("z_norm", "resid_write_norm"):
             raise ValueError(f"salience={self.salience!r}: expected 'z_norm' or 'resid_write_norm'")
+        if self.embedding not in ("auto", "sentence-transformers", "openai", "tfidf"):
+            raise ValueError(f"embedding={self.embedding!r}: expected 'auto', 'sentence-transformers', "
+                             "'openai' or 'tfidf'")
         if self.causal_method not in ("zero", "mean"):
             raise ValueError(f"causal_method={self.causal_method!r}: expected 'zero' or 'mean'")
         if self.max_cost_usd is not None and not float(self.max_cost_usd) > 0:

@@ -21,6 +21,7 @@ check still run, so the whole pipeline works offline on the bundled models.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from .records import HeadRecord, RefinementStep, ScoreResult, head_label, parse_head_label
 
-from .config import STAGES, ExplainConfig
+from .config import LLM_SCORERS, STAGES, ExplainConfig
 
 
 # ---------------------------------------------------------------- heads and splits
@@ -219,11 +220,10 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
         model_name = getattr(model.cfg, "model_name", model_name) if config.model == "auto" else model_name
     model.eval()
     base = {"model": model_name, "seed": config.seed}
-    run_config = {**config.to_dict(), "model_resolved": model_name,
+    heads = select_heads(model, config.heads)  # validated before anything is written
+    run_config = {**config.to_dict(), "base_url": public_url(config.base_url), "model_resolved": model_name,
                   "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads,
                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (out / "config.json").write_text(json.dumps(run_config, indent=1))
-    heads = select_heads(model, config.heads)
     ran: list[str] = []
 
     def stage(name: str, compute: Callable[[], Any], params: dict, needed: bool = True):
@@ -261,8 +261,8 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
     # 3a. heuristic baseline (always: it is the offline explainer and the LLM's baseline)
     from .heuristic import heuristic_explanations
 
-    heuristic, stats = stage("heuristic", lambda: heuristic_explanations(model, windows, progress=progress),
-                             sample_params)
+    heuristic, stats = stage("heuristic", lambda: heuristic_explanations(
+        model, windows, seed=config.seed, batch_size=config.batch_size, progress=progress), sample_params)
 
     # held-out split per head: the explainer sees one part, scorers the other
     from .scoring import split_events
@@ -285,26 +285,28 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
             return {head: (heuristic[head], None) for head in heads}
         from .prompts import LLMExplainer
 
-        answers = LLMExplainer(llm).explain_many({head: split[head][0] for head in heads})
-        if config.dry_run:
-            _say(f"dry run: {llm.usage.dry_run_calls} explainer calls, estimated ${llm.usage.dry_run_cost_usd:.4f}")
-        return answers
+        return LLMExplainer(llm).explain_many({head: split[head][0] for head in heads})
 
-    # max_cost_usd is a param: raising the cap recomputes the LLM stages, and the request cache
-    # answers everything already paid for, so only what the cap stopped is sent
-    explain_params = {**event_params, **config.params("explainer", "base_url", "holdout_fraction", "dry_run",
-                                                      "max_cost_usd")}
-    if config.dry_run:
-        answers = explain()  # never checkpoint a dry run: it explains nothing
-        _say("dry run finished: nothing was sent; rerun without --dry-run to spend")
-        return ExplainRun([], out, config, ["explain"], usage=_usage(llm, None))
-    answers = stage("explain", explain, explain_params)
-
-    # 4. score
     sim_client = simulator_client
     if sim_client is None and llm is not None:
         sim_client = llm if not config.simulator or config.simulator == config.explainer else \
             make_client(config, out, config.simulator, progress=progress)
+
+    # The LLM a stage talks to is part of its params (from the client actually used); without
+    # one they are left out, so changing LLM-only options never recomputes a heuristic run.
+    # max_cost_usd is a param: raising the cap recomputes the LLM stages and the request cache
+    # answers everything already paid for, so only what the cap stopped is sent.
+    llm_params = {} if llm is None else {
+        "explainer": llm.model, "base_url": public_url(getattr(llm, "base_url", None)),
+        "max_cost_usd": config.max_cost_usd}
+    explain_params = {**event_params, **config.params("holdout_fraction"), **llm_params}
+    if config.dry_run:
+        if llm is None:
+            raise ValueError("dry_run=True needs an explainer (an LLM): the heuristic run sends nothing")
+        return _dry_run(config, out, llm, sim_client, explain, heads, heuristic, split, model)
+    answers = stage("explain", explain, explain_params)
+
+    # 4. score
 
     def scorers_available() -> tuple[list, dict[str, str]]:
         from .scoring import ContrastiveScorer, DetectionScorer, SimulationScorer
@@ -335,21 +337,27 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
                 results.setdefault(h, {}).update({f"baseline_{k}": v for k, v in s.items()})
         return results, reasons
 
-    score_params = {**explain_params, **config.params("scorers", "simulator")}
+    score_params = {**explain_params, **config.params("scorers"),
+                    **({"simulator": sim_client.model} if sim_client is not None else {})}
     scores, skipped_scorers = stage("score", score, score_params, needed=False) or ({}, {})
 
     # 5. refine
     def refine():
-        if llm is None or config.refine_rounds == 0:
+        llm_scorers = [s for s in config.scorers if s in LLM_SCORERS]
+        if llm is None or config.refine_rounds == 0 or not llm_scorers:
             return {}
         from .refine import refine_explanations
         from .scoring import DetectionScorer, ScoringItem, SimulationScorer
 
-        scorer = SimulationScorer(sim_client) if "simulation" in config.scorers else DetectionScorer(sim_client, seed=config.seed)
+        scorer = SimulationScorer(sim_client) if llm_scorers[0] == "simulation" else \
+            DetectionScorer(sim_client, seed=config.seed)
         explained = [h for h in heads if answers[h][0] is not None]
-        items = [ScoringItem(h[0], h[1], answers[h][0], split[h][1]) for h in explained]
-        steps = refine_explanations(llm, scorer, items, rounds=config.refine_rounds)
-        return dict(zip(explained, steps))
+        # feedback from the events the explainer saw; keep / reject decided on the held-out
+        # events, the same ones the score stage used, so the refined score is comparable
+        items = [ScoringItem(h[0], h[1], answers[h][0], split[h][0]) for h in explained]
+        steps = refine_explanations(llm, scorer, items, rounds=config.refine_rounds,
+                                    holdout_events=[split[h][1] for h in explained])
+        return {h: (item_steps, scorer.name) for h, item_steps in zip(explained, steps)}
 
     refinement = stage("refine", refine, {**score_params, **config.params("refine_rounds")},
                        needed=False) or {}
@@ -381,7 +389,12 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
             return {"error": str(error)}
         return {"taxonomy": tax.to_dict()}
 
-    tax_params = {**score_params, **config.params("refine_rounds", "min_cluster_size", "embedding")}
+    # keyed on what is clustered (texts and scores actually assembled), so a run that skipped or
+    # had not yet finished scoring / refining never reuses families of other texts
+    digest = hashlib.sha256(json.dumps([(r.label, r.explanation.text if r.explanation else None,
+                                         r.best_score()) for r in records]).encode()).hexdigest()
+    tax_params = {**config.params("min_cluster_size", "embedding"), "records": digest,
+                  **({"labeller": llm.model} if llm is not None else {})}
     tax_result = stage("taxonomy", taxonomy, tax_params, needed=False) or {}
     if "taxonomy" in tax_result:
         from .taxonomy import Taxonomy
@@ -390,7 +403,6 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
 
     if "taxonomy" in tax_result:  # the embedding actually used goes into the saved run config
         run_config["taxonomy"] = tax_result["taxonomy"].get("config", {})
-        (out / "config.json").write_text(json.dumps(run_config, indent=1))
     usage = _usage(llm, sim_client)
     meta = {"config": run_config, "usage": usage, "skipped_scorers": skipped_scorers,
             "taxonomy": {k: v for k, v in tax_result.get("taxonomy", {}).items()
@@ -401,6 +413,9 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
 
         ran.append("report")
         files = write_report(records, out, meta=meta, n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads)
+        # written with the records it describes (a partial or refused run leaves both alone)
+        (out / "config.json").write_text(json.dumps(run_config, indent=1))
+        files["config"] = out / "config.json"
         _say(f"[report] {', '.join(str(p.relative_to(out)) for p in files.values())} in {out}")
     if usage:
         (out / "usage.json").write_text(json.dumps(usage, indent=1))
@@ -436,7 +451,8 @@ def assemble_records(heads, answers, heuristic, scores, refinement, causal_resul
     records = []
     for head in heads:
         explanation, failure = answers.get(head, (None, "not explained"))
-        steps: list[RefinementStep] = list(refinement.get(head, []))
+        steps, refine_scorer = refinement.get(head, ([], None))
+        steps: list[RefinementStep] = list(steps)
         kept = [s for s in steps if s.kept]
         if kept:
             explanation = kept[-1].explanation
@@ -444,7 +460,7 @@ def assemble_records(heads, answers, heuristic, scores, refinement, causal_resul
         if kept and kept[-1].score is not None:
             # the refined explanation's held-out score replaces the first explanation's
             head_scores["refined"] = ScoreResult("refined", kept[-1].score, details={
-                "round": kept[-1].round, "first_score": steps[0].previous_score})
+                "round": kept[-1].round, "first_score": steps[0].previous_score, "scorer": refine_scorer})
         causal = causal_result.get(head, {})
         records.append(HeadRecord(
             layer=head[0], head=head[1], explanation=explanation, failure=failure,
@@ -462,3 +478,55 @@ def load_stage(out: str | Path, name: str) -> Any:
 
     _check_stage_names([name], "name")
     return Checkpointer(Path(out) / "checkpoints").load(name)
+
+
+def public_url(url: str | None) -> str | None:
+    """``url`` without user-info or query string (either may carry credentials), for saving."""
+    if not url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(str(url))
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _dry_run(config, out, llm, sim_client, explain, heads, heuristic, split, model) -> ExplainRun:
+    """Count every LLM call of the run and estimate its cost; send nothing, store nothing.
+
+    The explain requests are the real ones. The scoring requests are built with the heuristic
+    explanations standing in for the LLM's (same events, similar length), for the LLM
+    explanation and its heuristic baseline; refinement is estimated as one revision per head
+    and round plus the re-scoring of its held-out events.
+    """
+    from .scoring import DetectionScorer, ScoringItem, SimulationScorer, score_explanations
+
+    explain()
+    explain_calls, explain_cost = llm.usage.dry_run_calls, llm.usage.dry_run_cost_usd
+    scorers = [SimulationScorer(sim_client) if name == "simulation" else DetectionScorer(sim_client, seed=config.seed)
+               for name in config.scorers if name in LLM_SCORERS]
+    items = [ScoringItem(h[0], h[1], heuristic[h], split[h][1]) for h in heads]
+    before_calls = sim_client.usage.dry_run_calls if sim_client is not llm else explain_calls
+    before_cost = sim_client.usage.dry_run_cost_usd if sim_client is not llm else explain_cost
+    if scorers:
+        score_explanations(scorers, items)
+    score_calls = 2 * (sim_client.usage.dry_run_calls - before_calls)   # LLM explanation + baseline
+    score_cost = 2 * (sim_client.usage.dry_run_cost_usd - before_cost)
+    refine_calls, refine_cost = 0, 0.0
+    if scorers and config.refine_rounds and heads:
+        # one explanation scored by one scorer on one head's held-out events
+        unit_calls = score_calls / (2 * len(scorers) * len(heads))
+        unit_cost = score_cost / (2 * len(scorers) * len(heads))
+        # per head and round: the revision request + scoring on the shown (feedback) and held-out events
+        refine_calls = int(round(config.refine_rounds * len(heads) * (1 + 2 * unit_calls)))
+        refine_cost = config.refine_rounds * (explain_cost + 2 * len(heads) * unit_cost)
+    total_calls = explain_calls + score_calls + refine_calls
+    total_cost = explain_cost + score_cost + refine_cost
+    _say(f"dry run: {total_calls} LLM calls (explain {explain_calls}, scoring {score_calls}, "
+         f"refinement ~{refine_calls}), estimated ${total_cost:.4f} "
+         f"(explain ${explain_cost:.4f}, scoring ${score_cost:.4f}, refinement ~${refine_cost:.4f}); "
+         "nothing was sent: rerun without --dry-run to spend")
+    usage = {"dry_run": {"calls": total_calls, "estimated_cost_usd": total_cost, "explain_calls": explain_calls,
+                         "score_calls": score_calls, "refine_calls": refine_calls}}
+    return ExplainRun([], Path(out), config, ["dry_run"], usage=usage)

@@ -48,12 +48,33 @@ def event_line(event: Event, max_context: int = 24) -> str:
     return ("…" if start > 0 else "") + "".join(parts)
 
 
+def primary_scorer(records: Sequence[HeadRecord]) -> str | None:
+    """The scorer to rank heads by: simulation, else detection, else contrastive -- the first
+    that scored any head (scores of different scorers are not comparable)."""
+    for name in ("simulation", "detection", "contrastive"):
+        if any(name in r.scores and r.scores[name].score is not None for r in records):
+            return name
+    return None
+
+
+def score_for(record: HeadRecord, scorer: str | None) -> float | None:
+    """The head's ``scorer`` score, its refined explanation's when refinement used that scorer."""
+    if scorer is None:
+        return None
+    refined = record.scores.get("refined")
+    if refined is not None and refined.score is not None and refined.details.get("scorer") == scorer:
+        return refined.score
+    result = record.scores.get(scorer)
+    return None if result is None else result.score
+
+
 def score_grid(records: Sequence[HeadRecord], n_layers: int, n_heads: int, scorer: str | None = None
                ) -> np.ndarray:
-    """[layer, head] preferred score (NaN where a head has none)."""
+    """[layer, head] score by ``scorer`` (default: :func:`primary_scorer`; NaN where none)."""
     grid = np.full((n_layers, n_heads), np.nan)
+    scorer = scorer or primary_scorer(records)
     for record in records:
-        value = record.best_score(scorer)
+        value = score_for(record, scorer)
         if value is not None and record.layer < n_layers and record.head < n_heads:
             grid[record.layer, record.head] = value
     return grid
@@ -72,7 +93,7 @@ def score_heatmap(records: Sequence[HeadRecord], n_layers: int, n_heads: int, sc
                                   y=[f"L{l}" for l in range(n_layers)], text=hover,
                                   hovertemplate="%{text}<br>score %{z:.3f}<extra></extra>",
                                   colorscale="Viridis"))
-    figure.update_layout(title=f"explanation score by head ({scorer or 'preferred score'})",
+    figure.update_layout(title=f"explanation score by head ({scorer or primary_scorer(records)})",
                          yaxis_autorange="reversed", xaxis_title="head", yaxis_title="layer")
     return figure
 
@@ -108,23 +129,25 @@ def markdown_report(records: Sequence[HeadRecord], meta: Mapping | None = None, 
 
     names = [s for s in SCORE_ORDER if any(s in r.scores for r in records)]
     names += sorted({k for r in records for k in r.scores} - set(names))
-    lines += ["## Scores", "", "| head | family | " + " | ".join(names) + " | causal Δloss | explanation |",
-              "|---|---|" + "---|" * len(names) + "---|---|"]
+    header = ["head", "family", *names, "causal Δloss", "explanation"]
+    lines += ["## Scores", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in records:
-        cells = [_fmt(record.scores[n].score) if n in record.scores else "–" for n in names]
         text = record.explanation.text if record.explanation else f"FAILED: {record.failure}"
         family = "–" if record.family is None else (str(record.family) if record.family >= 0 else "none")
-        lines.append(f"| {record.label} | {family} | " + " | ".join(cells)
-                     + f" | {_fmt(record.causal_effect)} | {_md(text)[:200]} |")
+        cells = [record.label, family, *[_fmt(record.scores[n].score) if n in record.scores else "–" for n in names],
+                 _fmt(record.causal_effect), _md(text)[:200]]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
 
-    ranked = sorted([r for r in explained if r.best_score() is not None], key=lambda r: r.best_score(),
-                    reverse=True)
+    # ranked on one scorer only: correlations, AUCs and effect sizes are not on one scale
+    scorer = primary_scorer(records)
+    ranked = sorted([r for r in explained if score_for(r, scorer) is not None],
+                    key=lambda r: score_for(r, scorer), reverse=True)
     if ranked:
-        lines += ["## Best explained heads", ""]
-        lines += [f"- {r.label} ({_fmt(r.best_score())}): {_md(r.explanation.text)}" for r in ranked[:n_best]]
-        lines += ["", "## Worst explained heads", ""]
-        lines += [f"- {r.label} ({_fmt(r.best_score())}): {_md(r.explanation.text)}"
+        lines += [f"## Best explained heads (by {scorer})", ""]
+        lines += [f"- {r.label} ({_fmt(score_for(r, scorer))}): {_md(r.explanation.text)}" for r in ranked[:n_best]]
+        lines += ["", f"## Worst explained heads (by {scorer})", ""]
+        lines += [f"- {r.label} ({_fmt(score_for(r, scorer))}): {_md(r.explanation.text)}"
                   for r in ranked[::-1][:n_best]]
         lines.append("")
     refined = [r.refinement for r in records if r.refinement]
@@ -221,7 +244,8 @@ def records_frame(records: Sequence[HeadRecord]):
         row = {"head": r.label, "layer": r.layer, "head_index": r.head,
                "explanation": r.explanation.text if r.explanation else None,
                "failure": r.failure, "source": r.explanation.source if r.explanation else None,
-               "family": r.family, "family_label": r.family_label, "best_score": r.best_score(),
+               "family": r.family, "family_label": r.family_label,
+               "primary_score": score_for(r, primary_scorer(records)),
                "causal_effect": r.causal_effect, "causal_random": r.stats.get("causal_random")}
         row.update({f"score_{name}": result.score for name, result in r.scores.items()})
         rows.append(row)
