@@ -478,11 +478,18 @@ def test_refinement_unparseable_revision_and_bad_scorer(client_for, toy_2l):
             return "I would keep the explanation as it is."
         return smart_responder(body)
 
-    client, _ = client_for(no_revision)
+    client, server = client_for(no_revision)
     steps = refine_explanations(client, SimulationScorer(client), items, rounds=1)
     (step,) = steps[0]
     assert step.score is None and not step.kept and step.explanation is PUNCT
+    assert step.failure.startswith("unparseable")
     assert refinement_gain(steps).loc[0, "n_scored"] == 0
+    # more rounds: the unusable request is not sent again and its failure recorded only once
+    server.reset()
+    steps = refine_explanations(client, SimulationScorer(client), items, rounds=3)
+    assert len(steps[0]) == 1 and steps[0][0].failure.startswith("unparseable")
+    refine_requests = [r for r in server.requests if r["messages"][0]["content"] == REFINE_SYSTEM]
+    assert refine_requests == []  # round 1's came from the cache; rounds 2-3 sent nothing
     with pytest.raises(ValueError, match="no per-event predictions"):
         refine_explanations(client, ContrastiveScorer(toy_2l), items, rounds=1)
     with pytest.raises(ValueError, match="holdout_events has 2 lists for 1 items"):

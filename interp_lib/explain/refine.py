@@ -9,6 +9,8 @@ revision is an improvement that generalises, not a fit to the examples shown.
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Sequence
 
 import numpy as np
@@ -96,14 +98,19 @@ def refine_explanations(explainer_client, scorer: Scorer, items: Sequence[Scorin
     # revisions rejected against the current explanation: shown in later requests, forgotten
     # once a revision is kept (it is judged against a new explanation then)
     rejected: dict[int, list[Explanation]] = {i: [] for i in range(len(items))}
+    # a request whose answer could not be used is not sent again (it would come back from the
+    # cache, or be the same temperature-0 answer) and its failure is recorded once
+    failed_requests: dict[int, set[str]] = {i: set() for i in range(len(items))}
     for round_ in range(1, rounds + 1):
         asked, requests = [], []
         for i, item in enumerate(items):
             wrong = most_wrong_events(feedback_result[i], feedback[i], n_wrong)
             if not wrong:
                 continue
-            asked.append(i)
             messages = refinement_messages(item.label, current[i], wrong, rejected=rejected[i])
+            if json.dumps(messages, sort_keys=True) in failed_requests[i]:
+                continue
+            asked.append(i)
             requests.append(ChatRequest(messages=messages,
                                         max_tokens=max_tokens, temperature=0.0, json_mode=True,
                                         tag=f"refine {item.label} round {round_}"))
@@ -121,6 +128,7 @@ def refine_explanations(explainer_client, scorer: Scorer, items: Sequence[Scorin
                 why = f"request failed: {answer.failure}"
             if candidate is None:
                 steps[i].append(RefinementStep(round_, current[i], None, previous, False, failure=why))
+                failed_requests[i].add(json.dumps(requests[asked.index(i)].messages, sort_keys=True))
                 continue
             if any(r.text == candidate.text for r in rejected[i]):
                 continue  # a rejected revision again: already recorded, not scored twice
