@@ -53,6 +53,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .heads import _parse_head
+
 MetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor | float]
 
 
@@ -515,6 +517,22 @@ def _cache_lookup(cache, names: Iterable[str]) -> dict[str, Tensor]:
     return out
 
 
+def _prepare_sweep(model, clean_tokens, corrupted_tokens, component, by_position, layers, positions,
+                   heads, clean_cache):
+    """Checked inputs of a patching sweep: the component, clean / corrupted tokens, the sweep's
+    axes and values, the hook names and the clean activations to patch in."""
+    comp = get_component(component)
+    if clean_cache is None:
+        clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
+    else:
+        corrupted = _check_tokens(model, corrupted_tokens, "corrupted_tokens")
+        clean = corrupted if clean_tokens is None else _check_pair(model, clean_tokens, corrupted_tokens)[0]
+    axes, values = _sweep_axes(model, comp, by_position, corrupted.shape[1], layers, positions, heads)
+    names = [comp.hook_name(layer) for layer in values[0]]
+    source = _source_cache(model, clean, names) if clean_cache is None else _cache_lookup(clean_cache, names)
+    return comp, clean, corrupted, axes, values, names, source
+
+
 def activation_patch(model, clean_tokens, corrupted_tokens, metric: MetricFn,
                      component: str = "attn_head_out", by_position: bool = True, *,
                      layers=None, positions=None, heads=None, clean_cache=None,
@@ -546,15 +564,8 @@ def activation_patch(model, clean_tokens, corrupted_tokens, metric: MetricFn,
         A float tensor on the CPU with TransformerLens' ``get_act_patch_*`` layout for the
         component (module docstring); with ``return_labels`` a ``(tensor, labels)`` pair.
     """
-    comp = get_component(component)
-    if clean_cache is None:
-        clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
-    else:
-        corrupted = _check_tokens(model, corrupted_tokens, "corrupted_tokens")
-        clean = corrupted if clean_tokens is None else _check_pair(model, clean_tokens, corrupted_tokens)[0]
-    axes, values = _sweep_axes(model, comp, by_position, corrupted.shape[1], layers, positions, heads)
-    names = [comp.hook_name(layer) for layer in values[0]]
-    source = _source_cache(model, clean, names) if clean_cache is None else _cache_lookup(clean_cache, names)
+    comp, clean, corrupted, axes, values, names, source = _prepare_sweep(
+        model, clean_tokens, corrupted_tokens, component, by_position, layers, positions, heads, clean_cache)
     result = patch_sweep(model, corrupted, source, metric, comp, by_position, layers, positions, heads,
                          patches_per_batch=patches_per_batch, memory_limit_mb=memory_limit_mb)
     if return_labels:
@@ -578,15 +589,8 @@ def attribution_patch(model, clean_tokens, corrupted_tokens, metric: MetricFn,
     metric the corrupted value is 0 and this is the estimated effect). Same arguments and
     layout as :func:`activation_patch`; ``metric`` must be differentiable.
     """
-    comp = get_component(component)
-    if clean_cache is None:
-        clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
-    else:
-        corrupted = _check_tokens(model, corrupted_tokens, "corrupted_tokens")
-        clean = corrupted if clean_tokens is None else _check_pair(model, clean_tokens, corrupted_tokens)[0]
-    axes, values = _sweep_axes(model, comp, by_position, corrupted.shape[1], layers, positions, heads)
-    names = [comp.hook_name(layer) for layer in values[0]]
-    source = _source_cache(model, clean, names) if clean_cache is None else _cache_lookup(clean_cache, names)
+    comp, clean, corrupted, axes, values, names, source = _prepare_sweep(
+        model, clean_tokens, corrupted_tokens, component, by_position, layers, positions, heads, clean_cache)
 
     _check_eval(model)
     activations, gradients, baseline = _activations_and_gradients(model, corrupted, metric, names)
@@ -818,28 +822,12 @@ def ablation_sweep(model, tokens, metric: MetricFn, component: str = "attn_head_
     return result
 
 
-def _parse_head(head, model) -> tuple[int, int]:
-    given = head
-    if isinstance(head, str):
-        import re
-
-        match = re.fullmatch(r"L(\d+)H(\d+)", head.strip())
-        if not match:
-            raise ValueError(f"head {head!r}: expected a label like 'L9H9' or a (layer, head) pair")
-        head = (int(match[1]), int(match[2]))
-    layer, index = (int(x) for x in head)
-    if not 0 <= layer < model.cfg.n_layers or not 0 <= index < model.cfg.n_heads:
-        raise ValueError(f"head {given!r} out of range: the model has {model.cfg.n_layers} layers of "
-                         f"{model.cfg.n_heads} heads")
-    return layer, index
-
-
 def ablation_hooks(model, tokens, heads=(), attn_layers=(), mlp_layers=(), method: str = "zero",
                    reference_tokens=None, seed: int = 0) -> list:
     """Forward hooks that ablate the given heads (``"L1H3"`` or ``(1, 3)``) and attention / MLP
     layers jointly, at every position; for ``model.hooks(fwd_hooks=...)`` / ``run_with_hooks``."""
     tokens = _check_tokens(model, tokens, "tokens")
-    head_list = [_parse_head(h, model) for h in heads]
+    head_list = [_parse_head(h, model.cfg.n_layers, model.cfg.n_heads) for h in heads]
     for argument, layer_list in (("attn_layers", attn_layers), ("mlp_layers", mlp_layers)):
         bad = [l for l in layer_list if not 0 <= int(l) < model.cfg.n_layers]
         if bad:
