@@ -223,7 +223,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     assert cli_main(["explain", "--out", str(tmp_path), "--scorers", "vibes"]) == 2
     assert "scorers=['vibes']: unknown ['vibes']; valid:" in capsys.readouterr().err
     assert cli_main(["explain", "--out", str(tmp_path), "--heads", "L9H0", "--model", "toy-2l"]) == 2
-    assert "L9H0 is out of range for this model (layers 0-1, heads 0-3)" in capsys.readouterr().err
+    assert "head L9H0 ('L9H0') is out of range: this model has layers 0..1 and heads 0..3" in capsys.readouterr().err
     assert cli_main(["explain", "--out", str(tmp_path), "--model", "toy-2l", "--skip", "dessert"]) == 2
     assert "unknown stage(s) ['dessert']" in capsys.readouterr().err
     assert cli_main(["explain", "--out", str(tmp_path), "--holdout-fraction", "1.5"]) == 2

@@ -34,7 +34,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .records import HeadRecord, RefinementStep, ScoreResult, head_label, parse_head_label
+from .records import HeadRecord, RefinementStep, ScoreResult
 
 from .config import LLM_SCORERS, STAGES, ExplainConfig
 
@@ -42,22 +42,10 @@ from .config import LLM_SCORERS, STAGES, ExplainConfig
 # ---------------------------------------------------------------- heads and splits
 
 def select_heads(model, heads: str | Sequence = "all") -> list[tuple[int, int]]:
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    if isinstance(heads, str):
-        if heads == "all":
-            return [(l, h) for l in range(n_layers) for h in range(n_heads)]
-        heads = [s for s in heads.split(",") if s.strip()]
-    chosen = []
-    for item in heads:
-        layer, head = parse_head_label(item) if isinstance(item, str) else (int(item[0]), int(item[1]))
-        if not (0 <= layer < n_layers and 0 <= head < n_heads):
-            raise ValueError(f"heads: {head_label(layer, head)} is out of range for this model "
-                             f"(layers 0-{n_layers - 1}, heads 0-{n_heads - 1})")
-        if (layer, head) not in chosen:
-            chosen.append((layer, head))
-    if not chosen:
-        raise ValueError("heads: no head selected (expected 'all' or labels like L0H1,L1H0)")
-    return chosen
+    """``"all"``, labels (``"L0H1,L1H0"``) or pairs -> the model's (layer, head) pairs."""
+    from .events import parse_heads
+
+    return parse_heads(heads, model.cfg.n_layers, model.cfg.n_heads)
 
 
 # ---------------------------------------------------------------- causal check

@@ -28,24 +28,12 @@ def _md(text: str | None) -> str:
             .replace("<", "&lt;").replace(">", "&gt;"))
 
 
-def _token(text: str) -> str:
-    return text.replace("Ġ", " ").replace("Ċ", "⏎").replace("\n", "⏎")
-
-
 def event_line(event: Event, max_context: int = 24) -> str:
-    """The event's context ending at the query, query in ``[[...]]``, attended tokens marked
-    ``{token|weight}`` (strongest sources only)."""
-    weights = {int(p): float(w) for p, w in event.attended}
-    start = max(0, event.position + 1 - max_context)
-    parts = []
-    for index in range(start, min(event.position + 1, len(event.tokens))):
-        token = _token(event.tokens[index])
-        if index == event.position:
-            token = f"[[{token}]]"
-        if index in weights and weights[index] >= 0.05:
-            token = f"{{{token}|{weights[index]:.2f}}}"
-        parts.append(token)
-    return ("…" if start > 0 else "") + "".join(parts)
+    """The event as the explainer's prompts show it (:func:`prompts.format_event`): the context
+    ending at the query, query in ``[[...]]``, attended tokens marked ``{token|weight}``."""
+    from .prompts import format_event
+
+    return format_event(event, max_context=max_context)
 
 
 def primary_scorer(records: Sequence[HeadRecord]) -> str | None:
