@@ -6,7 +6,10 @@ For the head-by-position sweep (``attn_head_out``, ``[layer, pos, head]``) it ru
 passes, one backward pass) on the same clean / corrupted tokens and metric, and prints the
 speed-ups, the max abs difference from TransformerLens and the peak memory (resident set size
 above the level before the sweep, sampled every 5 ms; each phase runs in a fresh process so
-that memory freed by one phase cannot hide another's).
+that memory freed by one phase cannot hide another's). It also times the engine with its fast
+paths off (``shortcuts=False``), so the gain of the KV-cache / no-op / read-position shortcuts
+and their agreement with plain passes show side by side. The exact phase's warm-up includes the
+once-per-model check of those shortcuts.
 
 Models: the bundled ``toy-lm`` and a randomly initialised GPT-2-small-shaped model
 (``GPT2Config()`` defaults, 124M parameters) saved to a temporary directory and loaded through
@@ -128,11 +131,13 @@ def worker(spec: dict) -> None:
                 _, cache = model.run_with_cache(clean)
                 return tl_patching.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric)
     else:
-        sweep = P.activation_patch if phase == "exact" else P.attribution_patch
-        sweep(model, clean, corrupted, metric, "attn_head_out", layers=[0], positions=[-1])  # warm-up
+        sweep = P.attribution_patch if phase == "attr" else P.activation_patch
+        options = {"shortcuts": False} if phase == "plain" else {}
+        # warm-up; for "exact" it also runs the once-per-model check of the fast path
+        sweep(model, clean, corrupted, metric, "attn_head_out", layers=[0], positions=[-1], **options)
 
         def run():
-            return sweep(model, clean, corrupted, metric, "attn_head_out", by_position=True)
+            return sweep(model, clean, corrupted, metric, "attn_head_out", by_position=True, **options)
     result, seconds, mib = timed(run)
     torch.save(result.detach().cpu().float(), spec["out"])
     print(json.dumps({"seconds": seconds, "peak_mib": mib}))
@@ -159,6 +164,9 @@ def bench(name: str, model_path: str, seq_len: int, batch: int, scenario: str, t
     spec = {"model_path": model_path, "seq_len": seq_len, "batch": batch, "scenario": scenario, "threads": threads}
     ours, row["ours_s"], row["ours_mib"] = run_phase({**spec, "phase": "exact", "out": str(scratch / "exact.pt")})
     approx, row["attr_s"], row["attr_mib"] = run_phase({**spec, "phase": "attr", "out": str(scratch / "attr.pt")})
+    plain, row["plain_s"], row["plain_mib"] = run_phase({**spec, "phase": "plain", "out": str(scratch / "plain.pt")})
+    row["plain_diff"] = float((plain - ours).abs().max())
+    row["shortcut_speedup"] = row["plain_s"] / row["ours_s"]
     row["attr_vs_exact"] = P.patching_agreement(ours, approx, k=10)
     if run_tl:
         expected, row["tl_s"], row["tl_mib"] = run_phase({**spec, "phase": "tl", "out": str(scratch / "tl.pt")})
@@ -171,7 +179,7 @@ def bench(name: str, model_path: str, seq_len: int, batch: int, scenario: str, t
 def print_table(rows: list[dict]) -> None:
     header = (f"{'model':<22}{'scenario':<12}{'pos':>4}{'cells':>7} | {'TL exact':>9}{'ours exact':>11}"
               f"{'ratio':>8} | {'ours attr':>10}{'ratio':>9} | {'max|diff|':>10} | {'peak MiB TL/exact/attr':>23}"
-              f" | attr~exact r")
+              f" | attr~exact r | ours plain, fast/plain, max|diff|")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -182,7 +190,8 @@ def print_table(rows: list[dict]) -> None:
         memory = f"{r.get('tl_mib', float('nan')):6.0f} /{r['ours_mib']:6.0f} /{r['attr_mib']:6.0f}"
         print(f"{r['model']:<22}{r['scenario']:<12}{r['seq_len']:>4}{r['cells']:>7} | {tl}{r['ours_s']:10.2f}s"
               f"{ratio} | {r['attr_s']:9.2f}s{ratio_attr} | {diff} | {memory:>23} | "
-              f"{r['attr_vs_exact']['pearson']:.3f}")
+              f"{r['attr_vs_exact']['pearson']:.3f} | {r['plain_s']:8.2f}s {r['shortcut_speedup']:5.1f}x "
+              f"{r['plain_diff']:9.2e}")
 
 
 def main(argv=None) -> None:
@@ -224,7 +233,9 @@ def main(argv=None) -> None:
             sys.stdout.flush()
     print()
     print_table(rows)
-    print("\nratio = TransformerLens exact time / ours; 'attr~exact r' = Pearson r of attribution vs exact patching.")
+    print("\nratio = TransformerLens exact time / ours; 'attr~exact r' = Pearson r of attribution vs exact patching;"
+          "\n'ours plain' = our engine with shortcuts=False (one plain pass per cell, batched), its time, how much"
+          "\nfaster the checked fast path is, and the largest difference between the two.")
 
 
 if __name__ == "__main__":
