@@ -1,23 +1,39 @@
 # Build a virtual environment from nothing, run the notebook series, run the tests.
-#   make run    executes every notebook on the bundled default model (results in runs/series)
-#   make test   pytest unit tests + nbval over every notebook
+#   make run          executes every notebook on the bundled default model (results in runs/series)
+#   make test         pytest unit tests + nbval over every notebook, in the locked environment
+#   make lock         re-resolve requirements.lock (and colab/constraints.txt) from pyproject's ranges
+#   make test-latest  the oracle tests in a second environment with the newest versions the ranges allow
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU wheel on machines without a GPU; on a CUDA machine use `make TORCH_SPEC=torch venv`.
-TORCH_SPEC ?= torch==2.13.0
+LOCK := requirements.lock
+# torch comes first and from the lock's version: here that finds the CPU wheel; on a CUDA machine
+# pip takes the CUDA build of the same version.
+TORCH_SPEC ?= $(or $(shell sed -n 's/^torch==\([^ +;]*\).*/torch==\1/p' $(LOCK) 2>/dev/null),torch==2.13.0)
+PIP := python -m pip install --quiet --disable-pip-version-check
+PIP_SPEC ?= pip==26.3
 SEEDS ?= 0
 OUT ?= runs/series
+# the environment with the newest versions pyproject's ranges allow (torch stays at the lock's)
+LATEST_VENV ?= .venv-latest
+# `make lock` resolves with uv, in its own small environment; PIP_FIND_LINKS (if set) lets it see
+# a local torch wheel such as the CPU build.
+TOOLS_VENV ?= .venv-tools
+UV_SPEC ?= uv==0.13.8
+LOCK_PYTHON ?= 3.11
+LOCK_PLATFORM ?= x86_64-manylinux_2_28
 
-.PHONY: venv run test test-unit test-notebooks data models corpus clean
+.PHONY: venv run test test-unit test-notebooks test-oracle lock venv-latest test-latest data models corpus clean
 
 venv: $(BIN)/.installed
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,explain]"
+	$(BIN)/$(PIP) "$(PIP_SPEC)"
+	$(BIN)/$(PIP) "$(TORCH_SPEC)"
+	$(BIN)/$(PIP) -r $(LOCK)
+	$(BIN)/$(PIP) --no-deps -e .
+	$(BIN)/python -m interp_lib.versions --check-lock
 	touch $@
 
 run: venv
@@ -31,6 +47,36 @@ test-unit: venv
 
 test-notebooks: venv
 	$(BIN)/python -m pytest --nbval-lax notebooks
+
+# Every test that compares with TransformerLens, Hugging Face or torchmetrics, and notebook 04.
+ORACLE_ARGS := -m oracle tests
+ORACLE_NOTEBOOKS := notebooks/04_activation_patching.ipynb
+test-oracle: venv
+	$(BIN)/python -m pytest $(ORACLE_ARGS)
+	$(BIN)/python -m pytest --nbval-lax $(ORACLE_NOTEBOOKS)
+
+lock:
+	test -x $(TOOLS_VENV)/bin/uv || ($(PYTHON) -m venv $(TOOLS_VENV) && $(TOOLS_VENV)/bin/$(PIP) "$(UV_SPEC)")
+	echo "$(TORCH_SPEC)" > $(TOOLS_VENV)/torch.txt
+	$(TOOLS_VENV)/bin/uv pip compile pyproject.toml --extra dev --upgrade --quiet \
+	    --python-version $(LOCK_PYTHON) --python-platform $(LOCK_PLATFORM) \
+	    $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -c $(TOOLS_VENV)/torch.txt \
+	    --custom-compile-command "make lock" -o $(LOCK)
+	sed -i 's/^torch==\([^ +;]*\)+[a-z0-9.]*/torch==\1/' $(LOCK)   # the release, not one build of it
+	$(PYTHON) -m interp_lib.versions --colab-constraints $(LOCK) colab/constraints.txt
+
+venv-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	echo "$(TORCH_SPEC)" > $(LATEST_VENV)/torch.txt
+	$(LATEST_VENV)/bin/$(PIP) --upgrade pip
+	$(LATEST_VENV)/bin/$(PIP) "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/$(PIP) --upgrade --upgrade-strategy eager -c $(LATEST_VENV)/torch.txt -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m interp_lib.versions
+
+test-latest: venv-latest
+	$(LATEST_VENV)/bin/python -m pytest $(ORACLE_ARGS)
+	$(LATEST_VENV)/bin/python -m pytest --nbval-lax $(ORACLE_NOTEBOOKS)
 
 # Rebuild data/ (not part of CI: the corpus needs Debian's python3.11-doc; models take a while).
 corpus: venv
@@ -47,4 +93,4 @@ models: venv
 data: corpus models
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(TOOLS_VENV) runs .pytest_cache

@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "attribution", "calibration", "checkpoint", "cli", "data", "explain", "heads", "models",
-    "notebook", "patching", "paths", "plots", "probing", "runner", "selective",
+    "notebook", "patching", "paths", "plots", "probing", "runner", "selective", "versions",
 }
 
 __all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "ModelLoadError", "load_model", "select_device",
-           "__version__"]
+           "environment", "check_environment", "__version__"]
 
 
 # Names re-exported from interp_lib.models, which imports torch: resolved on first use so that
@@ -25,7 +25,15 @@ __all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "ModelLoadError", "load_model", "s
 _MODEL_NAMES = {"BUNDLED_MODELS", "DEFAULT_MODEL", "ModelLoadError", "load_model", "select_device"}
 
 
+# Names re-exported from interp_lib.versions (cheap: no torch until asked for the device).
+_VERSION_NAMES = {"environment", "check_environment"}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _VERSION_NAMES:
+        value = getattr(importlib.import_module(".versions", __name__), name)
+        globals()[name] = value
+        return value
     if name in _MODEL_NAMES:
         value = getattr(importlib.import_module(".models", __name__), name)
         globals()[name] = value

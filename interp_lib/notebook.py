@@ -8,6 +8,7 @@ turns "auto" into ``INTERP_LIB_MODEL`` if set, else ``gpt2`` on Colab, else the 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -80,4 +81,21 @@ def setup(notebook: str, model_name: str = "auto", output_dir: str | os.PathLike
     where = "bundled toy model" if name in BUNDLED_MODELS else "model"
     print(f"{notebook}: {where} {name!r}, seed {seed}, outputs in {out}"
           + (" (Colab)" if in_colab() else ""), file=sys.stdout)
+    record_environment(out, notebook)
     return name, out, ckpt
+
+
+def record_environment(output_dir: str | os.PathLike, notebook: str) -> dict:
+    """Print the versions this notebook runs on (one line), warn when they are outside the tested
+    range, and save them as ``<output_dir>/environment/<notebook>.json``."""
+    from .checkpoint import _atomic_write
+    from .versions import check_environment, describe, environment
+
+    env = environment()
+    print(describe(env), file=sys.stdout)
+    check_environment()
+    path = Path(output_dir) / "environment" / f"{notebook}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(env, indent=2) + "\n").encode()
+    _atomic_write(path, lambda handle: handle.write(data))
+    return env

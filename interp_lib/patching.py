@@ -63,6 +63,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .heads import _parse_head
+from .versions import summary
 
 MetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor | float]
 
@@ -451,19 +452,6 @@ def _usable_kv_cache(kv_cache, n_pos: int) -> bool:
         return False
 
 
-def versions() -> str:
-    """``torch X, transformers Y, transformer-lens Z``: the versions a shortcut's verdict depends on."""
-    from importlib import metadata
-
-    parts = []
-    for package in ("torch", "transformers", "transformer-lens"):
-        try:
-            parts.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{package} (not installed)")
-    return ", ".join(parts)
-
-
 # (model -> {component name: True when its shortcuts matched plain patches, False when not}).
 _SHORTCUT_VERDICTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _VERIFY_CELLS = 4
@@ -673,7 +661,7 @@ def patch_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], source: Mappi
             verdicts[comp.name] = False
             warnings.warn(
                 f"interp_lib.patching: the fast path for {comp.name} (KV-cache suffix passes, skipped no-op "
-                f"patches, logits at declared positions) {failure} under {versions()}; this sweep and later "
+                f"patches, logits at declared positions) {failure} under {summary()}; this sweep and later "
                 "ones on this model use plain patched forward passes (exact, slower). Please report it.",
                 ShortcutMismatchWarning, stacklevel=3)
             results = sweep.plain()

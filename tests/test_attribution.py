@@ -29,6 +29,7 @@ def test_top_predictions_bad_input(toy_lm):
         il.attribution.top_predictions(toy_lm, "")
 
 
+@pytest.mark.oracle
 def test_next_token_loss_matches_the_model_loss(toy_lm):
     windows = il.data.text_windows(toy_lm, il.data.load_corpus("validation"), 32, 10, seed=0)
     stats = il.attribution.next_token_loss(toy_lm, windows, batch_size=3)

@@ -81,6 +81,7 @@ def test_ece_bins_are_right_closed_on_exact_edges():
     assert cal.reliability_data(np.array([0.0, 0.05]), np.array([0, 0]), n_bins=5)["count"].tolist() == [2, 0, 0, 0, 0]
 
 
+@pytest.mark.oracle
 def test_ece_matches_torchmetrics_when_installed():
     tm = pytest.importorskip("torchmetrics.functional.classification")
     for seed, n_classes in ((0, 3), (1, 10)):

@@ -18,6 +18,8 @@ import interp_lib as il
 from interp_lib import attribution as A
 from interp_lib import patching as P
 
+pytestmark = pytest.mark.oracle  # compares with TransformerLens / Hugging Face: also run on the newest versions
+
 TL_SWEEPS = {  # (our component, by_position) -> TransformerLens function name
     ("resid_pre", True): "get_act_patch_resid_pre",
     ("resid_mid", True): "get_act_patch_resid_mid",

@@ -10,6 +10,8 @@ import torch
 import interp_lib as il
 from interp_lib.models import BUNDLED_MODELS, ModelLoadError, resolve_dtype, select_device
 
+pytestmark = pytest.mark.oracle  # compares with TransformerLens / Hugging Face: also run on the newest versions
+
 
 def test_bundled_models_load_as_transformer_bridge(toy_lm, toy_2l, toy_1l):
     from transformer_lens.model_bridge import TransformerBridge

@@ -16,6 +16,8 @@ import torch
 
 import interp_lib as il
 
+pytestmark = pytest.mark.oracle  # the science the bundled models were built to show: also run on the newest versions
+
 # Segment lengths never seen in training (training used 5..40; see training.json). Shorter
 # unseen repeats (length 3) are not copied by toy-2l: data/PROVENANCE.md records that limit.
 HELD_OUT_LENGTHS = (47, 53, 61)
