@@ -6,24 +6,31 @@ it, as long as the params are the same. Different params recompute and replace t
 
 Layout of a root (Drive on Colab, ``runs/`` locally, ``$INTERP_LIB_RUNS`` when set)::
 
-    <root>/manifest.json             one entry per finished stage (params, hash, file, timing)
-    <root>/<name>-<hash16>.pt        the stage result, written with torch.save
+    <root>/manifest.json                 one entry per finished stage (params, hash, file,
+                                         its SHA-256, timing)
+    <root>/<name>-<hash16>.safetensors   the stage result (``interp_lib.safe_serialize``:
+                                         tensors in safetensors, everything else as JSON)
 
 Guarantees and limits:
 
 * Writes are atomic: a temp file in the same directory, flushed and fsynced, then ``os.replace``.
   The stage file is written before the manifest names it, and its name carries the params hash,
   so a process killed at any moment leaves either the old finished state or the new one, never a
-  half-written file that is read as finished. A stage file damaged afterwards (truncated copy,
-  Drive sync trouble) is detected on load, warned about, and recomputed.
+  half-written file that is read as finished. A stage file damaged or altered afterwards
+  (truncated copy, Drive sync trouble, a changed byte) is detected on load -- its size and
+  SHA-256 must match the manifest -- warned about, and recomputed.
+* Loading runs no code: results are stored without pickle (``interp_lib.safe_serialize``
+  rebuilds only plain values, tensors, arrays, DataFrames and dataclass / interp_lib objects),
+  so a run folder someone shared with you is safe to resume. Stage files of the old pickle
+  format (``*.pt``) are never loaded: their stages are recomputed, with a warning.
 * Secrets are never written: params whose key looks like a credential (see ``is_secret_key``),
   at any nesting depth, are stored as ``"<redacted>"`` and left out of the hash; so is any string
   param equal to the value of a credential-named environment variable. A *result* that equals
   such a value (e.g. ``$OPENAI_API_KEY``) is refused.
 * One writer per root at a time: the manifest is read, updated and replaced without a lock
-  (file locks are unreliable on Drive). ``notebook.setup`` gives each notebook its own root.
-* Results are pickled (``torch.save``) and loaded with ``weights_only=False``: only load roots
-  you wrote yourself.
+  (file locks are unreliable on Drive). ``notebook.setup`` gives each notebook its own root;
+  ``interp-lib explain`` and ``interp-lib run`` hold a ``RunLock`` on their run folder, so a
+  second run into the same folder stops at once with a one-line error.
 
 How params are hashed (``params_hash``): the params are turned into a canonical JSON value and
 hashed with SHA-256 (``json.dumps(sort_keys=True, separators=(",", ":"))``), so key order and
@@ -68,18 +75,25 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 
-__all__ = ["Checkpointer", "default_root", "in_colab", "is_secret_key", "params_hash",
-           "MANIFEST_NAME", "REDACTED"]
+from . import safe_serialize
+
+__all__ = ["Checkpointer", "RunLock", "RunFolderBusyError", "default_root", "in_colab",
+           "is_secret_key", "params_hash", "MANIFEST_NAME", "REDACTED"]
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
+STAGE_SUFFIX = ".safetensors"
+LOCK_NAME = ".lock"
 REDACTED = "<redacted>"
 DRIVE_HOME = Path("/content/drive/MyDrive")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
-_MAX_NAME_LEN = 200  # leaves room for "-<hash16>.pt" and temp suffixes under the 255-byte limit
+_MAX_NAME_LEN = 200  # leaves room for "-<hash16>.safetensors" and temp suffixes (255-byte limit)
 _HASH_IN_FILE = 16
-_STAGE_FILE_RE = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)-(?P<hash>[0-9a-f]{%d})\.pt" % _HASH_IN_FILE)
+_STAGE_FILE_RE = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)-(?P<hash>[0-9a-f]{%d})\.safetensors"
+                            % _HASH_IN_FILE)
+# Stage files of manifest format 1 (pickles): never loaded, removed when their stage is redone.
+_LEGACY_FILE_RE = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)-(?P<hash>[0-9a-f]{%d})\.pt" % _HASH_IN_FILE)
 # Temp files: ".<target>.<host>-<pid>.<random>.tmp" -> the owner can be recognised after a kill.
 _TEMP_RE = re.compile(r"\.(?P<target>.+)\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[^.]+\.tmp")
 _STALE_TEMP_SECONDS = 6 * 3600  # a temp file untouched this long is left over from a dead writer
@@ -375,7 +389,7 @@ class Checkpointer:
         """A copy of the manifest as stored: ``{"format": 1, "stages": {name: entry}}``.
 
         Each entry holds ``params`` (secrets redacted), ``params_hash``, ``file``, ``bytes``,
-        ``finished_at`` (UTC ISO 8601), ``seconds``, ``library_version``, ``torch_version``.
+        ``sha256`` (of the file), ``finished_at`` (UTC ISO 8601), ``seconds``, ``library_version``, ``torch_version``.
         Read from disk on every access, so it reflects other processes' finished stages too.
         """
         return copy.deepcopy(self._read_manifest())
@@ -387,8 +401,9 @@ class Checkpointer:
 
         Args:
             name: stage name, letters / digits / ``_.-`` only (it becomes a file name).
-            compute_fn: zero-argument callable producing the result (anything ``torch.save``
-                can pickle: tensors, dicts, lists, numpy arrays, DataFrames, dataclasses).
+            compute_fn: zero-argument callable producing the result: tensors, numpy arrays,
+                DataFrames, dataclasses, plain values and containers of them (see
+                ``interp_lib.safe_serialize``; anything else is refused with a TypeError).
             params: everything the result depends on (model name, seed, sizes, ...). A stage
                 finished under other params is recomputed and replaced, never reused.
             force: recompute even if a finished result exists.
@@ -405,8 +420,8 @@ class Checkpointer:
         if entry is not None and not force:
             path = self.root / entry["file"]
             try:
-                result = self._load_file(path)
-            except Exception as error:  # truncated / corrupt pickle: many exception types
+                result = self._load_file(path, entry)
+            except Exception as error:  # altered, truncated, unreadable: recompute
                 warnings.warn(f"stage {name!r}: stored file {path} is unreadable "
                               f"({type(error).__name__}: {error}); recomputing", stacklevel=2)
             else:
@@ -417,10 +432,11 @@ class Checkpointer:
         result = compute_fn()
         seconds = time.perf_counter() - start
         self._refuse_secret_result(name, result)
-        path = self.root / f"{name}-{digest[:_HASH_IN_FILE]}.pt"
+        data = safe_serialize.dumps(result)
+        path = self.root / f"{name}-{digest[:_HASH_IN_FILE]}{STAGE_SUFFIX}"
         # Stage file first, manifest second: until the manifest names the new file, a kill
         # leaves the previous finished state intact (the hash in the file name keeps them apart).
-        size = _atomic_write(path, lambda handle: torch.save(result, handle))
+        size = _atomic_write(path, lambda handle: handle.write(data))
         manifest = self._read_manifest()
         previous = manifest["stages"].get(name)
         manifest["stages"][name] = {
@@ -428,6 +444,7 @@ class Checkpointer:
             "params_hash": digest,
             "file": path.name,
             "bytes": size,
+            "sha256": _sha256(data),
             "finished_at": _now_utc(),
             "seconds": round(seconds, 3),
             "library_version": _library_version(),
@@ -463,7 +480,7 @@ class Checkpointer:
                            f"(finished stages: {finished})")
         path = self.root / entry["file"]
         try:
-            return self._load_file(path)
+            return self._load_file(path, entry)
         except Exception as error:
             raise RuntimeError(f"stage {name!r}: stored file {path} is unreadable "
                                f"({type(error).__name__}: {error}); run the stage again to "
@@ -566,7 +583,16 @@ class Checkpointer:
             return None
         if digest is not None and entry.get("params_hash") != digest:
             return None
+        if _LEGACY_FILE_RE.fullmatch(entry["file"]):
+            warnings.warn(f"stage {name!r}: stored in the old pickle format ({entry['file']}), "
+                          "which is never loaded (unpickling can run code); recomputing",
+                          stacklevel=3)
+            return None
         if not _STAGE_FILE_RE.fullmatch(entry["file"]):  # never follow a path out of root
+            return None
+        if not isinstance(entry.get("sha256"), str):
+            warnings.warn(f"stage {name!r}: the manifest records no SHA-256 for "
+                          f"{entry['file']}; treating it as unfinished", stacklevel=3)
             return None
         try:
             size = (self.root / entry["file"]).stat().st_size
@@ -580,14 +606,22 @@ class Checkpointer:
         return entry
 
     @staticmethod
-    def _load_file(path: Path) -> Any:
-        # A result saved with CUDA tensors must still load in a CPU-only session.
-        map_location = None if torch.cuda.is_available() else "cpu"
-        return torch.load(path, map_location=map_location, weights_only=False)
+    def _load_file(path: Path, entry: dict[str, Any]) -> Any:
+        """The result stored in ``path``, after checking its size and SHA-256 against the
+        manifest ``entry``; never unpickles (a result saved with CUDA tensors loads on CPU in a
+        CPU-only session)."""
+        data = path.read_bytes()
+        if len(data) != entry.get("bytes", len(data)):
+            raise ValueError(f"{len(data)} bytes, the manifest says {entry.get('bytes')}")
+        digest = _sha256(data)
+        if digest != entry.get("sha256"):
+            raise ValueError(f"content changed since it was written: SHA-256 {digest[:16]}..., "
+                             f"the manifest says {str(entry.get('sha256'))[:16]}...")
+        return safe_serialize.loads(data)
 
     def _stage_files(self, name: str | None) -> Iterator[Path]:
         for path in self.root.iterdir():
-            match = _STAGE_FILE_RE.fullmatch(path.name)
+            match = _STAGE_FILE_RE.fullmatch(path.name) or _LEGACY_FILE_RE.fullmatch(path.name)
             if match and (name is None or match["name"] == name) and path.is_file():
                 yield path
 
@@ -623,3 +657,93 @@ class Checkpointer:
     def _say(self, message: str) -> None:
         if self.verbose:
             print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------- run folder lock
+
+
+class RunFolderBusyError(RuntimeError):
+    """Another run holds the lock of a run folder (one line: folder, holder, what to do)."""
+
+
+class RunLock:
+    """One writer per run folder: ``<folder>/.lock`` created with ``O_EXCL`` (which works on
+    local disks and on Drive, unlike ``flock``), holding the owner's host, pid and start time.
+
+    >>> with RunLock(out, "interp-lib explain"):
+    ...     run the stages
+
+    A second ``RunLock`` on the same folder raises ``RunFolderBusyError`` at once, naming the
+    holder. A lock left by a process that died on this host is taken over; one left by another
+    host (a Colab VM that is gone) must be deleted by hand, as the message says.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], purpose: str = "a run") -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.purpose = purpose
+        self._token: str | None = None
+
+    def acquire(self) -> "RunLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        token = f"{_host()}-{os.getpid()}-{os.urandom(4).hex()}"
+        record = {"host": _host(), "pid": os.getpid(), "purpose": self.purpose,
+                  "started": _now_utc(), "token": token}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and self._is_dead(holder):
+                    self._unlink_if(holder.get("token"))
+                    continue
+                raise RunFolderBusyError(self._busy_message(holder)) from None
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(record, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            self._token = token
+            return self
+        raise RunFolderBusyError(self._busy_message(self._holder()))
+
+    def release(self) -> None:
+        if self._token is not None:
+            self._unlink_if(self._token)
+            self._token = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # being written right now, or unreadable: treat as held
+        return data if isinstance(data, dict) else None
+
+    @staticmethod
+    def _is_dead(holder: dict[str, Any]) -> bool:
+        pid = holder.get("pid")
+        return (os.name != "nt" and holder.get("host") == _host() and isinstance(pid, int)
+                and pid != os.getpid() and not _pid_alive(pid))
+
+    def _unlink_if(self, token: Any) -> None:
+        holder = self._holder()
+        if holder is not None and holder.get("token") == token:
+            self._unlink_quietly()
+
+    def _unlink_quietly(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _busy_message(self, holder: dict[str, Any] | None) -> str:
+        who = ("another process" if holder is None else
+               f"{holder.get('purpose', 'a run')} (pid {holder.get('pid')} on host "
+               f"{holder.get('host')}, since {holder.get('started')})")
+        return (f"run folder {self.folder} is in use by {who}: wait for it to finish or choose "
+                f"another output folder; if that run is dead, delete {self.path}")

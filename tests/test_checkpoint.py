@@ -132,7 +132,7 @@ def test_changed_params_recompute_and_replace_the_old_result(tmp_path):
     # Back to the first params: recomputed, never served from the other params' result.
     ckpt.stage("events", lambda: compute(3), params={"layer": 3})
     assert calls == [3, 4, 3]
-    assert sorted(p.name for p in tmp_path.glob("events-*.pt")) == [ckpt.manifest["stages"]["events"]["file"]]
+    assert sorted(p.name for p in tmp_path.glob("events-*.safetensors")) == [ckpt.manifest["stages"]["events"]["file"]]
 
 
 def test_manifest_records_provenance(tmp_path):
