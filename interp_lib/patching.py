@@ -43,6 +43,10 @@ component                                              by position              
 ``attn_head_out`` (z) ``attn_head_q`` ``_k`` ``_v``    ``[layer, pos, head]``       ``[layer, head]``
 ``attn_head_pattern``                                  ``[layer, head, dest_pos]``  ``[layer, head]``
 =====================================================  ===========================  ==============
+
+Under grouped-query attention (Llama-family models such as SmolLM2) ``attn_head_k`` and
+``attn_head_v`` have one head index per key / value head (``model.cfg.n_key_value_heads``, see
+:func:`n_kv_heads`), as their hooks do; the other head components index query heads.
 """
 
 from __future__ import annotations
@@ -168,7 +172,14 @@ def _check_pair(model, clean_tokens, corrupted_tokens) -> tuple[Tensor, Tensor]:
     return clean, corrupted
 
 
-def _axis_size(model, axis: str, n_pos: int) -> int:
+def n_kv_heads(model) -> int:
+    """Key / value heads per layer: fewer than query heads under grouped-query attention."""
+    return getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+
+
+def _axis_size(model, axis: str, n_pos: int, comp: Component | None = None) -> int:
+    if axis == "head" and comp is not None and comp.act_name in ("k", "v"):
+        return n_kv_heads(model)   # hook_k / hook_v hold one entry per key / value head
     return {"layer": model.cfg.n_layers, "head": model.cfg.n_heads, "pos": n_pos,
             "dest_pos": n_pos, "src_pos": n_pos}[axis]
 
@@ -197,7 +208,7 @@ def _sweep_axes(model, comp: Component, by_position: bool, n_pos: int, layers, p
         raise ValueError("positions= given with by_position=False: an all-positions sweep patches every position")
     if "head" not in axes and heads is not None:
         raise ValueError(f"heads= given for component {comp.name!r}, which has no head axis")
-    values = [_check_selection(chosen[a], a, _axis_size(model, a, n_pos),
+    values = [_check_selection(chosen[a], a, _axis_size(model, a, n_pos, comp),
                                "positions" if a in ("pos", "dest_pos") else f"{a}s") for a in axes]
     return axes, values
 

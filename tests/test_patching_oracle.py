@@ -197,3 +197,66 @@ def test_verify_true_rechecks_every_sweep(tiny_path, monkeypatch):
     with pytest.warns(P.ShortcutMismatchWarning):
         P.patch_sweep(model, corrupted, source, metric, "resid_pre", verify=True)
     assert P.shortcut_verdict(model, "resid_pre") is False
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A random 2-layer Llama with grouped-query attention (4 query heads, 2 key / value heads),
+    RoPE and RMSNorm: SmolLM2's architecture at toy size."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=0, eos_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(il.paths.data_dir() / "tokenizer-512" / name, path / name)
+    return il.load_model(str(path), device="cpu")
+
+
+def _plain_patch(model, clean, corrupted, metric, hook_name, index):
+    """One cell the plain way: a full forward of ``corrupted`` with ``hook_name[:, *index]``
+    taken from the clean run."""
+    _, cache = model.run_with_cache(clean, names_filter=[hook_name])
+
+    def patch(act, hook):
+        act[(slice(None),) + index] = cache[hook_name][(slice(None),) + index]
+        return act
+    with torch.no_grad():
+        return float(metric(model.run_with_hooks(corrupted, fwd_hooks=[(hook_name, patch)])))
+
+
+@pytest.mark.parametrize("component", ["attn_head_k", "attn_head_v"])
+def test_grouped_key_value_heads_patch_like_plain_hooks(tiny_llama, component):
+    """k / v hooks hold 2 key-value heads on this model, not 4: the sweep has 2 head entries and
+    each equals a plain hook patch of that key-value head."""
+    model = tiny_llama
+    assert P.n_kv_heads(model) == 2 and model.cfg.n_heads == 4
+    clean, corrupted = pair(model, batch=2, n_pos=6, changed=(1, 4))
+    metric = logit_diff_metric(model, clean, corrupted)
+    by_pos = P.activation_patch(model, clean, corrupted, metric, component)
+    whole = P.activation_patch(model, clean, corrupted, metric, component, by_position=False)
+    assert by_pos.shape == (2, 6, 2) and whole.shape == (2, 2)
+    name = f"blocks.{{}}.attn.hook_{component[-1]}"
+    for layer in range(2):
+        for head in range(2):
+            assert whole[layer, head] == pytest.approx(
+                _plain_patch(model, clean, corrupted, metric, name.format(layer), (slice(None), head)), abs=1e-4)
+            for pos in (1, 4, 5):
+                assert by_pos[layer, pos, head] == pytest.approx(
+                    _plain_patch(model, clean, corrupted, metric, name.format(layer), (pos, head)), abs=1e-4)
+    assert by_pos[:, 0].abs().max() < 1e-6   # before the first corrupted token nothing can change
+    with pytest.raises(ValueError, match="heads=.*the head axis has 2 entries"):
+        P.activation_patch(model, clean, corrupted, metric, component, heads=[3])
+
+
+@pytest.mark.parametrize("component,by_position", [c for c in TL_SWEEPS if c[0] not in ("attn_head_k", "attn_head_v")])
+def test_query_side_components_equal_transformer_lens_on_a_grouped_query_llama(tiny_llama, component, by_position):
+    clean, corrupted = pair(tiny_llama, batch=2, n_pos=6, changed=(1, 4))
+    metric = logit_diff_metric(tiny_llama, clean, corrupted)
+    ours = _assert_equals_transformer_lens(tiny_llama, clean, corrupted, metric, component, by_position)
+    assert ours.abs().max() > 1e-3
