@@ -13,7 +13,8 @@ Score definitions (all in [0, 1], means over sequences and query positions):
   lengths far from any training range) and offsets ``o``; the score is the **minimum over
   lengths** of the per-length mean, so a head that attends at a fixed positional offset ``k``
   (perfect only when ``L = k + 1``) scores near zero: induction is content-based and must work
-  at every length.
+  at every length. The default lengths adapt to the model's context
+  (:func:`resolve_repeat_lengths`); at least two distinct lengths are always used.
 * ``duplicate_token``: the same sequences, attention from the second copy to the earlier copy
   of the *same* token (key ``q - L``), minimum over lengths.
 * ``previous_token``: natural text windows, attention from query ``q >= 2`` to key ``q - 1``
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -92,8 +94,65 @@ def _parse_head(head, n_layers: int, n_heads: int) -> Head:
     return layer, index
 
 
+def resolve_repeat_lengths(model, repeat_lengths: Sequence[int] | None = None,
+                           offsets: Sequence[int] = DEFAULT_OFFSETS) -> tuple[int, ...]:
+    """The repeat lengths the induction / duplicate-token probes use on ``model``.
+
+    A probe ``BOS + prefix(offset) + S + S`` needs ``1 + offset + 2 * length`` positions.
+    Explicit ``repeat_lengths`` must fit with every offset, else a ValueError names the first
+    that does not. ``None`` (the default) means :data:`DEFAULT_REPEAT_LENGTHS` adapted to
+    ``model.cfg.n_ctx``: a length that does not fit is shrunk to the longest that does (and
+    dropped if that length is already used), with a warning naming the change. Fewer than two
+    distinct lengths would let a fixed-offset head pass as an induction head, so then a
+    ValueError says how much context the defaults need.
+    """
+    offs = _check_positive_ints(offsets, "offsets", 0)
+    n_ctx, widest = int(model.cfg.n_ctx), max(offs)
+    if repeat_lengths is not None:
+        lengths = _check_positive_ints(repeat_lengths, "repeat_lengths", 2)
+        for length in lengths:
+            if 1 + widest + 2 * length > n_ctx:
+                raise ValueError(f"repeat_lengths={list(lengths)}: repeat length {length} with offset {widest} "
+                                 f"needs {1 + widest + 2 * length} positions; the model's context is {n_ctx}")
+        return lengths
+    longest = (n_ctx - 1 - widest) // 2  # the longest length that fits with every offset
+    lengths: list[int] = []
+    changes: list[str] = []
+    for length in DEFAULT_REPEAT_LENGTHS:
+        fitted = min(length, longest)
+        if fitted >= 2 and fitted not in lengths:
+            lengths.append(fitted)
+            if fitted != length:
+                changes.append(f"{length} shrunk to {fitted}")
+        else:
+            changes.append(f"{length} dropped")
+    if len(lengths) < 2:
+        need = 1 + widest + 2 * (min(DEFAULT_REPEAT_LENGTHS) + 1)
+        raise ValueError(f"the model's context ({n_ctx} positions) is too short for the default repeat_lengths: "
+                         f"two distinct lengths with offsets {list(offs)} need at least {need} positions; "
+                         "pass shorter repeat_lengths= and offsets=")
+    if changes:
+        warnings.warn(f"default repeat_lengths {list(DEFAULT_REPEAT_LENGTHS)} adapted to the model's context of "
+                      f"{n_ctx} positions with offsets {list(offs)}: {', '.join(changes)}; using {lengths}",
+                      UserWarning, stacklevel=_caller_stacklevel())
+    return tuple(lengths)
+
+
 def head_label(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` that points a warning at the first frame outside interp_lib and torch
+    (whose ``no_grad`` decorators add frames), so it names the user's line."""
+    import os
+    import sys
+
+    skip = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+    frame, level = sys._getframe(1), 1  # level 1 = the function that calls warnings.warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _bos_id(model) -> int:
@@ -132,8 +191,22 @@ def repeat_probe_tokens(model, length: int, offset: int = 0, n_sequences: int = 
 @torch.no_grad()
 def attention_patterns(model, tokens: Int[Tensor, "batch pos"], layers: Iterable[int] | None = None
                        ) -> Float[Tensor, "layer batch head query key"]:
-    """Attention patterns of every layer (a fresh tensor: later edits never reach a cache)."""
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    """Attention patterns of ``layers`` (default: every layer), stacked in the order given (a
+    fresh tensor: later edits never reach a cache)."""
+    n_layers = model.cfg.n_layers
+    if layers is None:
+        layers = list(range(n_layers))
+    else:
+        given = layers
+        try:
+            layers = list(layers)
+        except TypeError:
+            layers = None
+        if not layers or any(isinstance(l, bool) or not isinstance(l, (int, np.integer)) or not 0 <= l < n_layers
+                             for l in layers):
+            raise ValueError(f"layers={given!r}: expected a non-empty list of layer indices in [0, {n_layers - 1}] "
+                             f"(the model has {n_layers} layers)")
+        layers = [int(l) for l in layers]
     names = {f"blocks.{layer}.attn.hook_pattern" for layer in layers}
     _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=lambda name: name in names)
     return torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"].detach().float().cpu().clone()
@@ -158,13 +231,14 @@ def _text_tokens(model, n_sequences: int, seq_len: int, seed: int, dataset: str)
 
 
 @torch.no_grad()
-def head_scores_by_length(model, kind: str = "induction", repeat_lengths: Sequence[int] = DEFAULT_REPEAT_LENGTHS,
+def head_scores_by_length(model, kind: str = "induction", repeat_lengths: Sequence[int] | None = None,
                           offsets: Sequence[int] = DEFAULT_OFFSETS, n_sequences: int = 16, seed: int = 0,
                           exclude_bos: bool = False) -> Float[Tensor, "length layer head"]:
-    """Per repeat length (averaged over ``offsets``) induction or duplicate-token scores."""
+    """Per repeat length (averaged over ``offsets``) induction or duplicate-token scores, one row
+    per length of :func:`resolve_repeat_lengths` (``None``: the defaults fitted to the context)."""
     if kind not in ("induction", "duplicate_token"):
         raise ValueError(f"kind={kind!r}: scores by repeat length exist for 'induction' and 'duplicate_token'")
-    lengths = _check_positive_ints(repeat_lengths, "repeat_lengths", 2)
+    lengths = resolve_repeat_lengths(model, repeat_lengths, offsets)
     offs = _check_positive_ints(offsets, "offsets", 0)
     n_sequences = _check_n(n_sequences, "n_sequences")
     shift_extra = 1 if kind == "induction" else 0
@@ -184,7 +258,7 @@ def head_scores_by_length(model, kind: str = "induction", repeat_lengths: Sequen
 
 
 @torch.no_grad()
-def head_scores(model, kind: str = "induction", *, repeat_lengths: Sequence[int] = DEFAULT_REPEAT_LENGTHS,
+def head_scores(model, kind: str = "induction", *, repeat_lengths: Sequence[int] | None = None,
                 offsets: Sequence[int] = DEFAULT_OFFSETS, n_sequences: int = 16, seq_len: int = 64,
                 seed: int = 0, exclude_bos: bool = False, dataset: str = "auto",
                 tokens: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "layer head"]:
@@ -194,7 +268,8 @@ def head_scores(model, kind: str = "induction", *, repeat_lengths: Sequence[int]
         kind: ``"induction"``, ``"previous_token"`` or ``"duplicate_token"``.
         repeat_lengths: segment lengths of the repeated-random-token probes (induction and
             duplicate-token); the score is the minimum over lengths, so include lengths the
-            model never saw in training.
+            model never saw in training. ``None``: :data:`DEFAULT_REPEAT_LENGTHS` fitted to the
+            model's context (:func:`resolve_repeat_lengths`, which warns when it changes them).
         offsets: random-prefix lengths before the first copy (the same length at different
             absolute positions); averaged.
         n_sequences: probe sequences per (length, offset), or natural-text windows.
@@ -222,7 +297,8 @@ def head_scores(model, kind: str = "induction", *, repeat_lengths: Sequence[int]
             patterns = _renormalise_without_bos(patterns)
         queries = torch.arange(2, tokens.shape[1])
         return _offset_attention(patterns, queries, 1)
-    by_length = head_scores_by_length(model, kind, repeat_lengths, offsets, n_sequences, seed, exclude_bos)
+    lengths = resolve_repeat_lengths(model, repeat_lengths, offsets)
+    by_length = head_scores_by_length(model, kind, lengths, offsets, n_sequences, seed, exclude_bos)
     return by_length.min(0).values
 
 
@@ -313,14 +389,17 @@ def dynamic_threshold(scores: Tensor | np.ndarray, rule: str = "robust_z", k: fl
     return float(max(float(threshold), floor))
 
 
-def chance_score(model, kind: str, repeat_lengths: Sequence[int] = DEFAULT_REPEAT_LENGTHS,
+def chance_score(model, kind: str, repeat_lengths: Sequence[int] | None = None,
                  offsets: Sequence[int] = DEFAULT_OFFSETS, seq_len: int = 64) -> float:
-    """The score of a head attending uniformly to all keys (1 / number of keys), per ``kind``."""
+    """The score of a head attending uniformly to all keys (1 / number of keys), per ``kind``,
+    on the probes :func:`head_scores` uses (the same :func:`resolve_repeat_lengths`)."""
     _check_kind(kind)
     if kind == "previous_token":
         return float(np.mean([1 / (q + 1) for q in range(2, seq_len)]))
+    lengths = resolve_repeat_lengths(model, repeat_lengths, offsets)
+    offsets = _check_positive_ints(offsets, "offsets", 0)
     values = []
-    for length in repeat_lengths:
+    for length in lengths:
         values.append(np.mean([1 / (q + 1) for o in offsets for q in range(1 + o + length, 1 + o + 2 * length)]))
     return float(max(values))
 
@@ -356,6 +435,7 @@ class Detection:
     k: float
     floor: float
     scores: list[list[float]] = field(repr=False)
+    repeat_lengths: list[int] | None = None  # the probes' lengths (induction / duplicate-token)
 
     def __iter__(self):
         return iter(self.heads)
@@ -371,14 +451,14 @@ class Detection:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "threshold": self.threshold, "rule": self.rule, "k": self.k,
-                "floor": self.floor, "scores": self.scores,
+                "floor": self.floor, "scores": self.scores, "repeat_lengths": self.repeat_lengths,
                 "heads": [asdict(h) for h in self.heads]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Detection":
         return cls(kind=data["kind"], heads=[DetectedHead(**h) for h in data["heads"]],
                    threshold=data["threshold"], rule=data["rule"], k=data["k"], floor=data["floor"],
-                   scores=data["scores"])
+                   scores=data["scores"], repeat_lengths=data.get("repeat_lengths"))
 
 
 def detect_from_scores(scores: Float[Tensor, "layer head"], kind: str = "induction", rule: str = "robust_z",
@@ -401,15 +481,24 @@ def detect_heads(model, kind: str = "induction", rule: str = "robust_z", k: floa
     The threshold is :func:`dynamic_threshold` (default: modified z-score > 3.5 over all heads'
     scores), floored at ``max(2 * chance, 0.1)`` where chance is the score of a uniform-attention
     head (:func:`chance_score`): an outlier among heads that all lack the behaviour is not a
-    detection. Pass ``scores`` to skip recomputing them.
+    detection. Pass ``scores`` to skip recomputing them. Induction and duplicate-token scores
+    and the floor use the same repeat lengths (:func:`resolve_repeat_lengths`), recorded in
+    ``Detection.repeat_lengths``.
     """
     _check_kind(kind)
+    lengths = None
+    if kind != "previous_token" and (scores is None or floor is None):
+        lengths = resolve_repeat_lengths(model, score_kwargs.pop("repeat_lengths", None),
+                                          score_kwargs.get("offsets", DEFAULT_OFFSETS))
+        score_kwargs["repeat_lengths"] = lengths
     if scores is None:
         scores = head_scores(model, kind, **score_kwargs)
     if floor is None:
         keys = {key: score_kwargs[key] for key in ("repeat_lengths", "offsets", "seq_len") if key in score_kwargs}
         floor = max(2 * chance_score(model, kind, **keys), 0.1)
-    return detect_from_scores(scores, kind, rule, k, floor)
+    detection = detect_from_scores(scores, kind, rule, k, floor)
+    detection.repeat_lengths = None if lengths is None else list(lengths)
+    return detection
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ toy-2l has previous-token head L0H2 and induction heads L1H0-L1H2; toy-1l has no
 
 from __future__ import annotations
 
+import json
+import shutil
+import warnings
+
 import pytest
 import torch
 
@@ -82,6 +86,117 @@ def test_a_fixed_offset_head_is_not_called_an_induction_head(toy_2l):
     assert detection.head_set() == TOY_2L_INDUCTION
     # the hook was removed with the context: the real L1H3 is back
     assert H.head_scores(toy_2l, "induction", repeat_lengths=[47])[1, 3] < 0.05
+
+
+# ------------------------------------------------------------------------ short contexts
+
+ADAPTED_128 = [11, 23, 47, 60]  # 61 needs 1 + 7 + 2 * 61 = 130 positions with offset 7
+
+
+@pytest.fixture(scope="module")
+def tiny_128(tmp_path_factory):
+    """A randomly initialised 2-layer GPT-2 (4 heads, vocab 512) with a 128-token context."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-gpt2-128")
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=128,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(il.paths.data_dir() / "tokenizer-512" / name, path / name)
+    return il.load_model(str(path), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def toy_2l_128(tmp_path_factory):
+    """toy-2l with its position table cut to the first 128 rows (it was trained on 128-token
+    sequences): the same forward pass on any sequence of at most 128 tokens."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("toy-2l-128") / "toy-2l-128"
+    shutil.copytree(il.paths.data_dir() / "models" / "toy-2l", path)
+    config = json.loads((path / "config.json").read_text())
+    config["n_positions"] = 128
+    (path / "config.json").write_text(json.dumps(config))
+    weights = load_file(path / "model.safetensors")
+    weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:128].contiguous()
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return il.load_model(str(path), device="cpu")
+
+
+def _uniform_hook(pattern, hook):
+    """Every head attends uniformly to all keys it may see."""
+    causal = torch.tril(torch.ones(pattern.shape[-2:], dtype=pattern.dtype, device=pattern.device))
+    return (causal / causal.sum(-1, keepdim=True)).expand_as(pattern).clone()
+
+
+def test_default_repeat_lengths_fit_a_128_token_context_and_say_so(tiny_128, toy_2l):
+    assert tiny_128.cfg.n_ctx == 128
+    with pytest.warns(UserWarning, match=r"61 shrunk to 60; using \[11, 23, 47, 60\]") as caught:
+        scores = H.head_scores(tiny_128, "induction", n_sequences=2)
+    assert scores.shape == (2, 4) and len(caught) == 1 and caught[0].filename == __file__
+    with pytest.warns(UserWarning, match="61 shrunk to 60") as caught:
+        detection = H.detect_heads(tiny_128, "duplicate_token", n_sequences=2)
+    assert len(caught) == 1  # scores and floor share one resolution of the lengths
+    assert detection.repeat_lengths == ADAPTED_128
+    assert H.Detection.from_dict(json.loads(json.dumps(detection.to_dict()))) == detection
+    with pytest.warns(UserWarning, match="61 shrunk to 60"):
+        assert H.head_scores_by_length(tiny_128, "induction", n_sequences=2).shape == (4, 2, 4)
+    # offsets change what fits: 47 shrinks to (128 - 1 - 70) // 2 = 28 and 61 then repeats it
+    with pytest.warns(UserWarning, match=r"47 shrunk to 28, 61 dropped; using \[11, 23, 28\]"):
+        assert H.resolve_repeat_lengths(tiny_128, offsets=(0, 70)) == (11, 23, 28)
+    # a model whose context fits the defaults (toy-2l: 256 positions) keeps them, silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert H.resolve_repeat_lengths(toy_2l) == H.DEFAULT_REPEAT_LENGTHS
+
+
+def test_too_short_context_and_explicit_lengths_that_do_not_fit_raise(tiny_128):
+    with pytest.raises(ValueError) as error:
+        H.head_scores(tiny_128, "induction", repeat_lengths=[11, 61])
+    assert str(error.value) == ("repeat_lengths=[11, 61]: repeat length 61 with offset 7 needs 130 positions; "
+                                "the model's context is 128")
+    with pytest.raises(ValueError, match="needs 130 positions"):
+        H.chance_score(tiny_128, "induction", repeat_lengths=[61])
+    # with a 110-token prefix only one length fits ((128 - 111) // 2 = 8): no several-lengths rule
+    with pytest.raises(ValueError) as error:
+        H.detect_heads(tiny_128, "induction", offsets=(0, 110))
+    message = str(error.value)
+    assert "\n" not in message and "too short" in message and "context (128 positions)" in message
+    assert "need at least 135 positions" in message  # 1 + 110 + 2 * 12: lengths 11 and 12
+
+
+def test_chance_floor_uses_the_adapted_lengths(tiny_128):
+    # oracle: heads that attend uniformly score exactly chance; chance_score is the highest
+    # per-length value of such a head on the same probes
+    hooks = [(f"blocks.{layer}.attn.hook_pattern", _uniform_hook) for layer in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with tiny_128.hooks(fwd_hooks=hooks):
+            by_length = H.head_scores_by_length(tiny_128, "induction", n_sequences=2)
+            detection = H.detect_heads(tiny_128, "induction", n_sequences=2)
+        chance = H.chance_score(tiny_128, "induction")
+    torch.testing.assert_close(by_length, by_length[:, :1, :1].expand_as(by_length))  # all heads alike
+    assert chance == pytest.approx(float(by_length[:, 0, 0].max()), rel=1e-5)
+    assert chance == pytest.approx(H.chance_score(tiny_128, "induction", repeat_lengths=ADAPTED_128))
+    assert detection.floor == pytest.approx(max(2 * chance, 0.1)) and len(detection) == 0
+
+
+def test_toy_2l_induction_heads_found_with_a_128_token_context(toy_2l, toy_2l_128):
+    with pytest.warns(UserWarning, match="61 shrunk to 60"):
+        scores = H.head_scores(toy_2l_128, "induction")
+        detection = H.detect_heads(toy_2l_128, "induction", scores=scores)
+    assert detection.head_set() == TOY_2L_INDUCTION == set(H.known_heads("toy-2l", "induction"))
+    assert detection.repeat_lengths == ADAPTED_128
+    # the same probes on the full 256-position model give the same scores
+    torch.testing.assert_close(scores, H.head_scores(toy_2l, "induction", repeat_lengths=ADAPTED_128))
+    # the several-lengths rule still rejects a head fixed at the longest adapted length's target
+    with toy_2l_128.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", _fixed_offset_hook(3, 59))]):
+        naive = H.head_scores(toy_2l_128, "induction", repeat_lengths=[60])
+        with pytest.warns(UserWarning, match="61 shrunk to 60"):
+            robust = H.detect_heads(toy_2l_128, "induction")
+    assert naive[1, 3] > 0.99
+    assert robust.head_set() == TOY_2L_INDUCTION
 
 
 def test_k_composition_from_previous_token_head_to_induction_heads_is_among_the_highest(toy_2l):
@@ -217,7 +332,11 @@ def test_head_families_separate_induction_and_previous_token_heads(toy_2l):
 @pytest.mark.parametrize("call, words", [
     (lambda m: H.head_scores(m, "inductoin"), ["kind", "inductoin"]),
     (lambda m: H.head_scores(m, "induction", repeat_lengths=[]), ["repeat_lengths"]),
-    (lambda m: H.head_scores(m, "induction", repeat_lengths=[200]), ["repeat length 200", "context"]),
+    (lambda m: H.head_scores(m, "induction", repeat_lengths=[200]), ["repeat_lengths=[200]", "repeat length 200",
+                                                                       "needs 408 positions", "context is 256"]),
+    (lambda m: H.attention_patterns(m, torch.zeros(1, 5, dtype=torch.long), layers=[5]), ["layers=[5]", "[0, 1]"]),
+    (lambda m: H.attention_patterns(m, torch.zeros(1, 5, dtype=torch.long), layers=[-1]), ["layers=[-1]", "[0, 1]"]),
+    (lambda m: H.attention_patterns(m, torch.zeros(1, 5, dtype=torch.long), layers=1), ["layers=1", "[0, 1]"]),
     (lambda m: H.head_scores(m, "induction", n_sequences=0), ["n_sequences"]),
     (lambda m: H.head_scores(m, "previous_token", seq_len=1), ["seq_len"]),
     (lambda m: H.head_scores(m, "induction", tokens=torch.zeros(1, 5, dtype=torch.long)), ["tokens", "kind"]),
