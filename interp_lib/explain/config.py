@@ -42,7 +42,7 @@ class ExplainConfig:
     dry_run: bool = field(default=False, metadata={"help": "count the LLM calls and estimate their cost, send nothing"})
     causal_method: str = field(default="zero", metadata={"help": "ablation for the causal check: zero or mean"})
     min_cluster_size: int = field(default=3, metadata={"help": "HDBSCAN min cluster size for the taxonomy"})
-    embedding: str = field(default="auto", metadata={"help": "taxonomy embeddings: auto, sentence-transformers, openai, tfidf"})
+    embedding: str = field(default="sentence-transformers", metadata={"help": "taxonomy embeddings: sentence-transformers (all-MiniLM-L6-v2, offline; an error says what to install if it cannot load), openai, or tfidf (weak, only when asked for: warns and is recorded); auto = sentence-transformers"})
     batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
     seed: int = field(default=0, metadata={"help": "seed for sampling, splits and clustering"})
 
