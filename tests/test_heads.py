@@ -14,6 +14,9 @@ import torch
 import interp_lib as il
 from interp_lib import heads as H
 
+# scores are checked against TransformerLens (head_detector, composition scores): also run on the newest versions
+pytestmark = pytest.mark.oracle
+
 TOY_2L_INDUCTION = {(1, 0), (1, 1), (1, 2)}
 TOY_2L_PREVIOUS = (0, 2)
 
