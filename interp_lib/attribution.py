@@ -9,16 +9,39 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 
+def _check_token_ids(model, tokens: Tensor, argument: str) -> None:
+    """ValueError naming ``argument`` unless ``tokens`` holds integer ids the model can read:
+    each in [0, d_vocab) and at most n_ctx positions (nothing is truncated silently)."""
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"{argument} has dtype {tokens.dtype}: expected integer token ids "
+                         "(e.g. from model.to_tokens)")
+    d_vocab, n_ctx = model.cfg.d_vocab, model.cfg.n_ctx
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab):
+        bad = int(tokens.min()) if int(tokens.min()) < 0 else int(tokens.max())
+        raise ValueError(f"{argument} holds token id {bad}: expected ids in [0, {d_vocab - 1}] "
+                         f"(the model's vocabulary has {d_vocab} tokens)")
+    if n_ctx and tokens.shape[-1] > n_ctx:
+        raise ValueError(f"{argument} has {tokens.shape[-1]} positions: the model's context is "
+                         f"{n_ctx} tokens; shorten it (nothing is truncated silently)")
+
+
 def _as_tokens(model, text_or_tokens: str | Int[Tensor, "pos"] | Int[Tensor, "1 pos"]) -> Int[Tensor, "1 pos"]:
     if isinstance(text_or_tokens, str):
         if not text_or_tokens:
             raise ValueError("text_or_tokens='': expected a non-empty text or a token tensor")
-        return model.to_tokens(text_or_tokens)
-    tokens = torch.as_tensor(text_or_tokens)
+        tokens = model.to_tokens(text_or_tokens, truncate=False)
+        _check_token_ids(model, tokens, "text_or_tokens")
+        return tokens
+    try:
+        tokens = torch.as_tensor(text_or_tokens)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"text_or_tokens: expected a text or token ids [pos] / [1, pos], got "
+                         f"{type(text_or_tokens).__name__} ({error})") from None
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
         raise ValueError(f"text_or_tokens has shape {tuple(tokens.shape)}: expected [pos] or [1, pos]")
+    _check_token_ids(model, tokens, "text_or_tokens")
     return tokens.to(model.cfg.device)
 
 
@@ -50,9 +73,16 @@ def top_predictions(model, text_or_tokens, k: int = 5, position: int = -1) -> pd
 @torch.no_grad()
 def next_token_loss(model, tokens: Int[Tensor, "batch pos"], batch_size: int = 32) -> dict[str, float]:
     """Mean next-token loss (nats) and top-1 accuracy of ``model`` over ``tokens``, batched."""
-    tokens = torch.as_tensor(tokens)
+    try:
+        tokens = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"tokens: expected token ids [batch, pos], got {type(tokens).__name__} "
+                         f"({error})") from None
     if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] == 0:
         raise ValueError(f"tokens has shape {tuple(tokens.shape)}: expected [batch, pos] with pos >= 2")
+    _check_token_ids(model, tokens, "tokens")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
     total_loss, total_correct, count = 0.0, 0, 0
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start:start + batch_size].to(model.cfg.device)
