@@ -20,6 +20,19 @@ Notebook contract (see notebooks/README.md): the cell tagged ``parameters`` decl
 absolute ``OUT/seed-<s>`` folder) and, with ``--model``, ``model_name``; ``-p KEY VALUE`` goes
 only to the notebooks that declare ``KEY`` and is refused before anything runs when none does.
 
+Parameter checks, all before a kernel starts: every name the parameters cell assigns is
+declared (papermill's inference, completed from the cell's own Python where papermill skips a
+line); a value must have the declared default's type (bool, int, float, str, list; a ``None``
+default takes any literal) and respect a range the line's comment states in words ("at least
+1", "more than 0", "at most 10", "less than 1") or a choice list the comment opens with
+(``"auto | tfidf | openai"``, when the default is one of them). A parameter whose name or value
+looks like a credential (``api_key``, ``token``, ``sk-...``, a URL with user-info, the value of
+a credential environment variable) is refused with a pointer to ``$INTERP_LIB_API_KEY``: run.json
+and the executed notebooks would otherwise keep it.
+
+One writer per run folder: the run holds ``OUT/.lock`` (``interp_lib.checkpoint.RunLock``); a
+second run into the same folder stops at once with a one-line error.
+
 Failure policy: a notebook that raises is recorded as ``failed`` (its executed copy, with the
 error, stays in place) and the run goes on -- with the remaining notebooks of the same seed,
 since the notebooks of the series are independent (each loads its own model and keeps its own
@@ -393,6 +406,37 @@ def select_notebooks(series: Sequence[Path], selectors: Sequence[str]) -> list[P
     return chosen
 
 
+def _cell_assignments(path: Path) -> dict[str, dict]:
+    """Every top-level ``name = value`` of the notebook's cell tagged ``parameters``, in
+    papermill's layout (name, inferred_type_name, default, help); {} if there is none or it is
+    not valid Python. Completes papermill's inference, which skips a line with a second ``=``
+    (e.g. in its comment)."""
+    import io
+    import tokenize
+
+    try:
+        notebook = json.loads(path.read_text(encoding="utf-8"))
+        cell = next(c for c in notebook.get("cells", [])
+                    if "parameters" in (c.get("metadata", {}).get("tags") or []))
+        source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+        tree = ast.parse(source)
+        comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                    for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                    if tok.type == tokenize.COMMENT}
+    except (OSError, ValueError, StopIteration, KeyError, TypeError, SyntaxError,
+            tokenize.TokenError):
+        return {}
+    found: dict[str, dict] = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+            else node.target if isinstance(node, ast.AnnAssign) and node.value is not None else None
+        if isinstance(target, ast.Name):
+            found[target.id] = {"name": target.id, "inferred_type_name": "None",
+                                "default": ast.get_source_segment(source, node.value) or "",
+                                "help": comments.get(node.end_lineno, "")}
+    return found
+
+
 def inspect_notebooks(paths: Sequence[Path]) -> list[NotebookPlan]:
     """Read each notebook's parameters cell; RunInputError when one breaks the contract."""
     import papermill
@@ -404,6 +448,8 @@ def inspect_notebooks(paths: Sequence[Path]) -> list[NotebookPlan]:
         except Exception as exc:  # nbformat / JSON errors of many kinds: name the file
             raise RunInputError(f"cannot read notebook {path}: {type(exc).__name__}: "
                                 f"{_first_line(exc)}") from None
+        for name, spec in _cell_assignments(path).items():
+            declared.setdefault(name, spec)
         missing = [name for name in REQUIRED_PARAMETERS if name not in declared]
         if missing:
             raise RunInputError(
@@ -428,12 +474,95 @@ def parse_param_value(text: str) -> Any:
     return text
 
 
-def _declared_default(spec: dict) -> Any:
-    """The literal default of a declared parameter (None when it is not a plain literal)."""
+_NOT_LITERAL = object()
+
+
+def _declared_default(spec: dict, missing: Any = None) -> Any:
+    """The literal default of a declared parameter (``missing`` when it is not a plain
+    literal)."""
     try:
         return ast.literal_eval(spec.get("default") or "")
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return None
+        return missing
+
+
+_BOUND_RE = re.compile(r"\b(at least|more than|at most|less than)\s+(-?\d+(?:\.\d+)?)\b")
+_CHOICES_RE = re.compile(r"^\s*([\w.-]+(?:\s*\|\s*[\w.-]+)+)(?:\s|$|[;,(])")
+_BOUND_TESTS = {"at least": lambda v, b: v >= b, "more than": lambda v, b: v > b,
+                "at most": lambda v, b: v <= b, "less than": lambda v, b: v < b}
+
+
+def check_parameter_value(notebook: str, key: str, value: Any, spec: dict) -> None:
+    """RunInputError unless ``value`` fits the declaration ``spec`` of ``key`` in ``notebook``:
+    the default's type, and the range / choices its comment states (module docstring)."""
+    default = _declared_default(spec, _NOT_LITERAL)
+    shown = spec.get("default")
+    help_text = str(spec.get("help") or "")
+
+    def refuse(expected: str) -> None:
+        raise RunInputError(f"parameter {key!r}: {notebook} expects {expected} (declared "
+                            f"default {shown}), got {value!r}")
+
+    if default is _NOT_LITERAL or default is None:
+        return
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            refuse("true or false")
+        return
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            refuse("an integer")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            refuse("a finite number")
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            refuse("text")
+        match = _CHOICES_RE.match(help_text)
+        if match:
+            choices = [c.strip() for c in match.group(1).split("|")]
+            if default in choices and value not in choices:
+                refuse("one of " + ", ".join(repr(c) for c in choices))
+        return
+    elif isinstance(default, (list, tuple)):
+        if not isinstance(value, list):
+            refuse("a list like " + str(shown))
+        return
+    else:
+        return
+    for phrase, bound in _BOUND_RE.findall(help_text):
+        if not _BOUND_TESTS[phrase](value, float(bound)):
+            refuse(f"{'an integer' if isinstance(default, int) else 'a number'} {phrase} {bound}")
+
+
+_SECRET_VALUE_RE = re.compile(
+    r"\b(sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|xox[abpr]-[A-Za-z0-9-]+"
+    r"|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{30,})|^\s*(Bearer|Basic)\s+\S+")
+_URL_USERINFO_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]*@")
+
+
+def _credential_reason(key: str, text: str) -> str | None:
+    """Why ``-p key text`` looks like a credential, or None."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    from .checkpoint import _secret_env_values, is_secret_key
+
+    if is_secret_key(key):
+        return f"its name {key!r} is a credential's"
+    if _URL_USERINFO_RE.match(text.strip()):
+        return "the URL carries user-info (user:key@host); give the URL without it"
+    if "://" in text:
+        try:
+            query = parse_qsl(urlsplit(text.strip()).query)
+        except ValueError:
+            query = []
+        if any(is_secret_key(name) or name.lower() in ("key", "sig", "signature") for name, _ in query):
+            return "the URL's query carries a key; give the URL without it"
+    if _SECRET_VALUE_RE.search(text):
+        return "its value has the form of an API key or token"
+    if text and any(secret in text for secret in _secret_env_values()):
+        return "its value holds the value of a credential environment variable"
+    return None
 
 
 def plan_parameters(plans: Sequence[NotebookPlan], params: Sequence[tuple[str, str]],
@@ -447,6 +576,12 @@ def plan_parameters(plans: Sequence[NotebookPlan], params: Sequence[tuple[str, s
                                 f"{RUNNER_PARAMETERS[key]} instead of -p {key}")
         if not key.isidentifier():
             raise RunInputError(f"parameter {key!r} is not a Python name")
+        reason = _credential_reason(key, text)
+        if reason is not None:  # the value is never echoed
+            raise RunInputError(
+                f"parameter {key!r} looks like a credential ({reason}): credentials are never "
+                "passed with -p, since run.json and the executed notebooks would keep them; set "
+                "$INTERP_LIB_API_KEY (or $OPENAI_API_KEY for OpenAI) in the environment instead")
         typed[key] = text  # the last -p for a key wins
     for key in typed:
         if not any(key in plan.declared for plan in plans):
@@ -471,6 +606,7 @@ def plan_parameters(plans: Sequence[NotebookPlan], params: Sequence[tuple[str, s
                 raise RunInputError(
                     f"parameter {key!r}: {plan.path.name} declares a {type(default).__name__} "
                     f"(default {plan.declared[key]['default']}), got text {text!r}")
+            check_parameter_value(plan.path.name, key, value, plan.declared[key])
             chosen[key] = value
         per_notebook[plan.stem] = chosen
     return per_notebook
@@ -543,6 +679,9 @@ def _describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": ")
 
 
+_URL_USERINFO_SUB = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@]*@")
+
+
 class _Run:
     """State of one series run and its run.json (rewritten atomically after every notebook, so
     an interrupted run still says what finished)."""
@@ -553,7 +692,7 @@ class _Run:
 
         self.out = out
         self.record: dict[str, Any] = {
-            "argv": list(argv) if argv is not None else None,
+            "argv": [_URL_USERINFO_SUB.sub(r"\1", a) for a in argv] if argv is not None else None,
             "seeds": list(config.seeds),
             "params": {k: parse_param_value(v) for k, v in config.params},
             "model": config.model,
@@ -651,7 +790,22 @@ def run_series(config: RunConfig, argv: Sequence[str] | None = None) -> int:
     plans = inspect_notebooks(select_notebooks(series, config.notebooks))
     parameters = plan_parameters(plans, config.params, config.model)
     out = ensure_writable_dir(Path(config.out))
+    from .checkpoint import RunFolderBusyError, RunLock
 
+    lock = RunLock(out, "interp-lib run")
+    try:
+        lock.acquire()
+    except RunFolderBusyError as exc:
+        raise RunInputError(str(exc)) from None
+    try:
+        return _run_locked(config, argv, out, plans, parameters, seeds)
+    finally:
+        lock.release()
+
+
+def _run_locked(config: RunConfig, argv: Sequence[str] | None, out: Path,
+                plans: Sequence[NotebookPlan], parameters: dict[str, dict[str, Any]],
+                seeds: list[int]) -> int:
     run = _Run(config, argv, out, plans, parameters)
     run.save()
     from tqdm.auto import tqdm
