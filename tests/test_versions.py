@@ -84,3 +84,20 @@ def test_notebook_setup_records_the_environment(tmp_path, capsys):
     assert f"transformers {metadata.version('transformers')}" in printed
     saved = json.loads((tmp_path / "environment" / "99_probe.json").read_text())
     assert saved["packages"]["transformer-lens"] == metadata.version("transformer-lens")
+
+
+def test_colab_installs_use_the_tested_constraints():
+    """Every notebook's Colab install cell (and the series launcher) installs with
+    colab/constraints.txt, the file `make lock` writes."""
+    import json
+
+    url = "https://raw.githubusercontent.com/interp-lib/interp_lib/main/colab/constraints.txt"
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        cells = json.loads(path.read_text())["cells"]
+        installs = [line for cell in cells for line in cell["source"] if "%pip install" in "".join(line)]
+        assert installs and all(f"-c {url}" in line for line in installs), path.name
+    launcher = (ROOT / "colab" / "run_series.ipynb").read_text()
+    assert '"colab" / \\"constraints.txt\\"' in launcher or "constraints.txt" in launcher
+    assert (ROOT / url.split("/main/")[1]).is_file()
