@@ -96,7 +96,11 @@ def _add_explain_command(subparsers: argparse._SubParsersAction) -> None:
             "With no --explainer the heuristic (no-LLM) explainer names the heads and the LLM\n"
             "scorers are skipped (said in the report). The API key is read from\n"
             "$INTERP_LIB_API_KEY, or for OpenAI itself $OPENAI_API_KEY (or the Colab secret),\n"
-            "never from the command line, and is written nowhere."),
+            "never from the command line, and is written nowhere (a key in --base-url's user-info\n"
+            "is sent as the Bearer key and stripped from every saved URL).\n\n"
+            "Exit status: 0 done; 1 the endpoint is unusable (refused, 401 / 403, not JSON: one\n"
+            "error line naming it), some LLM requests failed (those stages are not saved as\n"
+            "finished: rerun to retry them), or another run holds OUT; 2 bad input."),
         epilog=(
             "examples:\n"
             "  interp-lib explain --model toy-2l --out runs/explain-toy          # offline, heuristic\n"
@@ -133,6 +137,8 @@ def _add_explain_command(subparsers: argparse._SubParsersAction) -> None:
 def _explain(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import dataclasses
 
+    from .checkpoint import RunFolderBusyError
+    from .explain.client import EndpointError
     from .explain.pipeline import ExplainConfig, run_explainer
     from .models import ModelLoadError
 
@@ -149,10 +155,20 @@ def _explain(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise UsageError(str(error)) from None
     except ValueError as error:  # bad heads / stages / dataset, found after the model loaded
         raise UsageError(str(error)) from None
+    except (EndpointError, RunFolderBusyError) as error:  # nothing of the failed stage is saved
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     failed = [r.label for r in run.records if r.explanation is None]
-    print(f"explained {len(run.records) - len(failed)} of {len(run.records)} heads"
+    retried = (f" ({len(run.retried)} retried after failing in an earlier run)"
+               if run.retried else "")
+    print(f"explained {len(run.records) - len(failed)} of {len(run.records)} heads{retried}"
           + (f"; failed: {', '.join(failed)} (reasons in the report)" if failed else "")
           + f"; outputs in {run.out}")
+    if run.unfinished:
+        stages = ", ".join(f"{name} ({why})" for name, why in run.unfinished.items())
+        print(f"error: LLM requests failed, so these stages were not saved as finished: {stages}; "
+              "rerun the same command to retry them", file=sys.stderr)
+        return 1
     return 0
 
 

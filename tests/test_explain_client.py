@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import pytest
 
-from interp_lib.explain.client import (ChatRequest, ChatResult, LLMClient, parse_retry_after,
+from interp_lib.explain.client import (ChatRequest, ChatResult, EndpointError, LLMClient, parse_retry_after,
                                        resolve_api_key)
 from interp_lib.explain.local_server import (LocalOpenAIServer, LocalServerHTTPError,
                                              count_tokens, default_responder)
@@ -458,7 +458,8 @@ def test_planted_key_is_sent_but_never_stored(make_server, tmp_path, caplog, mon
     client.embed(["a text"])
 
     wrong = client_for(server, api_key="sk-wrong-000")
-    assert wrong.chat(req("wrong key")).failure.startswith("http 401")
+    with pytest.raises(EndpointError, match="http 401"):  # a rejected key stops the client
+        wrong.chat(req("wrong key"))
 
     # everything a run might write: results, usage, repr, a pickled client (checkpoints)
     (run_dir / "results.json").write_text(json.dumps([r.__dict__ for r in results]))
@@ -476,7 +477,8 @@ def test_planted_key_is_sent_but_never_stored(make_server, tmp_path, caplog, mon
     server.fault_rate = 0.0
     # $OPENAI_API_KEY is for OpenAI: a local server gets the placeholder, not the key
     monkeypatch.setenv("OPENAI_API_KEY", PLANTED)
-    assert client_for(server).chat(req("openai key")).failure.startswith("http 401")
+    with pytest.raises(EndpointError, match="http 401"):
+        client_for(server).chat(req("openai key"))
     monkeypatch.setenv("INTERP_LIB_API_KEY", PLANTED)
     from_env = client_for(server, max_retries=8)
     assert from_env.chat(req("env key")).ok and PLANTED not in repr(from_env)

@@ -28,7 +28,20 @@ halves the CPU per request and lets a body that is not JSON be retried) and retu
 * a spending cap: once ``usage.cost_usd >= max_cost_usd`` no further request is sent (those in
   flight finish, so the total may overshoot by at most ``concurrency`` responses); the rest return
   ``failure="budget cap reached ($X)"`` and ``stopped_reason`` is set;
-* a dry run that sends nothing and prints ``dry run: N calls (M cached), estimated $X``.
+* a dry run that sends nothing and prints ``dry run: N calls (M cached), estimated $X``;
+* a circuit breaker: after ``breaker_threshold`` consecutive attempts that say the endpoint
+  itself is unusable (connection errors, bodies that are not JSON, bodies over the size limit),
+  or one 401 / 403 (a rejected key), nothing more is sent, the remaining requests fail at once, and ``chat_many`` /
+  ``embed`` raise ``EndpointError`` naming the URL and the cause (also when a whole batch
+  failed that way before the threshold). 408 / 409 / 429 / 5xx and timeouts are transient:
+  they keep their backoff and neither trip nor reset the breaker;
+* a response size limit applied while the body is read (``max_response_bytes``; by default
+  derived from each request's ``max_tokens`` and logprobs), so a huge body never sits in memory
+  and is never cached.
+
+URLs: user-info in ``base_url`` (``http://user:KEY@host/v1``) is taken out of the URL and sent
+as the Bearer key instead (unless ``api_key`` is given); a query string is sent as query
+parameters. ``base_url`` -- what repr, logs, errors and cache files show -- holds neither.
 
 The API key (see ``resolve_api_key``) lives in a masked holder: it is not in ``repr``, not
 pickled (an unpickled client resolves it again from the environment), not in cache files, and
@@ -39,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
 import email.utils
 import hashlib
@@ -54,12 +68,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, unquote, urlparse, urlsplit, urlunsplit
 
 import numpy as np
 
 __all__ = ["ChatRequest", "ChatResult", "UsageStats", "LLMClient", "DEFAULT_PRICES",
-           "resolve_api_key", "request_cache_key", "parse_retry_after", "OPENAI_BASE_URL"]
+           "EndpointError", "ResponseTooLargeError", "resolve_api_key", "request_cache_key",
+           "parse_retry_after", "public_url", "split_url_credentials", "OPENAI_BASE_URL"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +83,9 @@ PLACEHOLDER_KEY = "unused"  # local servers (vLLM, Ollama, LocalOpenAIServer) ac
 CACHE_FORMAT = 1
 COLAB_SECRET_NAME = "OPENAI_API_KEY"
 EMBED_BATCH = 256
+BREAKER_THRESHOLD = 5
+_BODY_LIMIT: "contextvars.ContextVar[int | None]" = contextvars.ContextVar(
+    "interp_lib_response_limit", default=None)
 _ROLES = ("system", "user", "assistant", "developer", "tool")
 
 # USD per 1M tokens (prompt, completion), OpenAI list prices (standard tier) as of 2025.
@@ -154,6 +172,7 @@ class UsageStats:
     requests_sent: int = 0       # HTTP requests put on the wire, retries included
     cache_hits: int = 0          # requests answered without sending (disk cache, batch duplicate)
     failures: int = 0            # results with ok=False (dry-run placeholders excluded)
+    failed_requests: int = 0     # of those, requests that got no answer (not the spending cap)
     retries: int = 0             # attempts after a retryable error
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -169,6 +188,98 @@ class UsageStats:
         if self.dry_run_calls:
             text += f"; dry run: {self.dry_run_calls} calls, estimated ${self.dry_run_cost_usd:.4f}"
         return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Endpoint errors and URLs
+# ---------------------------------------------------------------------------------------------
+class EndpointError(RuntimeError):
+    """The endpoint itself is unusable (refused connections, 401 / 403, answers that are not
+    JSON or too large): one line naming the URL (without credentials) and the cause."""
+
+
+class ResponseTooLargeError(Exception):
+    """A response body went over the client's size limit while it was read."""
+
+    def __init__(self, limit: int, declared: int | None = None):
+        self.limit, self.declared = limit, declared
+        size = f"{declared} bytes" if declared is not None else "more"
+        super().__init__(f"response body too large ({size}; the limit is {limit} bytes)")
+
+
+def split_url_credentials(url: str) -> tuple[str, str | None]:
+    """``url`` without user-info, and the key it carried (the password, else the user name)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    key = parts.password if parts.password else parts.username
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), \
+        (unquote(key) if key else None)
+
+
+def public_url(url: str | None) -> str | None:
+    """``url`` without user-info, query string or fragment (any may carry credentials): the
+    form that may be printed, logged and saved."""
+    if not url:
+        return url
+    parts = urlsplit(str(url))
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host + (f":{port}" if port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _limited_http_client(timeout: float):
+    """An httpx client for ``AsyncOpenAI`` whose response bodies stop at the limit in
+    ``_BODY_LIMIT`` (set per request), raising ResponseTooLargeError while reading."""
+    import httpx2
+    import openai
+
+    class _LimitedStream(httpx2.AsyncByteStream):
+        def __init__(self, inner, limit: int):
+            self._inner, self._limit = inner, limit
+
+        async def __aiter__(self):
+            total = 0
+            async for chunk in self._inner:
+                total += len(chunk)
+                if total > self._limit:
+                    raise ResponseTooLargeError(self._limit)
+                yield chunk
+
+        async def aclose(self) -> None:
+            await self._inner.aclose()
+
+    class _LimitedTransport(httpx2.AsyncBaseTransport):
+        def __init__(self):
+            self._inner = httpx2.AsyncHTTPTransport()
+
+        async def handle_async_request(self, request):
+            response = await self._inner.handle_async_request(request)
+            limit = _BODY_LIMIT.get()
+            if limit is None:
+                return response
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                await response.aclose()
+                raise ResponseTooLargeError(limit, int(declared))
+            return httpx2.Response(status_code=response.status_code, headers=response.headers,
+                                   stream=_LimitedStream(response.stream, limit),
+                                   extensions=response.extensions)
+
+        async def aclose(self) -> None:
+            await self._inner.aclose()
+
+    return openai.DefaultAsyncHttpxClient(transport=_LimitedTransport(), timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,12 +457,19 @@ def _says_unsupported(message: str) -> bool:
 class _Outcome:
     """How one attempt ended: a parsed body, a retryable error or a final error."""
 
-    __slots__ = ("data", "retry", "reason", "retry_after", "status", "message")
+    __slots__ = ("data", "retry", "reason", "retry_after", "status", "message", "fatal")
 
     def __init__(self, data: Any = None, retry: bool = False, reason: str | None = None,
-                 retry_after: float | None = None, status: int | None = None, message: str = ""):
+                 retry_after: float | None = None, status: int | None = None, message: str = "",
+                 fatal: bool = False):
         self.data, self.retry, self.reason = data, retry, reason
         self.retry_after, self.status, self.message = retry_after, status, message
+        self.fatal = fatal  # says the endpoint itself is unusable (counts for the breaker)
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = (str(text).strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _error_message(exc: Any) -> str:
@@ -374,6 +492,9 @@ class LLMClient:
     ``base_url=None`` means ``$OPENAI_BASE_URL`` or OpenAI itself. ``timeout`` bounds each attempt
     (seconds, whole request). Backoff waits are jittered up to ``backoff_max``; a server's
     ``Retry-After`` is honoured up to ``retry_after_max`` seconds. ``seed`` seeds the jitter.
+    ``breaker_threshold``: consecutive endpoint failures before nothing more is sent (see the
+    module docstring). ``max_response_bytes``: limit on each response body (None: 1 MiB plus
+    an allowance per requested token).
     """
 
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, *,
@@ -381,12 +502,13 @@ class LLMClient:
                  backoff_base: float = 0.5, backoff_max: float = 20.0,
                  retry_after_max: float = 120.0, cache_dir: str | Path | None = None, prices: dict | None = None,
                  max_cost_usd: float | None = None, dry_run: bool = False,
-                 progress: bool = True, seed: int = 0):
+                 progress: bool = True, seed: int = 0, breaker_threshold: int = BREAKER_THRESHOLD,
+                 max_response_bytes: int | None = None):
         if not isinstance(model, str) or not model:
             raise ValueError(f"model={model!r}: expected a non-empty model name")
         if base_url is not None and (not isinstance(base_url, str)
                                      or not base_url.startswith(("http://", "https://"))):
-            raise ValueError(f"base_url={base_url!r}: expected an http(s) URL like "
+            raise ValueError(f"base_url={public_url(base_url) if isinstance(base_url, str) else base_url!r}: expected an http(s) URL like "
                              "'http://127.0.0.1:8000/v1' or None for OpenAI")
 
         def _int(name: str, value: Any, low: int) -> int:
@@ -402,9 +524,27 @@ class LLMClient:
             return float(value)
 
         self.model = model
-        self._base_url_arg = base_url
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
-        self._secret = _Secret(resolve_api_key(api_key, self.base_url))
+        url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
+        try:
+            url, url_key = split_url_credentials(url)
+            urlsplit(url).port  # a bad port raises ValueError here, not at the first request
+        except ValueError as error:
+            raise ValueError(f"base_url={public_url(url)!r}: not a valid URL ({error})") from None
+        if url_key is not None and api_key is not None:
+            warnings.warn("base_url carries credentials and api_key is given: the URL's are "
+                          "ignored", UserWarning, stacklevel=2)
+        # the query (e.g. api-version) goes out as query parameters; it is never stored
+        self._default_query = dict(parse_qsl(urlsplit(url).query)) or None
+        self.base_url = public_url(url)
+        self._secret = _Secret(resolve_api_key(api_key if api_key is not None else url_key,
+                                               self.base_url))
+        self.breaker_threshold = _int("breaker_threshold", breaker_threshold, 1)
+        self.max_response_bytes = (None if max_response_bytes is None
+                                   else _int("max_response_bytes", max_response_bytes, 1024))
+        self.endpoint_error: str | None = None  # set once the breaker trips; sticky
+        self.last_failure: str | None = None  # reason of the latest failed request
+        self._consecutive_fatal = 0
+        self._last_fatal: str | None = None
         self.concurrency = _int("concurrency", concurrency, 1)
         self.max_retries = _int("max_retries", max_retries, 0)
         self.timeout = _float("timeout", timeout, positive=True)
@@ -508,6 +648,8 @@ class LLMClient:
             return None
         if result.ok is not True or not isinstance(result.content, str):
             return None
+        if len(result.content) > self._body_limit(max_tokens=None):
+            return None  # an answer of a size no response may have now: sent again
         return dataclasses.replace(result, cached=True, attempts=0)
 
     def _cache_store(self, key: str, request: ChatRequest, result: ChatResult) -> None:
@@ -558,8 +700,54 @@ class LLMClient:
     def _make_openai(self):
         from openai import AsyncOpenAI
 
+        # identity encoding: the size limit counts the bytes that end up in memory
         return AsyncOpenAI(api_key=self._need_key(), base_url=self.base_url, max_retries=0,
-                           timeout=self.timeout)
+                           timeout=self.timeout, default_query=self._default_query,
+                           default_headers={"Accept-Encoding": "identity"},
+                           http_client=_limited_http_client(self.timeout))
+
+    def _body_limit(self, max_tokens: int | None, logprobs: bool = False,
+                    top_logprobs: int | None = None, n_items: int = 0) -> int:
+        """Bytes a response may have: ``max_response_bytes``, else 1 MiB plus 64 bytes per
+        requested token (x (1 + alternatives) x 2 more with logprobs) plus 64 KiB per embedded
+        text; ``max_tokens=None`` (a cached answer): the largest a default request allows."""
+        if self.max_response_bytes is not None:
+            return self.max_response_bytes
+        tokens = 4096 if max_tokens is None else max_tokens
+        per_token = 64 * (1 + (2 * (1 + (top_logprobs or 0)) if logprobs else 0))
+        return (1 << 20) + tokens * per_token + n_items * (64 << 10)
+
+    def _note_outcome(self, outcome: "_Outcome") -> None:
+        """Breaker bookkeeping: count endpoint-level failures in a row; a usable answer (or a
+        request-level 4xx, which proves the endpoint works) resets the count."""
+        with self._lock:
+            if outcome.fatal:
+                self._consecutive_fatal += 1
+                self._last_fatal = outcome.reason
+                # a rejected key never becomes right: 401 / 403 trip the breaker at once
+                if (self._consecutive_fatal >= self.breaker_threshold
+                        or outcome.status in (401, 403)) and self.endpoint_error is None:
+                    self.endpoint_error = self._endpoint_message(outcome.reason,
+                                                                 self._consecutive_fatal)
+                    log.info("%s", self.endpoint_error)
+            elif outcome.reason is None or not outcome.retry:
+                self._consecutive_fatal = 0
+
+    def _endpoint_message(self, reason: str | None, count: int) -> str:
+        hint = ("check the API key ($INTERP_LIB_API_KEY, or $OPENAI_API_KEY for OpenAI)"
+                if reason and reason.startswith(("http 401", "http 403"))
+                else "check --base-url / base_url and that the server is up")
+        return (f"endpoint {self.base_url} is unusable: {reason} ({count} failure"
+                f"{'s' if count != 1 else ''} in a row, nothing more sent); {hint}")
+
+    def _raise_if_broken(self, n_ok: int) -> None:
+        """EndpointError when the breaker tripped, or when nothing in a batch succeeded and the
+        last attempts failed at the endpoint level (e.g. every request got a 401)."""
+        message = self.endpoint_error
+        if message is None and n_ok == 0 and self._consecutive_fatal > 0:
+            message = self._endpoint_message(self._last_fatal, self._consecutive_fatal)
+        if message is not None:
+            raise EndpointError(message)
 
     async def _attempt(self, call) -> _Outcome:
         """Run one HTTP call (a coroutine factory returning the body text) and classify how it
@@ -579,9 +767,16 @@ class LLMClient:
                 return _Outcome(retry=True, reason=f"http {status}", status=status,
                                 retry_after=parse_retry_after(exc.response.headers),
                                 message=message)
-            return _Outcome(reason=f"http {status}: {message}", status=status, message=message)
-        except openai.APIConnectionError:
-            return _Outcome(retry=True, reason="connection error")
+            return _Outcome(reason=f"http {status}: {_first_line(message)}", status=status,
+                            message=message, fatal=status in (401, 403))
+        except openai.APIConnectionError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ResponseTooLargeError):
+                return _Outcome(reason=str(cause), fatal=True)
+            detail = f" ({_first_line(self._scrub(str(cause)))})" if cause is not None and str(cause) else ""
+            return _Outcome(retry=True, reason=f"connection error{detail}", fatal=True)
+        except ResponseTooLargeError as exc:
+            return _Outcome(reason=str(exc), fatal=True)
         except Exception as exc:  # per-request failures must not escape chat_many
             reason = self._scrub(f"{type(exc).__name__}: {exc}")
             log.warning("request failed: %s", reason)
@@ -589,7 +784,9 @@ class LLMClient:
         try:
             data = json.loads(text)
         except ValueError:
-            return _Outcome(retry=True, reason="malformed response (not JSON)")
+            start = text.lstrip()[:15].lower() if isinstance(text, str) else ""
+            what = "HTML" if start.startswith(("<!doctype", "<html")) else "not JSON"
+            return _Outcome(retry=True, reason=f"malformed response ({what})", fatal=True)
         return _Outcome(data=data)
 
     # -- chat ------------------------------------------------------------------------------------
@@ -646,15 +843,20 @@ class LLMClient:
         drop: set[str] = set()
         fallback: _Outcome | None = None  # the first 400 that made us drop a feature, if any
         dropped_by: dict[str, str] = {}  # feature -> message of the 400 that dropped it
+        _BODY_LIMIT.set(self._body_limit(request.max_tokens, request.logprobs,
+                                         request.top_logprobs))  # this task's context only
         while True:
             async with sem:
                 budget = self._budget_failure()
                 if budget is not None:
                     return ChatResult(ok=False, failure=budget, attempts=attempts)
+                if self.endpoint_error is not None:
+                    return ChatResult(ok=False, failure=self.endpoint_error, attempts=attempts)
                 attempts += 1
                 params = self._chat_params(request, drop)
                 outcome = await self._attempt(
                     lambda: client.post("/chat/completions", cast_to=str, body=params))
+            self._note_outcome(outcome)
             if outcome.reason is None:
                 result = self._result_from_body(outcome.data, request, attempts)
                 if result is None:
@@ -690,7 +892,7 @@ class LLMClient:
                 if fallback is not None:
                     outcome = fallback  # report the original rejection
                 return ChatResult(ok=False, failure=outcome.reason, attempts=attempts)
-            if retries >= self.max_retries:
+            if retries >= self.max_retries or self.endpoint_error is not None:
                 return ChatResult(ok=False, failure=f"{outcome.reason} after {attempts} attempts",
                                   attempts=attempts)
             delay = self._backoff(retries, outcome.retry_after)
@@ -798,7 +1000,17 @@ class LLMClient:
         with self._lock:
             self.usage.cache_hits += sum(1 for r in results if r.cached)  # type: ignore[union-attr]
             self.usage.failures += sum(1 for r in results if not r.ok)  # type: ignore[union-attr]
+            # no answer came back (an answer cut short or filtered is the endpoint's answer;
+            # the spending cap is a decision): a rerun may fix these
+            failed = [r for r in results  # type: ignore[union-attr]
+                      if not r.ok and r.finish_reason is None
+                      and not (r.failure or "").startswith("budget cap")]
+            self.usage.failed_requests += len(failed)
+            if failed:
+                self.last_failure = failed[-1].failure
         log.info("%s: %s", desc, self.usage.summary())
+        if sent:
+            self._raise_if_broken(sum(1 for r in sent.values() if r.ok))
         return results  # type: ignore[return-value]
 
     def chat_many(self, requests: Sequence[ChatRequest], desc: str = "LLM") -> list[ChatResult]:
@@ -816,7 +1028,7 @@ class LLMClient:
     # -- embeddings ------------------------------------------------------------------------------
     def _embed_key(self, text: str, model: str) -> str:
         blob = json.dumps({"format": CACHE_FORMAT, "base_url": self.base_url, "model": model,
-                           "input": text}, sort_keys=True, ensure_ascii=False)
+                           "input": text}, sort_keys=True, ensure_ascii=False)  # public URL
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def embed(self, texts: list[str], model: str = "text-embedding-3-small") -> np.ndarray:
@@ -862,16 +1074,20 @@ class LLMClient:
 
         async def batch(start: int) -> None:
             chunk = texts[start:start + EMBED_BATCH]
+            _BODY_LIMIT.set(self._body_limit(0, n_items=len(chunk)))
             attempts = 0
             while True:
                 async with sem:
                     budget = self._budget_failure()
                     if budget is not None:
                         raise RuntimeError(f"embeddings stopped: {budget}")
+                    if self.endpoint_error is not None:
+                        raise EndpointError(self.endpoint_error)
                     attempts += 1
                     outcome = await self._attempt(lambda: client.post(
                         "/embeddings", cast_to=str,
                         body={"model": model, "input": chunk, "encoding_format": "float"}))
+                self._note_outcome(outcome)
                 vecs = None
                 if outcome.reason is None:
                     try:
@@ -896,8 +1112,12 @@ class LLMClient:
                             except OSError as exc:  # a cache is an optimisation: keep the vector
                                 log.warning("could not write cache file %s (%s)", path, exc)
                     return
+                if outcome.fatal and self.endpoint_error is not None:
+                    raise EndpointError(self.endpoint_error)
                 if not outcome.retry or attempts > self.max_retries:
                     suffix = "" if not outcome.retry else f" after {attempts} attempts"
+                    if outcome.fatal:
+                        raise EndpointError(self._endpoint_message(outcome.reason, attempts))
                     raise RuntimeError(f"embeddings from {self.base_url} (model {model!r}) "
                                        f"failed: {outcome.reason}{suffix}")
                 with self._lock:

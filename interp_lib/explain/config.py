@@ -74,17 +74,45 @@ class ExplainConfig:
             raise ValueError(f"causal_method={self.causal_method!r}: expected 'zero' or 'mean'")
         if self.max_cost_usd is not None and not float(self.max_cost_usd) > 0:
             raise ValueError(f"max_cost_usd={self.max_cost_usd!r}: expected a positive number or None")
+        if self.base_url is not None:
+            self._check_base_url()
         if self.heads != "all":
             for label in str(self.heads).split(","):
                 parse_head_label(label)
+
+    def _check_base_url(self) -> None:
+        from urllib.parse import urlsplit
+
+        from .client import public_url
+
+        url = self.base_url
+        shown = public_url(url) if isinstance(url, str) else url
+        try:
+            parts = urlsplit(url) if isinstance(url, str) else None
+            port_ok = parts is not None and (parts.port is None or parts.port > 0)
+        except ValueError:
+            parts, port_ok = None, False
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+            raise ValueError(f"base_url={shown!r}: expected an http(s) URL with a host, like "
+                             "'http://127.0.0.1:8000/v1' (or leave it unset for OpenAI)")
 
     @property
     def uses_llm(self) -> bool:
         return bool(self.explainer)
 
+    @property
+    def base_url_with_credentials(self) -> str | None:
+        """``base_url`` as given, user-info included (only the LLM client gets this; it sends the
+        key as a Bearer token and stores the URL without it)."""
+        return self.base_url
+
     def to_dict(self) -> dict[str, Any]:
+        """The fields as plain values, ``base_url`` without user-info or query (for saving)."""
+        from .client import public_url
+
         data = dataclasses.asdict(self)
         data["scorers"] = list(self.scorers)
+        data["base_url"] = public_url(self.base_url)
         return data
 
     def params(self, *names: str) -> dict[str, Any]:

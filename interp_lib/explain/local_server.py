@@ -14,7 +14,13 @@ from ``fault_sequence`` first):
 * ``"500"`` -- status 500;
 * ``"timeout"`` -- sleep ``timeout_delay`` seconds, then answer (the client should have given up);
 * ``"malformed"`` -- status 200 with a body that is not JSON;
-* ``"truncated"`` -- a valid answer cut to half its tokens with ``finish_reason="length"``.
+* ``"truncated"`` -- a valid answer cut to half its tokens with ``finish_reason="length"``;
+* ``"html"`` -- status 200 with an HTML page (a captive portal or a proxy's login page);
+* ``"oversized"`` -- status 200 streaming ``oversized_bytes`` of junk with no Content-Length
+  (a misbehaving endpoint; the client must stop reading at its size limit).
+
+The last two are never drawn at random from the default ``faults`` (``FAULT_KINDS``); name them
+in ``faults`` or ``fault_sequence``.
 
 Every request is recorded (``requests``: bodies; ``log``: arrival time, path, fault, status), and
 the largest number of requests handled at once is kept in ``max_in_flight``. The API key the
@@ -39,12 +45,15 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Sequence
 
-__all__ = ["LocalOpenAIServer", "LocalServerHTTPError", "FAULT_KINDS", "default_responder",
+__all__ = ["LocalOpenAIServer", "LocalServerHTTPError", "FAULT_KINDS", "EXTRA_FAULT_KINDS",
+           "default_responder",
            "count_tokens", "split_tokens", "hashed_embedding"]
 
 FAULT_KINDS = ("429", "500", "timeout", "malformed", "truncated")
+EXTRA_FAULT_KINDS = ("html", "oversized")
+_ALL_FAULTS = FAULT_KINDS + EXTRA_FAULT_KINDS
 # Faults that make sense for an endpoint; "truncated" has no meaning for embeddings.
-_ENDPOINT_FAULTS = {"chat": set(FAULT_KINDS), "embeddings": set(FAULT_KINDS) - {"truncated"}}
+_ENDPOINT_FAULTS = {"chat": set(_ALL_FAULTS), "embeddings": set(_ALL_FAULTS) - {"truncated"}}
 
 _TOKEN_RE = re.compile(r"\s*[A-Za-z0-9_]+|\s*[^\sA-Za-z0-9_]|\s+$")
 _WORD_RE = re.compile(r"[a-z0-9_]+")
@@ -122,6 +131,7 @@ class _Reply:
     status: int
     body: bytes
     headers: dict[str, str]
+    chunks: Any = None  # an iterable of bytes sent instead of body, without Content-Length
 
 
 def _json_reply(status: int, payload: Any, headers: dict[str, str] | None = None) -> _Reply:
@@ -138,7 +148,8 @@ class LocalOpenAIServer:
     """Threaded OpenAI-compatible server on 127.0.0.1 (a free port); see the module docstring.
 
     ``reject_params`` names request fields ("response_format", "logprobs") that this server
-    answers with a 400, like an endpoint that does not support them.
+    answers with a 400, like an endpoint that does not support them. ``ignore_max_tokens``
+    answers in full whatever ``max_tokens`` says.
     """
 
     def __init__(self, responder: Callable[[dict], str | dict] | None = None, *,
@@ -146,14 +157,15 @@ class LocalOpenAIServer:
                  retry_after: float = 0.05, timeout_delay: float = 2.0, latency: float = 0.0,
                  seed: int = 0, logprobs: bool = True, embed_dim: int = 64,
                  require_api_key: str | None = None, fault_sequence: Sequence[str | None] = (),
-                 reject_params: Sequence[str] = (), model_name: str = "local-model"):
+                 reject_params: Sequence[str] = (), model_name: str = "local-model",
+                 oversized_bytes: int = 64 << 20, ignore_max_tokens: bool = False):
         if not 0.0 <= float(fault_rate) <= 1.0:
             raise ValueError(f"fault_rate={fault_rate!r}: expected a probability in [0, 1]")
         bad = [f for f in [*faults, *(f for f in fault_sequence if f is not None)]
-               if f not in FAULT_KINDS]
+               if f not in _ALL_FAULTS]
         if bad:
             raise ValueError(f"faults / fault_sequence contain {bad!r}: expected kinds from "
-                             f"{FAULT_KINDS}")
+                             f"{_ALL_FAULTS}")
         if fault_rate > 0 and not faults:
             raise ValueError("faults=() with fault_rate > 0: expected at least one fault kind")
         for name, value in (("retry_after", retry_after), ("timeout_delay", timeout_delay),
@@ -168,6 +180,8 @@ class LocalOpenAIServer:
         self.latency, self.seed = float(latency), seed
         self.logprobs, self.embed_dim = bool(logprobs), int(embed_dim)
         self.reject_params, self.model_name = tuple(reject_params), model_name
+        self.oversized_bytes = int(oversized_bytes)
+        self.ignore_max_tokens = bool(ignore_max_tokens)  # answer in full, like a broken endpoint
         # Only a digest of the required key is kept, so the server holds no copy of the secret.
         self._key_digest = (None if require_api_key is None
                             else hashlib.sha256(require_api_key.encode()).digest())
@@ -184,7 +198,7 @@ class LocalOpenAIServer:
             self.requests: list[dict] = []
             self.log: list[dict] = []
             self.n_requests = 0
-            self.fault_counts: dict[str, int] = {kind: 0 for kind in FAULT_KINDS}
+            self.fault_counts: dict[str, int] = {kind: 0 for kind in _ALL_FAULTS}
             self.in_flight = 0
             self.max_in_flight = 0
             self._rng = random.Random(self.seed)
@@ -302,6 +316,18 @@ class LocalOpenAIServer:
         if fault == "malformed":
             return _Reply(200, b'{"id": "chatcmpl-broken", "choices": [{"message": {"cont',
                           {})
+        if fault == "html":
+            return _Reply(200, b"<!DOCTYPE html><html><head><title>Sign in</title></head>"
+                               b"<body>Sign in to continue</body></html>",
+                          {"Content-Type": "text/html"})
+        if fault == "oversized":
+            size = self.oversized_bytes
+
+            def junk():
+                block = b"x" * (1 << 20)
+                for start in range(0, size, len(block)):
+                    yield block[:min(len(block), size - start)]
+            return _Reply(200, b"", {"Content-Type": "text/plain"}, chunks=junk())
         if fault == "timeout":
             time.sleep(self.timeout_delay)
         if endpoint == "embeddings":
@@ -330,7 +356,7 @@ class LocalOpenAIServer:
         finish_reason = answer.get("finish_reason") or "stop"
         given_logprobs = answer.get("logprobs")
         tokens = split_tokens(content)
-        if max_tokens is not None and len(tokens) > max_tokens:
+        if max_tokens is not None and len(tokens) > max_tokens and not self.ignore_max_tokens:
             tokens, finish_reason = tokens[:max_tokens], "length"
         if truncate:
             tokens, finish_reason = tokens[:max(1, len(tokens) // 2)], "length"
@@ -405,12 +431,21 @@ class _Handler(BaseHTTPRequestHandler):
         reply = self.server.owner._handle(method, self.path, headers, raw)  # type: ignore
         try:
             self.send_response(reply.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply.body)))
-            for name, value in reply.headers.items():
+            extra = {k: v for k, v in reply.headers.items() if k.lower() != "content-type"}
+            self.send_header("Content-Type", reply.headers.get("Content-Type", "application/json"))
+            if reply.chunks is None:
+                self.send_header("Content-Length", str(len(reply.body)))
+            else:  # the body ends when the connection closes
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            for name, value in extra.items():
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(reply.body)
+            if reply.chunks is None:
+                self.wfile.write(reply.body)
+            else:
+                for chunk in reply.chunks:
+                    self.wfile.write(chunk)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             # The client gave up (a "timeout" fault): nothing to answer to.

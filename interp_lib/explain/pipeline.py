@@ -12,6 +12,17 @@ saved run configuration. A run folder holds::
     <out>/scores.html       layer x head score heatmap
     <out>/viewer.html       the self-contained viewer with 1-5 ratings
     <out>/usage.json        LLM calls, tokens and dollars
+    <out>/unfinished.json   only after a run whose LLM requests failed: the stages left
+                            unfinished and the heads not explained (the next run retries them)
+    <out>/.lock             while a run writes the folder (a second run stops with an error)
+
+Failures are never stored as results: an LLM stage in which a request got no answer (timeouts
+after retries, 5xx, ...; not the spending cap, and not an answer that came back truncated or
+unparseable, which is the endpoint's answer) is returned for the report but not
+checkpointed, so the next run recomputes it -- the request cache answers what succeeded and
+only the failed requests are sent again. An endpoint that is unusable (refused connections,
+401 / 403, answers that are not JSON) raises ``EndpointError`` from the client's circuit
+breaker and the run stops there, with nothing of that stage saved.
 
 With no LLM endpoint (``explainer`` unset) the heuristic explainer names every head and the
 LLM scorers are skipped with that reason recorded; the contrastive scorer and the causal
@@ -34,6 +45,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from .client import public_url  # re-exported: it used to live here
 from .records import HeadRecord, RefinementStep, ScoreResult
 
 from .config import LLM_SCORERS, STAGES, ExplainConfig
@@ -132,7 +144,11 @@ def causal_effects(model, windows: Int[Tensor, "window pos"], events_by_head: Ma
 
 @dataclass
 class ExplainRun:
-    """What ``run_explainer`` returns: the records, the output folder and the LLM usage."""
+    """What ``run_explainer`` returns: the records, the output folder and the LLM usage.
+
+    ``unfinished``: stage -> "N failed LLM requests (last: reason)" for the stages that were not
+    saved as finished (a rerun retries them); ``retried``: heads a previous run left unexplained
+    because of failed requests, which this run tried again."""
 
     records: list[HeadRecord]
     out: Path
@@ -140,6 +156,21 @@ class ExplainRun:
     stages_run: list[str]
     usage: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    unfinished: dict[str, str] = field(default_factory=dict)
+    retried: list[str] = field(default_factory=list)
+
+
+class _FailedRequests(Exception):
+    """Raised inside a stage's compute so the Checkpointer does not save it; carries the result."""
+
+    def __init__(self, result: Any, message: str):
+        super().__init__(message)
+        self.result = result
+
+
+UNFINISHED_NAME = "unfinished.json"
+# stages whose result depends on the explanations: never saved while explaining is unfinished
+_BUILDS_ON_EXPLANATIONS = ("score", "refine", "taxonomy")
 
 
 def _check_stage_names(names: Sequence[str] | None, argument: str) -> list[str]:
@@ -167,7 +198,7 @@ def make_client(config: ExplainConfig, out: Path, model_name: str | None = None,
         except (OSError, ValueError, TypeError) as error:
             raise ValueError(f"prices={config.prices!r}: expected a readable JSON file "
                              f"{{model: [USD per 1M prompt tokens, USD per 1M completion tokens]}} ({error})") from None
-    return LLMClient(model_name or config.explainer, base_url=config.base_url,
+    return LLMClient(model_name or config.explainer, base_url=config.base_url_with_credentials,
                      concurrency=config.concurrency, max_retries=config.max_retries,
                      timeout=config.timeout, cache_dir=out / "llm_cache",
                      max_cost_usd=config.max_cost_usd, dry_run=config.dry_run, progress=progress, prices=prices,
@@ -190,8 +221,6 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
         client / simulator_client: LLMClients to use instead of building them from the config.
     """
     from .. import checkpoint as ckpt_module
-    from ..models import load_model
-    from ..notebook import resolve_model_name
 
     if not isinstance(config, ExplainConfig):
         raise TypeError(f"config: expected an ExplainConfig, got {type(config).__name__}")
@@ -199,8 +228,27 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
     skipped = set(_check_stage_names(skip, "skip"))
     wanted = [s for s in STAGES if s in selected and s not in skipped]
     out = Path(out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    blocking = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"out={str(out)!r}: expected a folder path, but {blocking} is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"out={str(out)!r}: cannot create the run folder "
+                         f"({error.strerror or error})") from None
+    # one writer per run folder: a second run would replace this one's stage files
+    with ckpt_module.RunLock(out, "interp-lib explain"):
+        return _run_locked(config, out, wanted, skipped, model, client, simulator_client, progress)
+
+
+def _run_locked(config: ExplainConfig, out: Path, wanted: list[str], skipped: set[str], model,
+                client, simulator_client, progress: bool) -> ExplainRun:
+    from .. import checkpoint as ckpt_module
+    from ..models import load_model
+    from ..notebook import resolve_model_name
+
     ckpt = ckpt_module.Checkpointer(out / "checkpoints")
+    previous = _read_unfinished(out)
     model_name = resolve_model_name(config.model, default="toy-2l")
     if model is None:
         model = load_model(model_name)
@@ -213,6 +261,37 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
                   "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads,
                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     ran: list[str] = []
+    unfinished: dict[str, str] = {}
+    clients: list = []  # the LLM clients of the run, once built (failed requests are counted)
+
+    def failed_requests() -> int:
+        return sum(getattr(c.usage, "failed_requests", 0)
+                   for c in {id(c): c for c in clients}.values())
+
+    def guarded(name: str, compute: Callable[[], Any]) -> Callable[[], Any]:
+        """``compute``, raising _FailedRequests (so nothing is saved) when an LLM request failed
+        during it, or when it builds on the explanations of an unfinished stage."""
+        def run():
+            before = failed_requests()
+            upstream = [s for s in unfinished if name in _BUILDS_ON_EXPLANATIONS]
+            result = compute()
+            failed = failed_requests() - before
+            if upstream and not failed:
+                raise _FailedRequests(result, f"it builds on unfinished stage(s) {', '.join(upstream)}")
+            if failed:
+                last = next((c.last_failure for c in clients if getattr(c, "last_failure", None)), None)
+                raise _FailedRequests(result, f"{failed} failed LLM request{'s' if failed > 1 else ''}"
+                                      + (f" (last: {last})" if last else ""))
+            return result
+        return run
+
+    def saved(name: str, compute: Callable[[], Any], full: dict):
+        try:
+            return ckpt.stage(name, guarded(name, compute), full)
+        except _FailedRequests as failure:
+            unfinished[name] = str(failure)
+            _say(f"[{name}] not saved as finished: {failure}; a rerun retries it")
+            return failure.result
 
     def stage(name: str, compute: Callable[[], Any], params: dict, needed: bool = True):
         """Run / load a stage; a stage not wanted is loaded if it finished, else computed when a
@@ -221,14 +300,14 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
         if name in wanted:
             _say(f"[{name}] " + ("loaded" if ckpt.has(name, full) else "running"))
             ran.append(name)
-            return ckpt.stage(name, compute, full)
+            return saved(name, compute, full)
         if name in skipped and not needed:
             return None
         if ckpt.has(name, full):
-            return ckpt.load(name, full)
+            return saved(name, compute, full)  # loads it (recomputes a damaged file)
         if needed:
             _say(f"[{name}] not finished yet; computing it for the stages after it")
-            return ckpt.stage(name, compute, full)
+            return saved(name, compute, full)
         return None
 
     # 1. sample
@@ -267,6 +346,8 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
 
     # 3b. explain
     llm = client if client is not None else (make_client(config, out, progress=progress) if config.uses_llm else None)
+    if llm is not None:
+        clients.append(llm)
 
     def explain():
         if llm is None:
@@ -279,6 +360,8 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
     if sim_client is None and llm is not None:
         sim_client = llm if not config.simulator or config.simulator == config.explainer else \
             make_client(config, out, config.simulator, progress=progress)
+    if sim_client is not None:
+        clients.append(sim_client)
 
     # The LLM a stage talks to is part of its params (from the client actually used); without
     # one they are left out, so changing LLM-only options never recomputes a heuristic run.
@@ -408,7 +491,26 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
     if usage:
         (out / "usage.json").write_text(json.dumps(usage, indent=1))
         _say(f"LLM usage: {usage.get('summary', '')}")
-    return ExplainRun(records, out, config, ran, usage=usage, files=files)
+    retried = [label for label in previous.get("heads", []) if label in {r.label for r in records}]
+    _write_unfinished(out, unfinished, [r.label for r in records if r.explanation is None])
+    return ExplainRun(records, out, config, ran, usage=usage, files=files, unfinished=unfinished,
+                      retried=retried)
+
+
+def _read_unfinished(out: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((out / UNFINISHED_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and isinstance(data.get("heads", []), list) else {}
+
+
+def _write_unfinished(out: Path, unfinished: dict[str, str], unexplained: list[str]) -> None:
+    path = out / UNFINISHED_NAME
+    if unfinished:
+        path.write_text(json.dumps({"stages": unfinished, "heads": unexplained}, indent=1))
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _usage(*clients) -> dict[str, Any]:
@@ -468,16 +570,6 @@ def load_stage(out: str | Path, name: str) -> Any:
     return Checkpointer(Path(out) / "checkpoints").load(name)
 
 
-def public_url(url: str | None) -> str | None:
-    """``url`` without user-info or query string (either may carry credentials), for saving."""
-    if not url:
-        return url
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(str(url))
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _dry_run(config, out, llm, sim_client, explain, heads, heuristic, split, model) -> ExplainRun:
