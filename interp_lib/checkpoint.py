@@ -340,6 +340,13 @@ def _now_utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _versions() -> dict[str, str | None]:
+    """The versions a stage's result depends on most (see :mod:`interp_lib.versions`)."""
+    from .versions import installed_version
+
+    return {name: installed_version(name) for name in ("torch", "transformers", "transformer-lens", "numpy")}
+
+
 def _library_version() -> str | None:
     package = sys.modules.get(__name__.rpartition(".")[0])
     return getattr(package, "__version__", None)
@@ -389,7 +396,8 @@ class Checkpointer:
         """A copy of the manifest as stored: ``{"format": 1, "stages": {name: entry}}``.
 
         Each entry holds ``params`` (secrets redacted), ``params_hash``, ``file``, ``bytes``,
-        ``sha256`` (of the file), ``finished_at`` (UTC ISO 8601), ``seconds``, ``library_version``, ``torch_version``.
+        ``sha256`` (of the file), ``finished_at`` (UTC ISO 8601), ``seconds``, ``library_version``, ``torch_version``,
+        ``versions`` (torch, transformers, transformer-lens, numpy).
         Read from disk on every access, so it reflects other processes' finished stages too.
         """
         return copy.deepcopy(self._read_manifest())
@@ -449,6 +457,7 @@ class Checkpointer:
             "seconds": round(seconds, 3),
             "library_version": _library_version(),
             "torch_version": torch.__version__,
+            "versions": _versions(),
         }
         self._write_manifest(manifest)
         if isinstance(previous, dict) and previous.get("file") not in (None, path.name):

@@ -689,6 +689,7 @@ class _Run:
     def __init__(self, config: RunConfig, argv: Sequence[str] | None, out: Path,
                  plans: Sequence[NotebookPlan], parameters: dict[str, dict[str, Any]]):
         from . import __version__
+        from .versions import environment
 
         self.out = out
         self.record: dict[str, Any] = {
@@ -700,6 +701,7 @@ class _Run:
             "notebook_paths": [str(plan.path.resolve()) for plan in plans],
             "config": asdict(config),
             "interp_lib": __version__,
+            "environment": environment(),
             "python": sys.executable,
             "started": _now(),
             "finished": None,

@@ -147,6 +147,9 @@ def test_manifest_records_provenance(tmp_path):
     assert entry["params"]["seed"] == 0 and entry["params"]["path"] == {"__path__": "data/x.txt"}
     assert entry["params"]["weights"]["__tensor__"]["shape"] == [3]
     assert (tmp_path / entry["file"]).stat().st_size == entry["bytes"]
+    from importlib import metadata
+    assert entry["versions"]["transformers"] == metadata.version("transformers")
+    assert entry["versions"]["transformer-lens"] == metadata.version("transformer-lens")
 
 
 def test_params_hash_is_key_order_independent_and_stable_across_processes():

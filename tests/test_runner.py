@@ -80,6 +80,8 @@ def test_two_seeds_execute_the_series_and_aggregate(series, tmp_path, capsys):
     run = read_run(out)
     assert run["seeds"] == [3, 5] and run["status"] == "ok" and run["finished"]
     assert run["params"] == {"scale": 2.5, "width": 7} and run["model"] == "toy-2l"
+    from importlib import metadata
+    assert run["environment"]["packages"]["transformers"] == metadata.version("transformers")
     assert [(r["seed"], r["notebook"], r["status"]) for r in run["runs"]] == [
         (3, "01_toy", "ok"), (3, "02_plain", "ok"), (5, "01_toy", "ok"), (5, "02_plain", "ok")]
     assert all(r["seconds"] > 0 for r in run["runs"])
