@@ -3,6 +3,7 @@
 #   make test         pytest unit tests + nbval over every notebook, in the locked environment
 #   make lock         re-resolve requirements.lock (and colab/constraints.txt) from pyproject's ranges
 #   make test-latest  the oracle tests in a second environment with the newest versions the ranges allow
+#   make test-lowest  the same with the lowest versions the ranges allow (transitive ones newest)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -23,7 +24,8 @@ UV_SPEC ?= uv==0.13.8
 LOCK_PYTHON ?= 3.11
 LOCK_PLATFORM ?= x86_64-manylinux_2_28
 
-.PHONY: venv run test test-unit test-notebooks test-oracle lock venv-latest test-latest data models corpus clean
+.PHONY: venv run test test-unit test-notebooks test-oracle lock tools venv-latest test-latest venv-lowest \
+	test-lowest data models corpus clean
 
 venv: $(BIN)/.installed
 
@@ -55,13 +57,16 @@ test-oracle: venv
 	$(BIN)/python -m pytest $(ORACLE_ARGS)
 	$(BIN)/python -m pytest --nbval-lax $(ORACLE_NOTEBOOKS)
 
-lock:
+UV_COMPILE = $(TOOLS_VENV)/bin/uv pip compile pyproject.toml --extra dev --upgrade --quiet \
+	    --python-version $(LOCK_PYTHON) --python-platform $(LOCK_PLATFORM) \
+	    $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -c $(TOOLS_VENV)/torch.txt
+
+tools:
 	test -x $(TOOLS_VENV)/bin/uv || ($(PYTHON) -m venv $(TOOLS_VENV) && $(TOOLS_VENV)/bin/$(PIP) "$(UV_SPEC)")
 	echo "$(TORCH_SPEC)" > $(TOOLS_VENV)/torch.txt
-	$(TOOLS_VENV)/bin/uv pip compile pyproject.toml --extra dev --upgrade --quiet \
-	    --python-version $(LOCK_PYTHON) --python-platform $(LOCK_PLATFORM) \
-	    $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -c $(TOOLS_VENV)/torch.txt \
-	    --custom-compile-command "make lock" -o $(LOCK)
+
+lock: tools
+	$(UV_COMPILE) --custom-compile-command "make lock" -o $(LOCK)
 	sed -i 's/^torch==\([^ +;]*\)+[a-z0-9.]*/torch==\1/' $(LOCK)   # the release, not one build of it
 	$(PYTHON) -m interp_lib.versions --colab-constraints $(LOCK) colab/constraints.txt
 
@@ -78,6 +83,21 @@ test-latest: venv-latest
 	$(LATEST_VENV)/bin/python -m pytest $(ORACLE_ARGS)
 	$(LATEST_VENV)/bin/python -m pytest --nbval-lax $(ORACLE_NOTEBOOKS)
 
+LOWEST_VENV ?= .venv-lowest
+venv-lowest: tools
+	rm -rf $(LOWEST_VENV)
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(UV_COMPILE) --resolution lowest-direct -o $(LOWEST_VENV)/lowest.lock
+	$(LOWEST_VENV)/bin/$(PIP) "$(PIP_SPEC)"
+	$(LOWEST_VENV)/bin/$(PIP) "$(TORCH_SPEC)"
+	$(LOWEST_VENV)/bin/$(PIP) -r $(LOWEST_VENV)/lowest.lock
+	$(LOWEST_VENV)/bin/$(PIP) --no-deps -e .
+	$(LOWEST_VENV)/bin/python -m interp_lib.versions
+
+test-lowest: venv-lowest
+	$(LOWEST_VENV)/bin/python -m pytest $(ORACLE_ARGS)
+	$(LOWEST_VENV)/bin/python -m pytest --nbval-lax $(ORACLE_NOTEBOOKS)
+
 # Rebuild data/ (not part of CI: the corpus needs Debian's python3.11-doc; models take a while).
 corpus: venv
 	$(BIN)/python scripts/build_corpus.py
@@ -93,4 +113,4 @@ models: venv
 data: corpus models
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) $(TOOLS_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(LOWEST_VENV) $(TOOLS_VENV) runs .pytest_cache
