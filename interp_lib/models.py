@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -441,6 +442,77 @@ def locate_model(name_or_path: str | os.PathLike) -> tuple[str, str]:
     return _resolve(name_or_path)
 
 
+# transformers 5.x (after 5.9.0; so at 5.24.0) passes the KV cache to each attention module as
+# ``cache=``; TransformerLens 4.3's bridge attention reads only ``past_key_values`` /
+# ``layer_past``, so it neither filled nor read the cache: ``model.generate`` went wrong after
+# the first new token and cached suffix passes ran with no prefix. The hook below hands the cache
+# on under the name the bridge reads; :func:`kv_cache_agrees` checks, at every load, that a cached
+# step equals a plain forward pass on the installed versions.
+_CACHE_KWARGS = ("cache", "past_key_value")
+
+
+def _cache_kwarg_pre_hook(module, args, kwargs):
+    if kwargs.get("past_key_values") is None:
+        for alias in _CACHE_KWARGS:
+            if kwargs.get(alias) is not None:
+                return args, {**kwargs, "past_key_values": kwargs[alias]}
+    return None
+
+
+def install_kv_cache_bridge(model) -> list:
+    """Pass the KV cache to every attention block of ``model`` under the name the bridge's
+    attention reads; returns the hook handles (``handle.remove()`` undoes it). Idempotent:
+    a model that has them already gets no second set."""
+    existing = getattr(model, "_interp_lib_kv_hooks", None)
+    if existing is not None:
+        return existing
+    blocks = getattr(model, "blocks", None) or []
+    handles = [block.attn.register_forward_pre_hook(_cache_kwarg_pre_hook, with_kwargs=True)
+               for block in blocks if hasattr(block, "attn")]
+    model._interp_lib_kv_hooks = handles
+    return handles
+
+
+@torch.no_grad()
+def kv_cache_agrees(model, n_tokens: int = 6, tolerance: float = 1e-3) -> tuple[bool, float]:
+    """Whether one decoding step on top of the KV cache of ``n_tokens - 1`` tokens gives the
+    logits of a plain forward pass over all ``n_tokens``: ``(agrees, max abs difference)``."""
+    import warnings
+
+    vocab = model.cfg.d_vocab
+    tokens = (torch.arange(n_tokens, device=model.cfg.device) * 7919 + 1) % vocab
+    tokens = tokens[None]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        full = model(tokens)
+        try:
+            _, cache = model(tokens[:, :-1], return_type="logits_and_cache", use_cache=True)
+            step = model(tokens[:, -1:], past_key_values=cache)
+        except Exception:  # noqa: BLE001 - an unusable cache is a disagreement
+            return False, math.inf
+    difference = float((step[0, -1] - full[0, -1]).abs().max())
+    return difference <= tolerance * max(1.0, float(full[0, -1].abs().max())), difference
+
+
+class KVCacheWarning(RuntimeWarning):
+    """Cached decoding disagrees with plain forward passes on the installed versions."""
+
+
+def check_kv_cache(model) -> bool:
+    """:func:`kv_cache_agrees`, with a :class:`KVCacheWarning` naming the versions when not."""
+    import warnings
+
+    agrees, difference = kv_cache_agrees(model)
+    if not agrees:
+        from .versions import summary
+
+        warnings.warn(
+            f"{model.cfg.model_name}: a decoding step on the KV cache differs from a plain forward pass by "
+            f"{difference:.3g} under {summary()}: pass use_past_kv_cache=False to model.generate (exact "
+            "patching checks its own fast path and falls back by itself)", KVCacheWarning, stacklevel=3)
+    return agrees
+
+
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None, compatibility_mode: bool = True
                ) -> "TransformerBridge":
@@ -497,4 +569,6 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
         bridge.cfg.model_name = name
     else:
         bridge.cfg.model_name = Path(name).stem if name.lower().endswith(".gguf") else Path(location).name
+    install_kv_cache_bridge(bridge)
+    check_kv_cache(bridge)
     return bridge

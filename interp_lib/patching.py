@@ -414,36 +414,27 @@ def _plan_forwards(model, starts: Tensor, todo: Tensor, batch: int, n_pos: int, 
 # Fast paths that check themselves
 # --------------------------------------------------------------------------------------------
 
-# transformers >= 5.2x hands each attention module the KV cache as ``cache=`` (older versions:
-# ``past_key_values`` / ``past_key_value``); the bridge's attention reads only
-# ``past_key_values`` / ``layer_past`` and, not finding it, neither fills nor reads the cache.
-_CACHE_KWARGS = ("cache", "past_key_value")
-
-
 @contextlib.contextmanager
 def _kv_cache_plumbing(model):
-    """While active, every attention block also receives the KV cache under the name the
-    bridge's attention reads. Whether this gives exact results on the installed versions is
-    not assumed: :func:`patch_sweep` checks the shortcut against plain forward passes."""
-    def pre_hook(module, args, kwargs):
-        if kwargs.get("past_key_values") is None:
-            for alias in _CACHE_KWARGS:
-                if kwargs.get(alias) is not None:
-                    return args, {**kwargs, "past_key_values": kwargs[alias]}
-        return None
+    """While active, every attention block receives the KV cache under the name the bridge's
+    attention reads (:func:`interp_lib.models.install_kv_cache_bridge`; models from
+    ``il.load_model`` have it already). Whether the cached suffix passes are then exact on the
+    installed versions is not assumed: :func:`patch_sweep` checks them against plain passes."""
+    from .models import install_kv_cache_bridge
 
-    blocks = getattr(model, "blocks", None) or []
-    handles = [block.attn.register_forward_pre_hook(pre_hook, with_kwargs=True)
-               for block in blocks if hasattr(block, "attn")]
+    had = getattr(model, "_interp_lib_kv_hooks", None) is not None
+    handles = install_kv_cache_bridge(model)
     try:
         with warnings.catch_warnings():
             # The bridge's documented KV entry point is ``past_key_values``; transformers 5.x
-            # renames it (with a FutureWarning per call) and we test both spellings work.
+            # renames it (with a FutureWarning per call).
             warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
             yield
     finally:
-        for handle in handles:
-            handle.remove()
+        if not had:
+            for handle in handles:
+                handle.remove()
+            del model._interp_lib_kv_hooks
 
 
 def _prefix_cache(kv_cache, start: int, n_pos: int, n_copies: int):

@@ -103,3 +103,41 @@ def test_half_precision_load():
     model = il.load_model("toy-1l", device="cpu", dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert torch.isfinite(model(model.to_tokens("abc")).float()).all()
+
+
+@pytest.mark.parametrize("name", ["toy-lm", "toy-2l"])
+def test_generate_with_the_kv_cache_equals_plain_greedy_decoding(name, toy_lm, toy_2l):
+    """TransformerBridge.generate decodes on its KV cache; under transformers 5.x that cache never
+    reached the bridge's attention and generation went wrong after the first new token. Models
+    from il.load_model hand it on, so generate equals greedy decoding with plain forward passes."""
+    model = {"toy-lm": toy_lm, "toy-2l": toy_2l}[name]
+    prompt = model.to_tokens("The function returns a list of") if name == "toy-lm" else \
+        torch.tensor([[0, 17, 42, 99, 5, 17, 42]])
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        generated = model.generate(prompt, max_new_tokens=6, do_sample=False, verbose=False)
+    assert generated.tolist() == tokens.tolist()
+
+
+def test_load_time_kv_cache_check_catches_a_cache_the_attention_cannot_see():
+    """Plant the upstream fault (the attention never sees the cache): the check that load_model
+    runs reports the difference and warns with the versions; without the fault it agrees."""
+    from importlib import metadata
+
+    from interp_lib.models import KVCacheWarning, check_kv_cache, kv_cache_agrees
+
+    model = il.load_model("toy-2l", device="cpu")
+    assert kv_cache_agrees(model)[0]
+
+    def hide_cache(module, args, kwargs):
+        return args, {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
+    handles = [block.attn.register_forward_pre_hook(hide_cache, with_kwargs=True) for block in model.blocks]
+    agrees, difference = kv_cache_agrees(model)
+    assert not agrees and difference > 1e-2
+    with pytest.warns(KVCacheWarning, match=f"transformers {metadata.version('transformers')}"):
+        assert check_kv_cache(model) is False
+    for handle in handles:
+        handle.remove()
+    assert kv_cache_agrees(model)[0]
