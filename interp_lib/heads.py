@@ -618,16 +618,45 @@ def _factored(left: Tensor, right: Tensor):
     return FactoredMatrix(left, right)
 
 
+def _query_heads_per_kv_head(model, stacked: Tensor) -> int:
+    """How many query heads share each key / value head of ``stacked`` (``W_K`` or ``W_V``,
+    ``[layer, kv_head, d_model, d_head]``): 1 without grouped-query attention, 3 on SmolLM2
+    (9 query heads, 3 key / value heads)."""
+    n_heads, n_kv = model.cfg.n_heads, stacked.shape[1]
+    if n_kv < 1 or n_heads % n_kv:
+        raise ValueError(f"model: {n_heads} query heads cannot share {n_kv} key / value heads evenly")
+    return n_heads // n_kv
+
+
+def kv_head(model, head: int) -> int:
+    """The key / value head that query head ``head`` reads under grouped-query attention
+    (``head // (n_heads // n_key_value_heads)``, as Hugging Face's ``repeat_kv``); ``head``
+    itself on models without it."""
+    return head // _query_heads_per_kv_head(model, model.W_K)
+
+
+def _per_query_head(model, stacked: Tensor) -> Tensor:
+    """``W_K`` / ``W_V`` ``[layer, kv_head, ...]`` expanded to one entry per query head."""
+    return stacked.repeat_interleave(_query_heads_per_kv_head(model, stacked), dim=1)
+
+
 def qk_circuit(model, layer: int, head: int):
-    """``W_Q W_K^T`` of one head (d_model x d_model, query side on the left) as a FactoredMatrix."""
+    """``W_Q W_K^T`` of one head (d_model x d_model, query side on the left) as a FactoredMatrix.
+
+    Under grouped-query attention ``W_K`` is that of the key / value head the query head reads
+    (:func:`kv_head`). On rotary-position models (Llama, SmolLM2, ...) this is the bilinear form
+    *without* the rotation: the real score between positions ``i`` and ``j`` is
+    ``x_i W_Q R_(j-i) W_K^T x_j^T`` with a position-dependent rotation ``R``, so ``W_Q W_K^T`` is
+    the score only at equal positions (use :func:`qk_interaction` for actual scores)."""
     layer, head = _parse_head((layer, head), model.cfg.n_layers, model.cfg.n_heads)
-    return _factored(model.W_Q[layer, head], model.W_K[layer, head].T)
+    return _factored(model.W_Q[layer, head], model.W_K[layer, kv_head(model, head)].T)
 
 
 def ov_circuit(model, layer: int, head: int):
-    """``W_V W_O`` of one head (d_model x d_model, input on the left) as a FactoredMatrix."""
+    """``W_V W_O`` of one head (d_model x d_model, input on the left) as a FactoredMatrix
+    (``W_V`` of the key / value head the query head reads under grouped-query attention)."""
     layer, head = _parse_head((layer, head), model.cfg.n_layers, model.cfg.n_heads)
-    return _factored(model.W_V[layer, head], model.W_O[layer, head])
+    return _factored(model.W_V[layer, kv_head(model, head)], model.W_O[layer, head])
 
 
 @torch.no_grad()
@@ -635,7 +664,8 @@ def full_qk_circuit(model, layer: int, head: int, tokens: Sequence[int] | Tensor
                     ) -> Float[Tensor, "query_token key_token"]:
     """Token-token QK circuit ``W_E W_Q W_K^T W_E^T`` (bilinear attention score between query
     token and key token, ignoring positions), on ``tokens`` (default: the whole vocabulary when
-    it has at most 4096 tokens, else an error naming the argument)."""
+    it has at most 4096 tokens, else an error naming the argument). Norms before the head are
+    ignored, and on rotary models so is the rotation (see :func:`qk_circuit`)."""
     W_E = model.W_E
     if tokens is None:
         if W_E.shape[0] > 4096:
@@ -651,7 +681,12 @@ def full_qk_circuit(model, layer: int, head: int, tokens: Sequence[int] | Tensor
 def positional_qk_circuit(model, layer: int, head: int, n_positions: int | None = None
                           ) -> Float[Tensor, "query_pos key_pos"]:
     """``W_pos W_Q W_K^T W_pos^T`` with the causal mask applied (-inf above the diagonal),
-    over the first ``n_positions`` positions (default: all)."""
+    over the first ``n_positions`` positions (default: all). Only for learned absolute position
+    embeddings: a rotary model (Llama, SmolLM2) has no ``W_pos`` and gets a ValueError."""
+    kind = getattr(model.cfg, "positional_embedding_type", "standard")
+    if kind not in ("standard", "shortformer"):
+        raise ValueError(f"model: positional_qk_circuit does not apply to {kind}-position models (no W_pos; position "
+                         "acts inside each head's scores): read real scores with qk_interaction or hook_attn_scores")
     n = model.cfg.n_ctx if n_positions is None else _check_n(n_positions, "n_positions")
     pos = model.W_pos[:n]
     scores = (pos @ qk_circuit(model, layer, head) @ pos.T).AB.detach().float().cpu() / math.sqrt(model.cfg.d_head)
@@ -678,13 +713,18 @@ def composition_scores(model, mode: str = "K") -> Float[Tensor, "layer_a head_a 
 
     The same numbers as ``FactoredMatrix`` products (``ov_circuit(A) @ qk_circuit(B).T``) and
     TransformerLens' ``all_composition_scores``, computed for all pairs at once through the
-    small Gram matrices: ``||L M R||_F^2 = tr(M^T (L^T L) M (R R^T))``.
+    small Gram matrices: ``||L M R||_F^2 = tr(M^T (L^T L) M (R R^T))``. Under grouped-query
+    attention ``W_K`` / ``W_V`` are expanded to query heads first (:func:`kv_head`), so heads
+    sharing a key / value head share their K- and V-side factor; on rotary models ``W_Q W_K^T``
+    ignores the rotation (:func:`qk_circuit`).
     """
     if mode not in ("Q", "K", "V"):
         raise ValueError(f"mode={mode!r}: expected 'Q', 'K' or 'V'")
     L, H = model.cfg.n_layers, model.cfg.n_heads
     f64 = lambda t: t.detach().to(torch.float64).cpu()  # noqa: E731
-    W_Q, W_K, W_V, W_O = f64(model.W_Q), f64(model.W_K), f64(model.W_V), f64(model.W_O)
+    W_Q, W_O = f64(model.W_Q), f64(model.W_O)
+    # grouped-query attention: each query head composes through the key / value head it reads
+    W_K, W_V = f64(_per_query_head(model, model.W_K)), f64(_per_query_head(model, model.W_V))
     left_a, right_a = W_V, W_O                                   # OV_A = W_V W_O
     if mode == "Q":
         left_b, right_b = W_Q, W_K.transpose(-1, -2)             # QK = W_Q W_K^T
@@ -727,7 +767,12 @@ def composition_frame(model, mode: str = "K", scores: Tensor | None = None) -> p
 def qk_interaction(model, tokens: Int[Tensor, "batch pos"], layer: int, head: int, query_position: int = -1
                    ) -> Float[Tensor, "batch key"]:
     """Pre-softmax attention scores of ``query_position`` with every key position (``q . k /
-    sqrt(d_head)``, causal mask -> -inf) for each sequence: the QK interaction heatmap data."""
+    sqrt(d_head)``, causal mask -> -inf) for each sequence: the QK interaction heatmap data,
+    equal to ``blocks.{layer}.attn.hook_attn_scores[:, head, query_position]``.
+
+    ``q`` and ``k`` are read after the rotary rotation on RoPE models (``hook_rot_q`` /
+    ``hook_rot_k``), and ``k`` is that of the key / value head the query head reads under
+    grouped-query attention (:func:`kv_head`)."""
     layer, head = _parse_head((layer, head), model.cfg.n_layers, model.cfg.n_heads)
     tokens = torch.as_tensor(tokens)
     if tokens.ndim == 1:
@@ -736,11 +781,17 @@ def qk_interaction(model, tokens: Int[Tensor, "batch pos"], layer: int, head: in
     q_pos = query_position % n if -n <= query_position < n else None
     if q_pos is None:
         raise ValueError(f"query_position={query_position}: expected an index into {n} positions")
-    names = {f"blocks.{layer}.attn.hook_q", f"blocks.{layer}.attn.hook_k"}
-    _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=lambda name: name in names)
-    q = cache[f"blocks.{layer}.attn.hook_q"][:, q_pos, head].float()
-    k = cache[f"blocks.{layer}.attn.hook_k"][:, :, head].float()
-    scores = torch.einsum("bd,bkd->bk", q, k).cpu() / math.sqrt(model.cfg.d_head)
+    rotary = getattr(model.cfg, "positional_embedding_type", "standard") == "rotary"
+    q_name, k_name = (f"blocks.{layer}.attn.hook_rot_{x}" if rotary else f"blocks.{layer}.attn.hook_{x}"
+                      for x in "qk")
+    _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=lambda name: name in (q_name, k_name))
+    q, k = cache[q_name][:, q_pos, head].float(), cache[k_name].float()
+    k = k[:, :, head // (model.cfg.n_heads // k.shape[2])]  # hook_k holds key / value heads only
+    scale = getattr(model.cfg, "attn_scale", -1.0)
+    scale = scale if scale > 0 else math.sqrt(model.cfg.d_head)
+    if not getattr(model.cfg, "use_attn_scale", True):
+        scale = 1.0
+    scores = torch.einsum("bd,bkd->bk", q, k).cpu() / scale
     scores[:, q_pos + 1:] = float("-inf")
     return scores
 

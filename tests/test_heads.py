@@ -363,3 +363,98 @@ def test_bad_inputs_raise_value_error_naming_the_argument(toy_2l, call, words):
 def test_one_layer_model_has_no_composition_pairs(toy_1l):
     assert H.composition_frame(toy_1l, "K").empty
     assert H.composition_scores(toy_1l, "K").abs().sum() == 0
+
+
+# ------------------------------------------------------------------------ grouped-query attention, RoPE
+
+from test_patching_oracle import tiny_llama  # noqa: E402,F401 - fixture: 2 layers, 4 query heads, 2 kv heads, RoPE
+
+
+def _attn_inputs(model, layer, n_pos=9, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, model.cfg.d_vocab, (2, n_pos), generator=generator)
+    tokens[:, 0] = 0
+    _, cache = model.run_with_cache(tokens)
+    return tokens, cache, cache[f"blocks.{layer}.ln1.hook_normalized"]
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_circuits_use_the_key_value_head_each_query_head_reads(tiny_llama, layer):
+    model = tiny_llama
+    assert model.W_K.shape[1] == model.cfg.n_key_value_heads == 2 and model.cfg.n_heads == 4
+    assert [H.kv_head(model, h) for h in range(4)] == [0, 0, 1, 1]
+    _, cache, x = _attn_inputs(model, layer)
+    pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
+    q, k = cache[f"blocks.{layer}.attn.hook_q"], cache[f"blocks.{layer}.attn.hook_k"]
+    attn_out = torch.zeros_like(cache[f"blocks.{layer}.hook_attn_out"])
+    for head in range(4):
+        with torch.no_grad():
+            # QK: the un-rotated bilinear form equals hook_q . hook_k of the shared key head
+            bilinear = (x @ H.qk_circuit(model, layer, head).AB @ x.transpose(1, 2))
+            torch.testing.assert_close(bilinear, q[:, :, head] @ k[:, :, head // 2].transpose(1, 2),
+                                       atol=1e-5, rtol=1e-4)
+            # at equal positions the rotation cancels: the diagonal of the real scores
+            scores = cache[f"blocks.{layer}.attn.hook_attn_scores"][:, head]
+            torch.testing.assert_close(bilinear.diagonal(dim1=1, dim2=2) / 4.0, scores.diagonal(dim1=1, dim2=2),
+                                       atol=1e-5, rtol=1e-4)
+            attn_out += pattern[:, head] @ (x @ H.ov_circuit(model, layer, head).AB)
+    # OV: the heads' pattern-weighted OV outputs add up to the attention block's output
+    torch.testing.assert_close(attn_out, cache[f"blocks.{layer}.hook_attn_out"], atol=1e-5, rtol=1e-4)
+
+
+def test_full_qk_and_copying_score_on_a_grouped_query_model(tiny_llama):
+    model = tiny_llama
+    with torch.no_grad():
+        W_E, W_U = model.W_E.double(), model.W_U.double()
+        for layer, head in [(0, 1), (1, 3)]:
+            kv = head // 2
+            expected = W_E @ model.W_Q[layer, head].double() @ model.W_K[layer, kv].T.double() @ W_E.T / 4.0
+            torch.testing.assert_close(H.full_qk_circuit(model, layer, head), expected.float(), atol=1e-5, rtol=1e-4)
+            eig = torch.linalg.eigvals(W_E @ model.W_V[layer, kv].double() @ model.W_O[layer, head].double() @ W_U)
+            assert H.ov_copying_score(model, layer, head) == pytest.approx(float(eig.real.sum() / eig.abs().sum()),
+                                                                           abs=1e-4)
+    assert H.ov_copying_score(model).shape == (2, 4)
+
+
+def _pairwise_composition(model, mode):
+    """Elhage et al.'s score one pair at a time from FactoredMatrix circuits (the oracle)."""
+    out = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_layers, model.cfg.n_heads)
+    for la in range(model.cfg.n_layers):
+        for ha in range(model.cfg.n_heads):
+            ov_a = H.ov_circuit(model, la, ha)
+            for lb in range(la + 1, model.cfg.n_layers):
+                for hb in range(model.cfg.n_heads):
+                    m_b = {"Q": H.qk_circuit(model, lb, hb), "K": H.qk_circuit(model, lb, hb).T,
+                           "V": H.ov_circuit(model, lb, hb)}[mode]
+                    out[la, ha, lb, hb] = float((ov_a @ m_b).norm() / (ov_a.norm() * m_b.norm()))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["Q", "K", "V"])
+def test_composition_scores_on_grouped_query_attention_equal_pairwise_circuits(tiny_llama, mode):
+    with torch.no_grad():
+        expected = _pairwise_composition(tiny_llama, mode)
+    ours = H.composition_scores(tiny_llama, mode)
+    assert ours.shape == (2, 4, 2, 4)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+    assert ours[0, :, 1].min() > 0  # every layer-0 -> layer-1 pair is scored
+
+
+@pytest.mark.parametrize("model_name", ["toy_2l", "tiny_llama"])
+def test_qk_interaction_equals_the_attention_score_hook(model_name, request):
+    model = request.getfixturevalue(model_name)
+    tokens, cache, _ = _attn_inputs(model, 1, n_pos=12)
+    for head in range(model.cfg.n_heads):
+        for query_position in (5, -1):
+            ours = H.qk_interaction(model, tokens, 1, head, query_position=query_position)
+            expected = cache["blocks.1.attn.hook_attn_scores"][:, head, query_position].float()
+            finite = torch.isfinite(expected)
+            assert torch.equal(torch.isfinite(ours), finite)
+            torch.testing.assert_close(ours[finite], expected[finite], atol=1e-5, rtol=1e-4)
+
+
+def test_positional_qk_circuit_on_a_rotary_model_is_a_one_line_value_error(tiny_llama):
+    with pytest.raises(ValueError) as error:
+        H.positional_qk_circuit(tiny_llama, 0, 0)
+    message = str(error.value)
+    assert "\n" not in message and "rotary" in message and "qk_interaction" in message
