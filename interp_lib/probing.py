@@ -201,20 +201,34 @@ def split_sequences(n_sequences: int, test_fraction: float = 0.25, seed: int = 0
     return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
+def _is_norm(module) -> bool:
+    """LayerNorm / RMSNorm modules, by type: torch's own and any class named ``*LayerNorm`` /
+    ``*RMSNorm`` (Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``, ...); parameter names do not
+    tell (GPT-2 says ``ln_1``, Llama ``input_layernorm`` and ``model.norm``)."""
+    norm_types = tuple(t for t in (torch.nn.LayerNorm, getattr(torch.nn, "RMSNorm", None)) if t is not None)
+    return isinstance(module, norm_types) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
 @torch.no_grad()
 def random_init_model(model, seed: int = 0, std: float = 0.02):
     """A copy of ``model`` with every weight re-drawn at GPT-2 initialisation (matrices
-    N(0, ``std``), biases 0, LayerNorm gains 1): the architecture without what training learned.
-    A control for probes (Hewitt & Liang's "random model" baseline)."""
+    N(0, ``std``), biases 0, LayerNorm / RMSNorm gains 1): the architecture without what
+    training learned. A control for probes (Hewitt & Liang's "random model" baseline).
+
+    Norm gains are found by the module that owns them (:func:`_is_norm`), so a Llama's
+    ``input_layernorm.weight`` / ``model.norm.weight`` are 1 like GPT-2's ``ln_1.weight`` (zeroing
+    them would make every logit 0)."""
     import copy
 
     clone = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(seed)
-    for name, param in clone.named_parameters():
-        if param.ndim >= 2:
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
-        elif "ln" in name and name.endswith("weight"):
+    gains = {id(module.weight) for module in clone.modules()
+             if _is_norm(module) and isinstance(getattr(module, "weight", None), torch.nn.Parameter)}
+    for _, param in clone.named_parameters():
+        if id(param) in gains:
             param.fill_(1.0)
+        elif param.ndim >= 2:
+            param.copy_(torch.randn(param.shape, generator=generator).to(param) * std)
         else:
             param.zero_()
     return clone.eval()

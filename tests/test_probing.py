@@ -125,3 +125,27 @@ def test_random_model_control_uses_an_untrained_copy(toy_lm, windows):
     assert frame["control_accuracy"].iloc[0] > 0.9
     random_model = probing.random_init_model(toy_lm, seed=0)
     assert not torch.equal(random_model.W_E, toy_lm.W_E)
+
+
+# ------------------------------------------------------------------------ Llama-family models (RMSNorm, RoPE)
+
+from test_patching_oracle import tiny_llama  # noqa: E402,F401 - fixture: random 2-layer Llama, GQA, RoPE, RMSNorm
+
+
+def test_random_init_keeps_rmsnorm_gains_on_a_llama(tiny_llama):
+    """Llama names its norm gains input_layernorm.weight / model.norm.weight (no "ln"): zeroing
+    them made every logit 0. With gains 1 and N(0, 0.02) matrices the untrained copy predicts
+    close to uniformly, so its loss is close to ln(vocab) but its logits still vary."""
+    import math
+
+    random_model = probing.random_init_model(tiny_llama, seed=0)
+    gains = [(name, param) for name, param in random_model.named_parameters() if "norm" in name]
+    assert len(gains) == 2 * tiny_llama.cfg.n_layers + 1 and all(bool((p == 1).all()) for _, p in gains)
+    tokens = torch.randint(1, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 0
+    with torch.no_grad():
+        logits = random_model(tokens)
+    assert logits.std(-1).min() > 0.05  # not constant over the vocabulary (all 0 before the fix)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 512), tokens[:, 1:].reshape(-1))
+    assert abs(float(loss) - math.log(512)) < 0.1
+    assert not torch.equal(random_model.W_Q, tiny_llama.W_Q)
