@@ -369,3 +369,53 @@ def test_unreachable_registry_is_a_one_line_error_and_no_cache(tmp_path, monkeyp
     models = tmp_path / "cache" / "models"
     assert not (models / "smollm2-135m").exists()
     assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []  # no temp folder left
+
+
+# --------------------------------------------------------------------------------------------
+# Induction heads on SmolLM2 (grouped-query attention, RoPE)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_induction(smollm2):
+    from interp_lib import heads as H
+
+    scores = H.head_scores(smollm2, "induction", repeat_lengths=(11, 47), offsets=(0,), n_sequences=4)
+    return H.detect_heads(smollm2, "induction", scores=scores, repeat_lengths=(11, 47), offsets=(0,))
+
+
+def test_smollm2_induction_heads_carry_the_in_context_loss_drop(smollm2, smollm2_induction):
+    """Measured (16 sequences, default lengths): L18H6 0.85, L17H4 0.76, L17H3 0.61, L17H5 0.56 and
+    14 weaker heads above the 0.1 floor; ablating all 18 cut the in-context drop from 11.0 to 1.3
+    nats, 18 random other heads (seed 0) left it at 11.0."""
+    import numpy as np
+
+    from interp_lib import heads as H
+
+    detection = smollm2_induction
+    found = detection.head_set()
+    assert detection[0].label == "L18H6" and detection[0].score > 0.7
+    assert {(18, 6), (17, 4), (17, 3), (17, 5)} <= found
+    clean = H.icl_loss_drop(smollm2, (), length=47, n_sequences=8)["drop"]
+    ablated = H.icl_loss_drop(smollm2, sorted(found), length=47, n_sequences=8)["drop"]
+    others = [(l, h) for l in range(30) for h in range(9) if (l, h) not in found]
+    random_heads = [others[i] for i in np.random.default_rng(0).choice(len(others), len(found), replace=False)]
+    control = H.icl_loss_drop(smollm2, random_heads, length=47, n_sequences=8)["drop"]
+    assert clean > 8.0                      # the second copy is predicted far better than the first
+    assert ablated < 0.3 * clean            # the induction heads carry most of it
+    assert control > 0.9 * clean            # as many other heads do not
+
+
+def test_smollm2_previous_token_head_feeds_the_induction_heads_keys(smollm2, smollm2_induction):
+    """K-composition on grouped-query attention (W_K expanded to query heads): the strongest
+    previous-token head L16H0 (measured 0.76) is the top K-composition source of L17H3-5
+    (0.15-0.17 against a median of 0.045 over earlier heads) and among the top two of L18H6."""
+    from interp_lib import heads as H
+
+    previous = H.head_scores(smollm2, "previous_token", n_sequences=4, dataset="bundled")
+    assert divmod(int(previous.argmax()), 9) == (16, 0)
+    K = H.composition_scores(smollm2, "K")
+    for layer, head in [(17, 3), (17, 4), (17, 5), (18, 6)]:
+        sources = K[:layer, :, layer, head]
+        ranked = [divmod(int(i), 9) for i in sources.flatten().argsort(descending=True)[:2]]
+        assert (16, 0) in (ranked if layer == 18 else ranked[:1]), (layer, head, ranked)
+        assert float(sources[16, 0]) > 3 * float(sources.median())
