@@ -465,6 +465,10 @@ def shortcut_verdict(model, component: str | Component) -> bool | None:
     return _SHORTCUT_VERDICTS.get(model, {}).get(get_component(component).name)
 
 
+class MetricError(ValueError):
+    """The metric misbehaved on patched logits (NaN, a wrong shape): the caller's to fix."""
+
+
 class ShortcutMismatchWarning(RuntimeWarning):
     """The patching engine's fast path disagreed with plain patches; the plain path was used."""
 
@@ -526,16 +530,16 @@ class _Sweep:
                 read_logits[:, :, [reads.index(p) for p in logit_pos]] = logits.transpose(0, 1)
                 values_here = torch.as_tensor(batched_metric(read_logits)).detach().double().cpu()
                 if values_here.shape != (n,):
-                    raise ValueError(f"metric.batched returned shape {tuple(values_here.shape)}; expected ({n},)")
+                    raise MetricError(f"metric.batched returned shape {tuple(values_here.shape)}; expected ({n},)")
                 if torch.isnan(values_here).any():
-                    raise ValueError("metric.batched returned NaN on patched logits")
+                    raise MetricError("metric.batched returned NaN on patched logits")
                 results[group] = values_here
                 continue
             for i in range(n):
                 logits_view[:, logit_pos] = logits[:, i]
                 value = _as_scalar(metric(logits_view), "on patched logits")
                 if math.isnan(value):
-                    raise ValueError(
+                    raise MetricError(
                         "metric returned NaN on patched logits. If it declares reads_positions, it read "
                         f"logits at other positions (it declared {reads}); fix or remove the attribute")
                 results[group[i]] = value
@@ -639,7 +643,7 @@ def patch_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], source: Mappi
         failure = None
         try:
             results = sweep.evaluate(todo, starts, reads, kv_cache)
-        except ValueError:
+        except MetricError:
             raise  # the metric's own errors (NaN, wrong shapes) are the caller's to fix
         except Exception as error:  # noqa: BLE001 - a shortcut that crashes falls back like one that is wrong
             results, failure = None, f"raised {type(error).__name__}: {error}"

@@ -151,7 +151,7 @@ def test_first_sweep_verifies_the_shortcut_and_trusts_it_afterwards(tiny_path):
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("fault", ["no prefix", "wrong prefix", "crash"])
+@pytest.mark.parametrize("fault", ["no prefix", "wrong prefix", "crash", "cache API error"])
 def test_a_shortcut_that_disagrees_falls_back_to_transformer_lens_numbers(tiny_path, monkeypatch, fault):
     """Force the fast path to be wrong (as transformers 5.24 made it: copies ran with no cached
     prefix) or to crash: the sweep warns once, naming the versions, and returns TransformerLens'
@@ -168,6 +168,8 @@ def test_a_shortcut_that_disagrees_falls_back_to_transformer_lens_numbers(tiny_p
             return None
         if fault == "wrong prefix":  # off by one position
             return real_prefix(kv_cache, max(start - 1, 1), n_pos, n_copies) if start > 1 else None
+        if fault == "cache API error":  # as transformers raises for an unsupported crop
+            raise ValueError("Calling `crop` with a positive value is not supported")
         raise RuntimeError("cache API changed")
 
     monkeypatch.setattr(P, "_prefix_cache", broken)
