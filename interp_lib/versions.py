@@ -33,6 +33,10 @@ LOCK_NAME = "requirements.lock"
 PLATFORM_PACKAGES = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*)$")
 
 
+# ``name[extras]==version`` at the start of a lock / constraints line (markers and hashes follow)
+_PIN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;\\]+)")
+
+
 class EnvironmentWarning(UserWarning):
     """Installed versions lie outside the tested range (or differ from the lock)."""
 
@@ -141,7 +145,7 @@ def read_lock(path: Path | None = None) -> dict[str, str]:
         return {}
     pins = {}
     for line in Path(path).read_text().splitlines():
-        match = re.match(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;\\]+)", line)
+        match = _PIN.match(line)
         if match:
             pins[_canonical(match.group(1))] = match.group(3)
     return pins
@@ -187,7 +191,7 @@ def constraints_from_lock(lock: str, drop=PLATFORM_PACKAGES) -> str:
     (Colab's own CUDA torch and friends)."""
     kept = []
     for line in lock.splitlines():
-        match = re.match(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==", line)
+        match = _PIN.match(line)
         if match and not drop.match(_canonical(match.group(1))):
             kept.append(line.split("\\")[0].rstrip())
     return "\n".join(kept) + "\n"
