@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -451,6 +452,15 @@ def locate_model(name_or_path: str | os.PathLike) -> tuple[str, str]:
 _CACHE_KWARGS = ("cache", "past_key_value")
 
 
+@contextlib.contextmanager
+def quiet_cache_rename():
+    """Silence transformers' per-call FutureWarning that ``past_key_values`` (the bridge's
+    documented KV entry point) is being renamed ``cache``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        yield
+
+
 def _cache_kwarg_pre_hook(module, args, kwargs):
     if kwargs.get("past_key_values") is None:
         for alias in _CACHE_KWARGS:
@@ -477,13 +487,10 @@ def install_kv_cache_bridge(model) -> list:
 def kv_cache_agrees(model, n_tokens: int = 6, tolerance: float = 1e-3) -> tuple[bool, float]:
     """Whether one decoding step on top of the KV cache of ``n_tokens - 1`` tokens gives the
     logits of a plain forward pass over all ``n_tokens``: ``(agrees, max abs difference)``."""
-    import warnings
-
     vocab = model.cfg.d_vocab
     tokens = (torch.arange(n_tokens, device=model.cfg.device) * 7919 + 1) % vocab
     tokens = tokens[None]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+    with quiet_cache_rename():
         full = model(tokens)
         try:
             _, cache = model(tokens[:, :-1], return_type="logits_and_cache", use_cache=True)
@@ -500,8 +507,6 @@ class KVCacheWarning(RuntimeWarning):
 
 def check_kv_cache(model) -> bool:
     """:func:`kv_cache_agrees`, with a :class:`KVCacheWarning` naming the versions when not."""
-    import warnings
-
     agrees, difference = kv_cache_agrees(model)
     if not agrees:
         from .versions import summary

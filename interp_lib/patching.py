@@ -420,15 +420,12 @@ def _kv_cache_plumbing(model):
     attention reads (:func:`interp_lib.models.install_kv_cache_bridge`; models from
     ``il.load_model`` have it already). Whether the cached suffix passes are then exact on the
     installed versions is not assumed: :func:`patch_sweep` checks them against plain passes."""
-    from .models import install_kv_cache_bridge
+    from .models import install_kv_cache_bridge, quiet_cache_rename
 
     had = getattr(model, "_interp_lib_kv_hooks", None) is not None
     handles = install_kv_cache_bridge(model)
     try:
-        with warnings.catch_warnings():
-            # The bridge's documented KV entry point is ``past_key_values``; transformers 5.x
-            # renames it (with a FutureWarning per call).
-            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        with quiet_cache_rename():
             yield
     finally:
         if not had:
