@@ -50,11 +50,27 @@ def mount_drive() -> bool:
 
 
 def set_plotly_renderer(renderer: str | None = None) -> str:
-    """'colab' on Colab; elsewhere ``$INTERP_LIB_PLOTLY_RENDERER`` or 'notebook_connected'."""
+    """Choose how plotly figures are displayed; returns the renderer name.
+
+    Default: ``$INTERP_LIB_PLOTLY_RENDERER`` if set; on Colab ``colab+plotly_mimetype`` (Colab
+    draws each output in its own frame, so plotly.js comes from the CDN per figure; the JSON
+    keeps the saved notebook drawable elsewhere); otherwise the offline renderer of
+    :mod:`interp_lib.plots`, which embeds plotly.js once per kernel session, so executed
+    notebooks and their HTML exports draw with no network.
+    """
     import plotly.io as pio
 
+    from .plots import OFFLINE_RENDERER, register_offline_renderer
+
+    register_offline_renderer()
     chosen = renderer or os.environ.get("INTERP_LIB_PLOTLY_RENDERER") or (
-        "colab" if in_colab() else "notebook_connected")
+        "colab+plotly_mimetype" if in_colab() else OFFLINE_RENDERER)
+    if not isinstance(chosen, str):
+        raise ValueError(f"renderer={chosen!r}: expected a plotly renderer name such as {OFFLINE_RENDERER!r}")
+    unknown = [name for name in chosen.split("+") if name not in pio.renderers]
+    if unknown:
+        raise ValueError(f"renderer={chosen!r}: unknown plotly renderer(s) {unknown}; expected names from "
+                         f"{sorted(pio.renderers)}")
     pio.renderers.default = chosen
     return chosen
 

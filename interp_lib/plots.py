@@ -1,10 +1,81 @@
-"""Figures: plotly charts and circuitsvis views. Analyses return data; these draw it."""
+"""Figures: plotly charts and circuitsvis views. Analyses return data; these draw it.
+
+Figures render with no network: :data:`OFFLINE_RENDERER` (set by ``il.notebook.setup``) puts
+plotly.js into the first figure of a kernel session and only the figure into later ones, next
+to the plotly JSON mimetype that JupyterLab / VS Code draw with their own copy of plotly.js.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+
+OFFLINE_RENDERER = "interp_lib"
+"""Name of the offline renderer in ``plotly.io.renderers`` (see :func:`register_offline_renderer`)."""
+
+FIGURE_WIDTH = 960
+"""Widest figure drawn here (pixels): fits a notebook / nbconvert page of about 1000 px."""
+
+
+def _offline_renderer_class():
+    from plotly.io.base_renderers import MimetypeRenderer
+
+    class OfflineRenderer(MimetypeRenderer):
+        """Three views of each figure, one output: ``text/html`` that carries plotly.js inline
+        the first time (so an nbconvert HTML export or a saved notebook draws with no network),
+        ``application/vnd.plotly.v1+json`` (JupyterLab, VS Code, nteract draw it themselves)
+        and a ``text/plain`` line for viewers that run no JavaScript."""
+
+        def __init__(self, config=None):
+            self.config = dict(config) if config else {}
+            # shared by the shallow copies plotly makes of a renderer before each use
+            self.state = {"plotlyjs_embedded": False}
+
+        def reset(self) -> None:
+            """Embed plotly.js again in the next figure (a new notebook / kernel session)."""
+            self.state["plotlyjs_embedded"] = False
+
+        def to_mimebundle(self, fig_dict):
+            import plotly.io as pio
+            from plotly.io.base_renderers import PlotlyRenderer
+
+            bundle = PlotlyRenderer(config=self.config).to_mimebundle(dict(fig_dict))
+            html = pio.to_html(fig_dict, config=self.config or None,
+                               include_plotlyjs=not self.state["plotlyjs_embedded"],
+                               include_mathjax=False, full_html=False, validate=False,
+                               default_width="100%", default_height=525)
+            self.state["plotlyjs_embedded"] = True
+            bundle["text/html"] = html
+            bundle["text/plain"] = figure_summary(fig_dict)
+            return bundle
+
+    return OfflineRenderer
+
+
+def figure_summary(figure) -> str:
+    """One line naming a figure (its title and traces): the plain-text view of a figure."""
+    fig_dict = figure if isinstance(figure, dict) else figure.to_dict()
+    layout = fig_dict.get("layout", {}) or {}
+    title = layout.get("title")
+    title = title.get("text") if isinstance(title, dict) else title
+    kinds = [t.get("type", "scatter") for t in fig_dict.get("data", [])]
+    counted = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) or "no traces"
+    return f"<figure{': ' + str(title) if title else ''} ({counted}); interactive view needs JavaScript>"
+
+
+def register_offline_renderer(config: dict | None = None):
+    """Register (once) and return the offline renderer as ``plotly.io.renderers[OFFLINE_RENDERER]``;
+    a second call resets it so that the next figure embeds plotly.js again."""
+    import plotly.io as pio
+
+    if OFFLINE_RENDERER not in pio.renderers:
+        pio.renderers[OFFLINE_RENDERER] = _offline_renderer_class()(config=config)
+    renderer = pio.renderers[OFFLINE_RENDERER]
+    if config is not None:
+        renderer.config = dict(config)
+    renderer.reset()
+    return renderer
 
 
 def _check_layer(model, layer: int) -> None:

@@ -203,7 +203,9 @@ def write_report(records: Sequence[HeadRecord], out: str | Path, *, meta: Mappin
     text = markdown_report(records, meta).encode()
     _atomic_write(out / "report.md", lambda handle: handle.write(text))
     files["report"] = out / "report.md"
-    html = score_heatmap(records, n_layers, n_heads).to_html(include_plotlyjs="cdn", full_html=True).encode()
+    # plotly.js inline (like the viewer's code): the page draws offline and from any folder
+    html = score_heatmap(records, n_layers, n_heads).to_html(include_plotlyjs=True, include_mathjax=False,
+                                                             full_html=True).encode()
     _atomic_write(out / "scores.html", lambda handle: handle.write(html))
     files["heatmap"] = out / "scores.html"
     title = "interp_lib head explainer"

@@ -1,0 +1,147 @@
+"""Figures render with no network: a notebook executed on a real kernel, converted to HTML by
+nbconvert, and the explainer's scores.html are opened in a real headless Chromium with the
+network cut, and every plotly figure must draw (its ``.main-svg``). A page that loads plotly.js
+from the CDN is the control: offline it must stay blank, or the network was not cut."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from interp_lib.explain.records import Event, Explanation, HeadRecord, ScoreResult
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+
+CELLS = [
+    "import interp_lib as il, torch\n"
+    "name, out, ckpt = il.notebook.setup('render_check', model_name='toy-2l', output_dir=OUT)",
+    "il.plots.head_score_heatmap(torch.arange(8.0).reshape(2, 4) / 8, title='scores', threshold=0.5)",
+    "import pandas as pd\n"
+    "frame = pd.DataFrame({'layer': [0, 0, 1, 1], 'head': [0, 1, 0, 1], 'drop': [0.01, -0.02, 0.3, 0.0]})\n"
+    "il.plots.head_importance_heatmap(frame).show()\n"
+    "print('after the figure')",
+]
+
+
+@pytest.fixture(scope="module")
+def offline_browser(tmp_path_factory):
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.skip(f"headless Chromium tests need {' and '.join(missing)} (Debian packages "
+                    "chromium and chromium-driver; CI installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    # every request that leaves the machine goes to a closed local port
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
+                "--host-resolver-rules=MAP * ~NOTFOUND",
+                f"--user-data-dir={tmp_path_factory.mktemp('chrome-profile')}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(60)
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+        "offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+    yield driver
+    driver.quit()
+
+
+def _drawn(driver, path: Path, expected: int, wait: float = 20.0) -> tuple[int, int]:
+    """(plotly figure divs, those holding a drawn ``.main-svg``) once all are drawn or ``wait`` passed."""
+    driver.get(path.resolve().as_uri())
+    script = ("const divs = [...document.querySelectorAll('div.plotly-graph-div')];"
+              "return [divs.length, divs.filter(d => d.querySelector('svg.main-svg')).length];")
+    deadline = time.monotonic() + wait
+    while True:
+        divs, drawn = driver.execute_script(script)
+        if (divs >= expected and drawn == divs) or time.monotonic() > deadline:
+            return divs, drawn
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def executed_notebook(tmp_path_factory):
+    import nbformat
+    from nbclient import NotebookClient
+
+    folder = tmp_path_factory.mktemp("render")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f"OUT = {str(folder / 'out')!r}")] + [
+        nbformat.v4.new_code_cell(source) for source in CELLS]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+    return folder, nb
+
+
+def test_executed_notebook_carries_plotlyjs_once_and_the_plotly_json(executed_notebook):
+    _, nb = executed_notebook
+    figures = [o for cell in nb.cells for o in cell.get("outputs", []) if PLOTLY_MIME in o.get("data", {})]
+    assert len(figures) == 2, [list(o.get("data", {})) for c in nb.cells for o in c.get("outputs", [])]
+    html = [o["data"]["text/html"] for o in figures]
+    # the plotly.js bundle (megabytes) in the first figure only; no CDN or MathJax fetch anywhere
+    assert len(html[0]) > 1_000_000 and len(html[1]) < 50_000, [len(h) for h in html]
+    assert not any(re.search(r"<script[^>]*\bsrc=", h) for h in html)
+    assert figures[0]["data"][PLOTLY_MIME]["layout"]["title"]["text"].startswith("scores")
+    assert all(o["data"]["text/plain"].startswith("<figure") for o in figures)
+
+
+def test_notebook_html_export_draws_every_figure_offline(executed_notebook, offline_browser):
+    HTMLExporter = pytest.importorskip(
+        "nbconvert", reason="nbconvert (a dev dependency) converts the notebook to HTML").HTMLExporter
+
+    folder, nb = executed_notebook
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    page = folder / "notebook.html"
+    page.write_text(body, encoding="utf-8")
+    assert _drawn(offline_browser, page, expected=2) == (2, 2)
+
+
+def _records() -> list[HeadRecord]:
+    tokens = [" a", " b", " c", " a", " b"]
+    return [HeadRecord(layer=layer, head=head,
+                       explanation=Explanation(text=f"head {layer}.{head} attends to the previous token"),
+                       scores={"simulation": ScoreResult("simulation", 0.1 * (layer + head), n=10)},
+                       top_events=[Event(layer=layer, head=head, window=0, position=4, activation=1.0,
+                                         tokens=tokens, attended=[(3, 0.9)])])
+            for layer in range(2) for head in range(2)]
+
+
+def test_scores_html_draws_offline_and_a_cdn_page_does_not(tmp_path, offline_browser):
+    from interp_lib.explain.report import score_heatmap, write_report
+
+    files = write_report(_records(), tmp_path / "run", n_layers=2, n_heads=2)
+    assert _drawn(offline_browser, files["heatmap"], expected=1) == (1, 1)
+    # control: the same figure with plotly.js from the CDN stays blank, so the network is cut
+    control = tmp_path / "cdn.html"
+    control.write_text(score_heatmap(_records(), 2, 2).to_html(include_plotlyjs="cdn"), encoding="utf-8")
+    assert _drawn(offline_browser, control, expected=1, wait=3.0) == (1, 0)
+
+
+def test_offline_renderer_embeds_plotlyjs_again_after_reset():
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    from interp_lib.notebook import set_plotly_renderer
+    from interp_lib.plots import OFFLINE_RENDERER
+
+    previous = pio.renderers.default
+    try:
+        assert set_plotly_renderer() == OFFLINE_RENDERER
+        sizes = [len(pio.renderers._build_mime_bundle(go.Figure(go.Bar(y=[1, 2])).to_dict())["text/html"])
+                 for _ in range(2)]
+        set_plotly_renderer()
+        sizes.append(len(pio.renderers._build_mime_bundle(go.Figure().to_dict())["text/html"]))
+        assert sizes[0] > 1_000_000 > 50_000 > sizes[1] and sizes[2] > 1_000_000, sizes
+        with pytest.raises(ValueError, match="unknown plotly renderer"):
+            set_plotly_renderer("no_such_renderer")
+    finally:
+        pio.renderers.default = previous
