@@ -383,19 +383,52 @@ class BootstrapCI:
     """standard deviation of the bootstrap distribution (a standard error)"""
     alpha: float
     n_boot: int
+    resample: str = "token"
+    """what was resampled: ``"token"`` (rows) or ``"cluster"`` (whole sequences / prompts)"""
+    n_clusters: int | None = None
+    """number of clusters resampled (``resample="cluster"``)"""
+    method: str = "percentile"
+    """interval method: percentile, basic or bca"""
+
+    @property
+    def width(self) -> float:
+        return self.upper - self.lower
 
     def __str__(self) -> str:
-        return f"{self.estimate:.4g} [{self.lower:.4g}, {self.upper:.4g}] ({100 * (1 - self.alpha):.0f}% CI)"
+        by = f", {self.n_clusters} clusters" if self.resample == "cluster" else ""
+        return f"{self.estimate:.4g} [{self.lower:.4g}, {self.upper:.4g}] ({100 * (1 - self.alpha):.0f}% CI{by})"
 
 
 def bootstrap_ci(metric_fn: Callable[..., float], *arrays: ArrayLike, n_boot: int = 1000,
-                 alpha: float = 0.05, seed: int = 0) -> BootstrapCI:
-    """Percentile bootstrap interval of ``metric_fn(*arrays)``, resampling rows with replacement.
+                 alpha: float = 0.05, seed: int = 0, groups: ArrayLike | None = None,
+                 resample: Literal["auto", "cluster", "token"] = "auto",
+                 method: Literal["percentile", "basic", "bca"] = "percentile") -> BootstrapCI:
+    """Bootstrap interval of ``metric_fn(*arrays)``.
 
     All ``arrays`` share their first dimension (samples); each resample indexes every array with
     the same rows. Example: ``bootstrap_ci(expected_calibration_error, probs, labels)``; pass
     other arguments with ``functools.partial``.
+
+    ``groups`` [N] (e.g. ``Predictions.group``: the sequence of each token) makes it a cluster
+    bootstrap (:func:`interp_lib.stats.cluster_bootstrap`): whole sequences are resampled, as
+    tokens of one window are not independent. ``resample``: ``"auto"`` (cluster when ``groups``
+    is given, else token), ``"cluster"`` (needs ``groups``) or ``"token"`` (rows resampled
+    independently, ignoring ``groups``: the interval is too narrow for correlated rows; kept for
+    comparison). The token-level interval is a percentile interval (``method`` other than
+    ``"percentile"`` needs clusters).
     """
+    if resample not in ("auto", "cluster", "token"):
+        raise ValueError(f"resample={resample!r}: expected 'auto', 'cluster' or 'token'")
+    if resample == "cluster" and groups is None:
+        raise ValueError("resample='cluster' needs groups=[N] cluster ids (e.g. Predictions.group)")
+    if groups is not None and resample != "token":
+        from .stats import cluster_bootstrap
+
+        return cluster_bootstrap(metric_fn, *arrays, groups=groups, n_boot=n_boot, alpha=alpha, method=method,
+                                 seed=seed)
+    if method != "percentile":
+        raise ValueError(f"method={method!r}: the token-level bootstrap gives percentile intervals; pass groups "
+                         "for basic / bca (interp_lib.stats.cluster_bootstrap)")
     if not callable(metric_fn):
         raise ValueError(f"metric_fn={metric_fn!r}: expected a callable metric(*arrays) -> float")
     if not arrays:
@@ -1108,11 +1141,17 @@ class CalibrationReport:
 
 def temperature_scaling_report(val: Predictions, test: Predictions, n_bins: int = 15, n_boot: int = 200,
                                alpha: float = 0.05, seed: int = 0,
-                               mode: Literal["temperature", "vector"] = "temperature") -> CalibrationReport:
+                               mode: Literal["temperature", "vector"] = "temperature",
+                               resample: Literal["auto", "cluster", "token"] = "auto") -> CalibrationReport:
     """Fit temperature (or vector) scaling on ``val`` predictions, measure on ``test``.
 
     ``val`` and ``test`` are :class:`Predictions` with logits kept, from disjoint data (separate
     text splits, or :meth:`Predictions.split`). Returns a :class:`CalibrationReport`.
+
+    The ECE intervals resample whole sequences (``test.group``) when the test predictions come
+    from more than one (``resample="auto"`` or ``"cluster"``): tokens of a window are
+    correlated, so resampling them one by one (``resample="token"``, the former behaviour)
+    gives intervals that are too narrow.
     """
     for name, predictions in (("val", val), ("test", test)):
         if not isinstance(predictions, Predictions) or predictions.logits is None or predictions.labels is None:
@@ -1140,8 +1179,17 @@ def temperature_scaling_report(val: Predictions, test: Predictions, n_bins: int 
         rows["after"]["accuracy"] = rows["before"]["accuracy"]
     metrics = pd.DataFrame.from_dict(rows, orient="index")
     ece = functools.partial(expected_calibration_error, n_bins=n_bins, strategy="uniform")
-    ece_ci = {"before": bootstrap_ci(ece, test_raw, test.correct, n_boot=n_boot, alpha=alpha, seed=seed),
-              "after": bootstrap_ci(ece, test_scaled, correct_after, n_boot=n_boot, alpha=alpha, seed=seed)}
+    if resample not in ("auto", "cluster", "token"):
+        raise ValueError(f"resample={resample!r}: expected 'auto', 'cluster' or 'token'")
+    n_groups = 0 if test.group is None else len(np.unique(test.group))
+    if resample == "cluster" and n_groups < 2:
+        raise ValueError(f"resample='cluster': the test predictions come from {n_groups} group(s); expected at "
+                         "least 2 sequences / prompts to resample")
+    groups = test.group if resample != "token" and n_groups >= 2 else None
+    ece_ci = {"before": bootstrap_ci(ece, test_raw, test.correct, n_boot=n_boot, alpha=alpha, seed=seed,
+                                     groups=groups),
+              "after": bootstrap_ci(ece, test_scaled, correct_after, n_boot=n_boot, alpha=alpha, seed=seed,
+                                    groups=groups)}
     reliability = {"before": reliability_data(test_raw, test.correct, n_bins),
                    "after": reliability_data(test_scaled, correct_after, n_bins)}
     return CalibrationReport(scaler=scaler, metrics=metrics, ece_ci=ece_ci, reliability=reliability,

@@ -1,0 +1,358 @@
+"""Statistics for checking claims: cluster bootstrap, debiased calibration error, seed-level
+aggregation, permutation baselines and multiple-comparison control.
+
+- :func:`cluster_bootstrap`: confidence interval of any per-example metric, resampling whole
+  clusters (sequences / windows / prompts) with replacement, through ``scipy.stats.bootstrap``
+  over cluster indices (percentile, basic or BCa; BCa's jackknife then leaves out one cluster
+  at a time). Tokens of one window are correlated, so resampling tokens understates the
+  uncertainty; :func:`ci_width_comparison` measures by how much.
+- :func:`debiased_calibration_error`: the debiased L2 calibration error of Kumar, Liang & Ma
+  (2019, "Verified uncertainty calibration"), next to the plug-in binned L1 / L2 ECE. The
+  plug-in estimate is biased upwards when bins hold few samples; the debiased one subtracts
+  each bin's sampling variance of the accuracy.
+- :func:`seed_summary`: mean, sample std, coefficient of variation and a Student-t interval of
+  a metric across seeds (what "reproduces across 10 runs with < 2% variance" can be checked on).
+- :func:`permutation_pvalue` / :func:`random_unit_baseline`: p-value of an observed statistic
+  against a null distribution, e.g. the same score for random sets of heads of the same size.
+- :func:`holm` and :func:`benjamini_hochberg`: adjusted p-values and rejections when many heads
+  (units) are tested at once.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from .calibration import (ArrayLike, BootstrapCI, _check_nonempty, _check_same_length, _float_array, _to_numpy,
+                          _unit_interval, confidence_and_correct)
+
+__all__ = [
+    "BootstrapCI", "PermutationResult", "SeedSummary", "benjamini_hochberg", "binned_calibration_error",
+    "ci_width_comparison", "cluster_bootstrap", "debiased_calibration_error", "holm", "permutation_pvalue",
+    "random_unit_baseline", "seed_summary",
+]
+
+BootstrapMethod = Literal["percentile", "basic", "bca"]
+BOOTSTRAP_METHODS = ("percentile", "basic", "bca")
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster bootstrap
+# --------------------------------------------------------------------------------------------
+
+def _check_alpha(alpha: Any) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise ValueError(f"alpha={alpha!r}: expected a number in (0, 1)")
+    return float(alpha)
+
+
+def _check_n_boot(n_boot: Any) -> int:
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 2:
+        raise ValueError(f"n_boot={n_boot!r}: expected an integer >= 2")
+    return int(n_boot)
+
+
+def _sample_arrays(arrays: Sequence[Any]) -> list[np.ndarray]:
+    if not arrays:
+        raise ValueError("arrays: expected at least one array to resample")
+    data = [_to_numpy(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+    for i, a in enumerate(data):
+        if a.ndim == 0:
+            raise ValueError(f"arrays[{i}] is a scalar; expected an array with samples along axis 0")
+        _check_nonempty(a, f"arrays[{i}]")
+        _check_same_length(data[0], "arrays[0]", a, f"arrays[{i}]")
+    return data
+
+
+def cluster_bootstrap(metric_fn: Callable[..., float], *arrays: ArrayLike, groups: ArrayLike,
+                      n_boot: int = 1000, alpha: float = 0.05, method: BootstrapMethod = "percentile",
+                      seed: int = 0) -> BootstrapCI:
+    """Bootstrap interval of ``metric_fn(*arrays)`` resampling whole clusters with replacement.
+
+    ``groups`` [N] names the cluster of every row (e.g. ``Predictions.group``, the sequence a
+    token comes from). Each resample draws as many clusters as there are, with replacement, and
+    evaluates the metric on the concatenation of their rows. The interval is computed by
+    ``scipy.stats.bootstrap`` over cluster indices (``method``: ``percentile``, ``basic`` or
+    ``bca``). With one row per cluster this is the ordinary (token-level) bootstrap.
+
+    Returns a :class:`~interp_lib.calibration.BootstrapCI` with ``resample="cluster"`` and
+    ``n_clusters``.
+    """
+    from scipy import stats as scipy_stats
+
+    if not callable(metric_fn):
+        raise ValueError(f"metric_fn={metric_fn!r}: expected a callable metric(*arrays) -> float")
+    n_boot, alpha = _check_n_boot(n_boot), _check_alpha(alpha)
+    if method not in BOOTSTRAP_METHODS:
+        raise ValueError(f"method={method!r}: expected one of {BOOTSTRAP_METHODS}")
+    data = _sample_arrays(arrays)
+    group = _to_numpy(groups, "groups")
+    if group.ndim != 1:
+        raise ValueError(f"groups has shape {tuple(group.shape)}; expected a 1-D array [N] of cluster ids")
+    _check_same_length(data[0], "arrays[0]", group, "groups")
+    _, cluster_of_row = np.unique(group, return_inverse=True)
+    order = np.argsort(cluster_of_row, kind="stable")
+    counts = np.bincount(cluster_of_row)
+    n_clusters = len(counts)
+    if n_clusters < 2:
+        raise ValueError(f"groups holds {n_clusters} cluster; expected at least 2 clusters to resample")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rows_of = [order[s:s + c] for s, c in zip(starts, counts)]
+
+    def statistic(cluster_index: np.ndarray) -> float:
+        rows = np.concatenate([rows_of[int(i)] for i in cluster_index])
+        return float(metric_fn(*(a[rows] for a in data)))
+
+    estimate = float(metric_fn(*data))
+    with warnings.catch_warnings():
+        # a degenerate bootstrap distribution (e.g. a metric that is 0 on every resample) is
+        # reported as the NaN interval scipy returns, not as a warning
+        warnings.simplefilter("ignore", category=getattr(scipy_stats, "DegenerateDataWarning", RuntimeWarning))
+        result = scipy_stats.bootstrap((np.arange(n_clusters),), statistic, vectorized=False, paired=False,
+                                       n_resamples=n_boot, confidence_level=1 - alpha, method=method,
+                                       random_state=np.random.default_rng(seed))
+    return BootstrapCI(estimate=estimate, lower=float(result.confidence_interval.low),
+                       upper=float(result.confidence_interval.high), std=float(result.standard_error),
+                       alpha=alpha, n_boot=n_boot, resample="cluster", n_clusters=int(n_clusters), method=method)
+
+
+def ci_width_comparison(metric_fn: Callable[..., float], *arrays: ArrayLike, groups: ArrayLike, n_boot: int = 500,
+                        alpha: float = 0.05, seed: int = 0) -> pd.DataFrame:
+    """The same metric's percentile interval resampling tokens (rows) and resampling clusters.
+
+    Returns rows ``token`` and ``cluster`` with ``estimate, lower, upper, width, std`` and a
+    ``width_ratio`` column (cluster width / token width on both rows).
+    """
+    from .calibration import bootstrap_ci
+
+    token = bootstrap_ci(metric_fn, *arrays, n_boot=n_boot, alpha=alpha, seed=seed, resample="token")
+    cluster = bootstrap_ci(metric_fn, *arrays, groups=groups, n_boot=n_boot, alpha=alpha, seed=seed,
+                           resample="cluster")
+    frame = pd.DataFrame({name: {"estimate": ci.estimate, "lower": ci.lower, "upper": ci.upper,
+                                 "width": ci.upper - ci.lower, "std": ci.std}
+                          for name, ci in (("token", token), ("cluster", cluster))}).T
+    frame["width_ratio"] = frame.loc["cluster", "width"] / frame.loc["token", "width"]
+    return frame
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration error: binned plug-in and debiased
+# --------------------------------------------------------------------------------------------
+
+def _equal_mass_bins(confidence: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin index of each sample: ``n_bins`` bins of (nearly) equal count, ordered by confidence."""
+    order = np.argsort(confidence, kind="stable")
+    index = np.empty(len(confidence), dtype=np.int64)
+    index[order] = np.minimum(np.arange(len(confidence)) * n_bins // len(confidence), n_bins - 1)
+    return index
+
+
+def _bin_index(confidence: np.ndarray, n_bins: int, strategy: str) -> np.ndarray:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins={n_bins!r}: expected a positive integer")
+    if strategy == "quantile":
+        return _equal_mass_bins(confidence, int(n_bins))
+    if strategy == "uniform":
+        edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
+        return np.searchsorted(edges[1:-1], confidence, side="left")  # right-closed, as calibration
+    raise ValueError(f"strategy={strategy!r}: expected 'quantile' or 'uniform'")
+
+
+def _bin_stats(confidence: np.ndarray, correct: np.ndarray, n_bins: int, strategy: str):
+    index = _bin_index(confidence, n_bins, strategy)
+    size = int(index.max()) + 1
+    count = np.bincount(index, minlength=size).astype(np.float64)
+    filled = count > 0
+    conf = np.bincount(index, weights=confidence, minlength=size)[filled] / count[filled]
+    acc = np.bincount(index, weights=correct.astype(np.float64), minlength=size)[filled] / count[filled]
+    return count[filled], conf, acc
+
+
+def binned_calibration_error(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15,
+                             strategy: Literal["quantile", "uniform"] = "quantile", p: int = 1) -> float:
+    """Plug-in binned calibration error ``(sum_b w_b |acc_b - conf_b|^p)^(1/p)`` (``p`` 1 or 2).
+
+    ``probs``/``labels`` as :func:`interp_lib.calibration.expected_calibration_error`. Equal-mass
+    bins here are exact-count bins (ties split by order), as Kumar et al.'s reference code."""
+    if p not in (1, 2):
+        raise ValueError(f"p={p!r}: expected 1 (ECE) or 2 (L2 calibration error)")
+    confidence, correct = confidence_and_correct(probs, labels)
+    count, conf, acc = _bin_stats(confidence, correct, n_bins, strategy)
+    weights = count / count.sum()
+    return float(np.sum(weights * np.abs(acc - conf) ** p) ** (1 / p))
+
+
+def debiased_calibration_error(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15,
+                               strategy: Literal["quantile", "uniform"] = "quantile") -> float:
+    """Debiased L2 calibration error of Kumar, Liang & Ma (2019).
+
+    Per bin, the plug-in squared gap ``(acc_b - conf_b)^2`` overestimates the true squared gap
+    by the sampling variance of ``acc_b``; its unbiased estimate ``acc_b (1 - acc_b) / (n_b - 1)``
+    is subtracted (bins with one sample contribute 0). The weighted sum estimates the squared
+    L2 calibration error of the binned model; the result is ``sqrt(max(sum, 0))``, so a
+    calibrated model scores close to 0 at any sample size.
+    """
+    confidence, correct = confidence_and_correct(probs, labels)
+    count, conf, acc = _bin_stats(confidence, correct, n_bins, strategy)
+    weights = count / count.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        variance = np.where(count > 1, acc * (1 - acc) / np.maximum(count - 1, 1), 0.0)
+    per_bin = np.where(count > 1, (acc - conf) ** 2 - variance, 0.0)
+    return float(math.sqrt(max(float(np.sum(weights * per_bin)), 0.0)))
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SeedSummary:
+    """A metric across independent runs (seeds)."""
+
+    n: int
+    mean: float
+    std: float
+    """sample standard deviation (ddof=1; NaN for one run)"""
+    cv: float
+    """coefficient of variation ``std / |mean|`` (NaN for one run or a zero mean)"""
+    ci_low: float
+    """Student-t interval of the mean at ``confidence``"""
+    ci_high: float
+    confidence: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def seed_summary(values: ArrayLike, confidence: float = 0.95) -> SeedSummary:
+    """Mean, std, coefficient of variation and Student-t interval of ``values`` (one per seed)."""
+    from scipy import stats as scipy_stats
+
+    x = _float_array(values, "values", 1, "a 1-D array [n_seeds] of metric values")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence!r}: expected a number in (0, 1)")
+    n, mean = len(x), float(x.mean())
+    if n < 2:
+        return SeedSummary(n, mean, math.nan, math.nan, math.nan, math.nan, float(confidence))
+    std = float(x.std(ddof=1))
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    cv = std / abs(mean) if mean != 0 else math.nan
+    return SeedSummary(n, mean, std, cv, mean - half, mean + half, float(confidence))
+
+
+# --------------------------------------------------------------------------------------------
+# Permutation baselines
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class PermutationResult:
+    """An observed statistic against a null distribution of the same statistic."""
+
+    observed: float
+    null: np.ndarray
+    p_value: float
+    """``(1 + #{null >= observed}) / (1 + n)`` for ``alternative="greater"`` (mirrored for "less")"""
+    alternative: str
+
+    @property
+    def null_mean(self) -> float:
+        return float(np.mean(self.null))
+
+    def as_dict(self) -> dict[str, float]:
+        return {"observed": self.observed, "null_mean": self.null_mean,
+                "null_q95": float(np.quantile(self.null, 0.95)), "p_value": self.p_value, "n_null": len(self.null)}
+
+
+def permutation_pvalue(observed: float, null: ArrayLike, alternative: Literal["greater", "less"] = "greater"
+                       ) -> PermutationResult:
+    """Monte-Carlo p-value of ``observed`` against ``null`` draws, counting the observed value
+    as one of the draws (so it is never 0): ``(1 + #{null >= observed}) / (1 + n)``."""
+    values = _float_array(null, "null", 1, "a 1-D array of null statistics")
+    if not isinstance(observed, (int, float, np.floating, np.integer)) or not math.isfinite(float(observed)):
+        raise ValueError(f"observed={observed!r}: expected a finite number")
+    if alternative not in ("greater", "less"):
+        raise ValueError(f"alternative={alternative!r}: expected 'greater' or 'less'")
+    observed = float(observed)
+    extreme = values >= observed if alternative == "greater" else values <= observed
+    p_value = (1 + int(extreme.sum())) / (1 + len(values))
+    return PermutationResult(observed, values, float(p_value), alternative)
+
+
+def random_unit_baseline(score_fn: Callable[[list], float], units: Sequence, selected: Sequence,
+                         n_perm: int = 100, seed: int = 0, alternative: Literal["greater", "less"] = "greater",
+                         exclude_selected: bool = False, progress: bool = False) -> PermutationResult:
+    """Is ``score_fn(selected)`` extreme among random sets of ``len(selected)`` units?
+
+    ``units`` is the population (e.g. every ``(layer, head)``); each null draw is a random subset
+    of it of the same size as ``selected`` (without the selected units when
+    ``exclude_selected``). Returns a :class:`PermutationResult` with the p-value.
+    """
+    population = list(units)
+    chosen = list(selected)
+    if not chosen:
+        raise ValueError("selected: expected at least one unit")
+    missing = [u for u in chosen if u not in population]
+    if missing:
+        raise ValueError(f"selected contains {missing[:3]} not in units; expected a subset of units")
+    pool = [u for u in population if u not in chosen] if exclude_selected else population
+    if len(pool) < len(chosen):
+        raise ValueError(f"units: {len(pool)} units to draw from, fewer than the {len(chosen)} selected")
+    if isinstance(n_perm, bool) or not isinstance(n_perm, int) or n_perm < 1:
+        raise ValueError(f"n_perm={n_perm!r}: expected a positive integer")
+    rng = np.random.default_rng(seed)
+    observed = float(score_fn(chosen))
+    draws = range(n_perm)
+    if progress:
+        from tqdm.auto import tqdm
+
+        draws = tqdm(draws, desc="random unit sets", leave=False)
+    null = np.array([float(score_fn([pool[i] for i in rng.choice(len(pool), len(chosen), replace=False)]))
+                     for _ in draws])
+    return permutation_pvalue(observed, null, alternative)
+
+
+# --------------------------------------------------------------------------------------------
+# Multiple comparisons
+# --------------------------------------------------------------------------------------------
+
+def _pvalues(pvalues: ArrayLike) -> np.ndarray:
+    p = _float_array(pvalues, "pvalues", 1, "a 1-D array of p-values")
+    _unit_interval(p, "pvalues", "p-values")
+    return np.minimum(p, 1.0)
+
+
+def holm(pvalues: ArrayLike, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Holm's step-down adjustment (family-wise error rate ``alpha``).
+
+    Returns ``(adjusted, reject)`` in the input order: ``adjusted_(i) = max_{j <= i} min(1,
+    (m - j + 1) p_(j))`` over the sorted p-values; ``reject = adjusted <= alpha``."""
+    p = _pvalues(pvalues)
+    alpha = _check_alpha(alpha)
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    adjusted = np.empty(m)
+    adjusted[order] = np.maximum.accumulate(scaled)
+    return adjusted, adjusted <= alpha
+
+
+def benjamini_hochberg(pvalues: ArrayLike, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Benjamini-Hochberg step-up adjustment (false discovery rate ``alpha``).
+
+    Returns ``(adjusted, reject)`` in the input order: ``adjusted_(i) = min_{j >= i} min(1,
+    m p_(j) / j)``; ``reject = adjusted <= alpha``."""
+    p = _pvalues(pvalues)
+    alpha = _check_alpha(alpha)
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, p[order] * m / np.arange(1, m + 1))
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum.accumulate(scaled[::-1])[::-1]
+    return adjusted, adjusted <= alpha
+
