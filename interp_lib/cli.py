@@ -5,7 +5,9 @@ sets ``handler``; the handler imports its module only when it runs, so ``interp-
 stays quick. A handler returns the exit status; bad input is raised as ``UsageError`` and
 reported as one ``error: ...`` line with exit status 2 (no traceback).
 
-    interp-lib run [NOTEBOOK ...] [--seeds 0 1 2] [-p KEY VALUE ...] [--out DIR] [--model NAME]
+    interp-lib run [NOTEBOOK ...] [--seeds 0 1 2] [-p KEY VALUE ...] [--out DIR] [--model NAME ...]
+                   [--executor local|ray [--address ADDR]]
+    interp-lib aggregate DIR [DIR ...] [--out DIR]
     interp-lib explain --model NAME --out DIR [--explainer MODEL --base-url URL] [--heads ...]
 """
 
@@ -26,20 +28,26 @@ def _add_run_command(subparsers: argparse._SubParsersAction) -> None:
         "run",
         help="execute the notebook series with papermill (optionally across seeds)",
         description=(
-            "Execute the numbered notebooks (notebooks/NN_*.ipynb) with papermill, once per seed.\n"
-            "Each notebook gets seed, output_dir (OUT/seed-<s>) and, with --model, model_name;\n"
-            "-p KEY VALUE goes to the notebooks whose parameters cell declares KEY (a KEY that no\n"
-            "selected notebook declares is refused before anything runs).\n\n"
-            "Writes OUT/seed-<s>/<stem>.ipynb (executed copies), OUT/run.json and, with two or\n"
-            "more seeds, OUT/aggregate.csv and aggregate.md (n, mean, std, 95% CI per metric);\n"
-            "with one seed OUT/summary.md. A failing notebook is recorded and the run goes on\n"
-            "(the other notebooks and seeds); the exit status is then 1. Bad input: 2."),
+            "Execute the numbered notebooks (notebooks/NN_*.ipynb) with papermill, once per\n"
+            "configuration (models x -p values) and seed. Each notebook gets seed, output_dir\n"
+            "(OUT/[<configuration>/]seed-<s>) and, with --model, model_name; -p KEY VALUE goes to\n"
+            "the notebooks whose parameters cell declares KEY (a KEY that no selected notebook\n"
+            "declares is refused before anything runs).\n\n"
+            "Writes the executed copies, OUT/run.json (every run with its model, params, seed,\n"
+            "status, error and failing cell), OUT/metrics.csv and, with two or more seeds or\n"
+            "configurations, OUT/aggregate.csv and aggregate.md (n, mean, std, 95% CI per\n"
+            "configuration and metric); otherwise OUT/summary.md. A failing notebook is recorded\n"
+            "and the run goes on; the exit status is then 1. Bad input: 2.\n"
+            "`interp-lib aggregate DIR [DIR ...]` merges run folders made anywhere."),
         epilog=(
             "examples:\n"
             "  interp-lib run                                  # whole series, seed 0\n"
             "  interp-lib run --seeds 0 1 2 --out runs/seeds   # batch rerun + aggregate table\n"
             "  interp-lib run 00 --model toy-2l -p top_k 10    # one notebook, other parameters\n"
-            "put NOTEBOOK selectors before --seeds (which takes every number after it)."),
+            "  interp-lib run 01 --model toy-lm toy-2l -p n_bins 10 -p n_bins 15 --seeds 0 1\n"
+            "      # a grid: 2 models x 2 values x 2 seeds, in OUT/model=toy-lm,n_bins=10/seed-0/ ...\n"
+            "  interp-lib run ... --executor ray --address ray://head:10001 --out /shared/runs/x\n"
+            "put NOTEBOOK selectors before --seeds / --model (which take every word after them)."),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -50,12 +58,27 @@ def _add_run_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[],
                         metavar=("KEY", "VALUE"), dest="params",
                         help="set a notebook parameter; VALUE is parsed as JSON / a Python "
-                             "literal when it can be (64, 0.5, true, [1, 2]), else kept as text")
+                             "literal when it can be (64, 0.5, true, [1, 2]), else kept as text. "
+                             "Repeat -p KEY with other values for a grid: -p n_bins 10 -p n_bins 15")
     parser.add_argument("--out", default="runs/series", metavar="DIR",
                         help="run folder (default: runs/series under the current directory)")
-    parser.add_argument("--model", default=None, metavar="NAME",
+    parser.add_argument("--model", nargs="+", default=[], metavar="NAME", dest="models",
                         help="model_name for every notebook (bundled toy name, hub name or local "
-                             "HF directory); default: each notebook's 'auto'")
+                             "HF directory); several names: one configuration each; default: "
+                             "each notebook's 'auto'")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="local: one notebook after another (default); ray: one Ray task per "
+                             "notebook, configuration and seed (pip install 'interp-lib[cluster]')")
+    parser.add_argument("--address", default=None, metavar="ADDR",
+                        help="Ray cluster to join (ray://HOST:10001, HOST:6379, auto); default: "
+                             "$RAY_ADDRESS, else a local cluster. OUT must be a folder every "
+                             "worker can reach")
+    parser.add_argument("--cpus-per-task", type=float, default=1.0, metavar="N",
+                        help="CPUs each Ray task declares (default: 1)")
+    parser.add_argument("--gpus-per-task", type=float, default=0.0, metavar="N",
+                        help="GPUs each Ray task declares (default: 0)")
+    parser.add_argument("--max-retries", type=int, default=2, metavar="N",
+                        help="re-runs of a Ray task whose worker died (default: 2)")
     parser.add_argument("--notebooks-dir", default=None, metavar="DIR",
                         help="folder holding the series (default: the checkout's notebooks/)")
     parser.add_argument("--timeout", type=int, default=None, metavar="SECONDS",
@@ -74,10 +97,55 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     config = RunConfig(
         notebooks=list(args.notebooks), seeds=list(args.seeds),
-        params=[(key, value) for key, value in args.params], out=args.out, model=args.model,
-        notebooks_dir=args.notebooks_dir, timeout=args.timeout, kernel=args.kernel,
-        fail_fast=args.fail_fast, progress=args.progress)
+        params=[(key, value) for key, value in args.params], out=args.out,
+        models=list(args.models), notebooks_dir=args.notebooks_dir, timeout=args.timeout,
+        kernel=args.kernel, fail_fast=args.fail_fast, progress=args.progress,
+        executor=args.executor, address=args.address, cpus_per_task=args.cpus_per_task,
+        gpus_per_task=args.gpus_per_task, max_retries=args.max_retries)
     return run_series(config, argv=["interp-lib", *argv])
+
+
+def _add_aggregate_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "aggregate",
+        help="merge run folders into aggregate tables (n, mean, std, CI per configuration)",
+        description=(
+            "Merge the metrics of any set of `interp-lib run` folders (shards of one sweep, runs\n"
+            "made on other machines) and aggregate them per configuration (notebook, model,\n"
+            "params) and metric: n, mean, sample std, Student-t CI of the mean over seeds.\n"
+            "Prints the table; with --out writes OUT/metrics.csv (with the source folder of each\n"
+            "row), OUT/aggregate.csv and OUT/aggregate.md. Two folders holding the same\n"
+            "(configuration, seed, notebook) are refused."),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="DIR", help="run folders to merge")
+    parser.add_argument("--out", default=None, metavar="DIR", help="write the merged tables here")
+    parser.add_argument("--confidence", type=float, default=0.95, metavar="LEVEL",
+                        help="confidence level of the interval (default: 0.95)")
+    parser.set_defaults(handler=_aggregate)
+
+
+def _aggregate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from .runner import _atomic_write_text, aggregate_runs, ensure_writable_dir, markdown_table
+
+    try:
+        metrics, table = aggregate_runs(args.run_dirs, args.confidence)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    text = markdown_table(table)
+    print(text, end="")
+    if args.out is not None:
+        out = ensure_writable_dir(Path(args.out))
+        metrics.to_csv(out / "metrics.csv", index=False)
+        table.to_csv(out / "aggregate.csv", index=False)
+        title = f"Metrics merged from {len(args.run_dirs)} run folder(s)"
+        sources = "".join(f"- {d}\n" for d in args.run_dirs)
+        _atomic_write_text(out / "aggregate.md", f"# {title}\n\n{sources}\n{text}")
+        print(f"merged {len(metrics)} values from {len(args.run_dirs)} folder(s) into {out} "
+              "(metrics.csv, aggregate.csv, aggregate.md)")
+    return 0
 
 
 def _add_explain_command(subparsers: argparse._SubParsersAction) -> None:
@@ -173,7 +241,8 @@ def _explain(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 # Subcommands, in the order --help lists them.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run_command, _add_explain_command]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_run_command, _add_aggregate_command, _add_explain_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,23 +1,38 @@
-"""Run the notebook series with papermill, across seeds, and aggregate the headline metrics.
+"""Run the notebook series with papermill, as a grid of configurations and seeds, and aggregate
+the headline metrics.
 
-What ``interp-lib run`` does, as importable pieces:
+What ``interp-lib run`` and ``interp-lib aggregate`` do, as importable pieces:
 
 * ``record_metrics`` -- what a notebook's last cell calls to record its headline numbers:
   ``<output_dir>/metrics/<notebook>.json``, written atomically.
-* ``load_metrics`` / ``aggregate`` -- a run folder's metrics as a long DataFrame, and the table
-  across seeds (n, mean, std, Student-t 95% CI, per-seed values).
-* ``run_series`` -- execute the selected notebooks once per seed and write the run folder::
+* ``load_metrics`` / ``aggregate`` / ``aggregate_runs`` -- a run folder's metrics as a long
+  DataFrame in which every row carries its configuration (model, params, seed, notebook,
+  metric, value); the table across seeds per configuration (n, mean, std, Student-t 95% CI,
+  per-seed values); the same over any set of run folders (shards run anywhere).
+* ``plan_grid`` -- the sweep: models (``--model a b``) x parameter values (``-p KEY V1 -p KEY
+  V2``: a key repeated with different values is a grid dimension; one value per argument, so
+  values holding commas or lists stay unambiguous) x seeds x notebooks. A notebook that does not
+  declare a grid key runs once per value of the keys it does declare.
+* ``run_series`` -- execute the sweep with an executor (``local``: one after another here;
+  ``ray``: one task each on a Ray cluster, see ``interp_lib.cluster``) and write the run folder::
 
-      OUT/run.json                     argv, config, start / finish, per-notebook status and seconds
-      OUT/metrics.csv                  every recorded metric (seed, notebook, metric, value)
-      OUT/aggregate.csv, aggregate.md  two or more seeds: one row per (notebook, metric)
-      OUT/summary.md                   one seed: its metrics
-      OUT/seed-<s>/<stem>.ipynb        the executed copy (kept when the notebook fails)
-      OUT/seed-<s>/metrics/<stem>.json written by the notebook itself through record_metrics
+      OUT/run.json                     argv, config, grid, start / finish and, per run: notebook,
+                                       config, model, params, seed, status, seconds, attempts,
+                                       error (one line) and failure (type, whole message,
+                                       failing cell's index and source)
+      OUT/metrics.csv                  every recorded metric with its configuration
+      OUT/aggregate.csv, aggregate.md  two or more seeds or configurations: one row per
+                                       (notebook, model, params, metric)
+      OUT/summary.md                   one seed and configuration: its metrics
+      (both markdown files end with the failed notebooks, their error and failing cell)
+      OUT/[<config>/]seed-<s>/<stem>.ipynb   the executed copy (kept when the notebook fails);
+                                       <config> names what varies, e.g. model=toy-lm,n_bins=10
+                                       (absent when nothing varies: OUT/seed-<s>/)
+      OUT/[<config>/]seed-<s>/metrics/<stem>.json  written by the notebook (record_metrics)
 
 Notebook contract (see notebooks/README.md): the cell tagged ``parameters`` declares at least
 ``model_name``, ``seed`` and ``output_dir``. The runner passes ``seed``, ``output_dir`` (the
-absolute ``OUT/seed-<s>`` folder) and, with ``--model``, ``model_name``; ``-p KEY VALUE`` goes
+absolute ``OUT/[<config>/]seed-<s>`` folder) and, with ``--model``, ``model_name``; ``-p KEY VALUE`` goes
 only to the notebooks that declare ``KEY`` and is refused before anything runs when none does.
 
 Parameter checks, all before a kernel starts: every name the parameters cell assigns is
@@ -75,7 +90,7 @@ REQUIRED_PARAMETERS = ("model_name", "seed", "output_dir")
 RUNNER_PARAMETERS = {"seed": "--seeds", "output_dir": "--out", "model_name": "--model"}
 DEFAULT_OUT = Path("runs") / "series"
 DEFAULT_KERNEL = "python3"
-METRICS_COLUMNS = ["seed", "notebook", "metric", "value"]
+METRICS_COLUMNS = ["model", "params", "seed", "notebook", "metric", "value"]
 _SEED_DIR = re.compile(r"^seed-(-?\d+)$")
 _MAX_SEED = 2**32 - 1  # numpy's limit; torch accepts it too
 
@@ -198,42 +213,93 @@ def _seed_of_dir(folder: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def load_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Every metric recorded under a run folder, as a long DataFrame (seed, notebook, metric,
-    value), sorted by seed then notebook, metrics in the order the notebook recorded them.
+def _params_text(params: Mapping[str, Any]) -> str:
+    """A configuration's parameters as one canonical JSON text (sorted keys): the ``params``
+    column, equal for equal configurations whatever run folder they come from."""
+    return json.dumps(dict(params), sort_keys=True, default=str)
 
-    ``run_dir`` is a series folder (``seed-<s>/metrics/*.json``) or a single output folder
-    (``metrics/*.json``; the seed then comes from the folder name or the file's ``seed``).
+
+def _read_metrics_file(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record.get("metrics"), dict):
+            raise TypeError("'metrics' is not an object")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a metrics file written by record_metrics ({exc})") from None
+    return record
+
+
+def _rows_from_run_json(root: Path, run: dict) -> list[tuple]:
+    """Rows of the notebooks that succeeded in a series run, configuration from run.json."""
+    rows = []
+    for entry in run.get("runs", []):
+        if entry.get("status") != "ok" or not entry.get("metrics"):
+            continue
+        path = root / entry["metrics"]
+        if not path.is_file():
+            continue
+        record = _read_metrics_file(path)
+        parameters = entry.get("parameters") or {}
+        model = entry.get("model", parameters.get("model_name"))
+        if model is None and isinstance(record.get("model"), str):
+            model = record["model"]  # the notebook's own default, as it resolved it
+        params = entry.get("params")
+        if params is None:  # run.json written before grids: the parameters minus the runner's
+            params = {k: v for k, v in parameters.items() if k not in RUNNER_PARAMETERS}
+        notebook = entry.get("notebook") or record.get("notebook") or path.stem
+        rows += [(model, _params_text(params), entry.get("seed"), notebook, name, float(value))
+                 for name, value in record["metrics"].items()]
+    return rows
+
+
+def load_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every metric recorded under a run folder, as a long DataFrame with its configuration:
+    ``model, params`` (canonical JSON of the notebook's ``-p`` parameters), ``seed, notebook,
+    metric, value``, in run order, metrics in the order the notebook recorded them.
+
+    A series folder (one with ``run.json``) gives the notebooks that succeeded, configured as
+    run.json says. Any other folder is read as ``seed-<s>/metrics/*.json`` or a single output
+    folder ``metrics/*.json`` (seed from the folder name or the file's ``seed``, model from the
+    file's ``model``, params ``{}``).
     """
     import pandas as pd
 
     root = Path(run_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"run folder {root} does not exist")
-    folders = [root] if (root / "metrics").is_dir() else []
-    seed_dirs = [d for d in root.glob("seed-*") if d.is_dir() and _seed_of_dir(d) is not None]
-    folders += sorted(seed_dirs, key=_seed_of_dir)
-    rows = []
-    for folder in folders:
-        for path in sorted((folder / "metrics").glob("*.json")):
-            if path.name.startswith("."):
-                continue
-            try:
-                record = json.loads(path.read_text(encoding="utf-8"))
-                metrics = record["metrics"]
-                if not isinstance(metrics, dict):
-                    raise TypeError("'metrics' is not an object")
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}: not a metrics file written by record_metrics ({exc})") from None
-            seed = _seed_of_dir(folder)
-            if seed is None and isinstance(record.get("seed"), int):
-                seed = record["seed"]
-            notebook = record.get("notebook") or path.stem
-            rows += [(seed, notebook, name, float(value)) for name, value in metrics.items()]
+    rows: list[tuple] = []
+    run_file = root / "run.json"
+    if run_file.is_file():
+        try:
+            run = json.loads(run_file.read_text(encoding="utf-8"))
+            if not isinstance(run, dict):
+                raise TypeError("not an object")
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{run_file}: not a run.json written by interp-lib run ({exc})") from None
+        rows = _rows_from_run_json(root, run)
+    else:
+        folders = [root] if (root / "metrics").is_dir() else []
+        seed_dirs = [d for d in root.glob("seed-*") if d.is_dir() and _seed_of_dir(d) is not None]
+        folders += sorted(seed_dirs, key=_seed_of_dir)
+        for folder in folders:
+            for path in sorted((folder / "metrics").glob("*.json")):
+                if path.name.startswith("."):
+                    continue
+                record = _read_metrics_file(path)
+                seed = _seed_of_dir(folder)
+                if seed is None and isinstance(record.get("seed"), int):
+                    seed = record["seed"]
+                model = record.get("model") if isinstance(record.get("model"), str) else None
+                notebook = record.get("notebook") or path.stem
+                rows += [(model, "{}", seed, notebook, name, float(value))
+                         for name, value in record["metrics"].items()]
     frame = pd.DataFrame(rows, columns=METRICS_COLUMNS)
+    frame["model"] = frame["model"].astype(object)
     frame["seed"] = frame["seed"].astype("Int64")
     frame["value"] = frame["value"].astype(float)
-    return frame.sort_values(["seed", "notebook"], kind="stable").reset_index(drop=True)
+    if not run_file.is_file():
+        frame = frame.sort_values(["seed", "notebook"], kind="stable")
+    return frame.reset_index(drop=True)
 
 
 def _ci_columns(confidence: float) -> tuple[str, str]:
@@ -242,12 +308,14 @@ def _ci_columns(confidence: float) -> tuple[str, str]:
 
 
 def aggregate(metrics: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
-    """Summarise metrics across seeds: one row per (notebook, metric).
+    """Summarise metrics across seeds: one row per (notebook, model, params, metric), i.e. per
+    configuration and metric.
 
-    Columns: ``notebook, metric, n, mean, std`` (sample std, ddof=1), ``ci95_low, ci95_high``
-    (Student-t interval for the mean at ``confidence``; the names follow it) and one
-    ``seed_<s>`` column per seed with that seed's value. ``std`` and the interval are NaN when
-    ``n < 2``. Rows keep the order of first appearance in ``metrics`` (``load_metrics``' order).
+    Columns: ``notebook, model, params, metric, n, mean, std`` (sample std, ddof=1),
+    ``ci95_low, ci95_high`` (Student-t interval for the mean at ``confidence``; the names follow
+    it) and one ``seed_<s>`` column per seed with that seed's value. ``std`` and the interval are
+    NaN when ``n < 2``. Rows keep the order of first appearance in ``metrics``. A frame without
+    ``model`` / ``params`` columns (one configuration) is accepted.
     """
     import numpy as np
     import pandas as pd
@@ -255,20 +323,28 @@ def aggregate(metrics: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
 
     if not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence!r}: expected a number in (0, 1)")
-    missing = [c for c in METRICS_COLUMNS if c not in metrics.columns]
+    required = ["seed", "notebook", "metric", "value"]
+    missing = [c for c in required if c not in metrics.columns]
     if missing:
         raise ValueError(f"metrics: missing column(s) {missing}; expected {METRICS_COLUMNS} "
                          "(the layout load_metrics returns)")
-    data = metrics.dropna(subset=["value"])
-    duplicated = data.duplicated(["seed", "notebook", "metric"])
+    data = metrics.dropna(subset=["value"]).copy()
+    for column, empty in (("model", None), ("params", "{}")):
+        if column not in data.columns:
+            data[column] = empty
+    # groupby drops missing keys: a model left to the notebook's default is shown as n/a
+    data["model"] = data["model"].astype(object).where(data["model"].notna(), "n/a")
+    keys = ["notebook", "model", "params", "metric"]
+    duplicated = data.duplicated(["model", "params", "seed", "notebook", "metric"])
     if duplicated.any():
         first = data[duplicated].iloc[0]
         raise ValueError(f"metrics: several values for seed {first['seed']}, notebook "
-                         f"{first['notebook']!r}, metric {first['metric']!r}")
+                         f"{first['notebook']!r}, model {first['model']!r}, params "
+                         f"{first['params']}, metric {first['metric']!r}")
     low_name, high_name = _ci_columns(confidence)
     seeds = sorted(data["seed"].dropna().unique().tolist())
     rows = []
-    for (notebook, metric), group in data.groupby(["notebook", "metric"], sort=False):
+    for key, group in data.groupby(keys, sort=False):
         values = group["value"].to_numpy(dtype=float)
         n = len(values)
         mean = float(values.mean())
@@ -278,13 +354,50 @@ def aggregate(metrics: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
             low, high = mean - half, mean + half
         else:
             low = high = math.nan
-        row = {"notebook": notebook, "metric": metric, "n": n, "mean": mean, "std": std,
-               low_name: low, high_name: high}
+        row = dict(zip(keys, key))
+        row.update({"n": n, "mean": mean, "std": std, low_name: low, high_name: high})
         by_seed = dict(zip(group["seed"].tolist(), values.tolist()))
         row.update({f"seed_{s}": by_seed.get(s, np.nan) for s in seeds})
         rows.append(row)
-    columns = ["notebook", "metric", "n", "mean", "std", low_name, high_name]
+    columns = keys + ["n", "mean", "std", low_name, high_name]
     return pd.DataFrame(rows, columns=columns + [f"seed_{s}" for s in seeds])
+
+
+def aggregate_runs(run_dirs: Sequence[str | os.PathLike], confidence: float = 0.95
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Merge the metrics of several run folders (shards of one sweep, runs made anywhere) and
+    aggregate them per configuration: returns ``(metrics, table)``, ``metrics`` with a ``run``
+    column naming the folder each row came from.
+
+    Raises ValueError naming both folders when two of them hold a value for the same
+    (configuration, seed, notebook, metric), and FileNotFoundError for a missing folder.
+    """
+    import pandas as pd
+
+    if not run_dirs:
+        raise ValueError("run folders: give at least one")
+    resolved = [Path(d).expanduser().resolve() for d in run_dirs]
+    for i, folder in enumerate(resolved):
+        if folder in resolved[:i]:
+            raise ValueError(f"run folders: {run_dirs[i]} is listed twice")
+    frames = []
+    for run_dir in run_dirs:
+        frame = load_metrics(run_dir)
+        frame.insert(0, "run", str(run_dir))
+        frames.append(frame)
+    merged = pd.concat(frames, ignore_index=True)
+    merged["seed"] = merged["seed"].astype("Int64")
+    key = ["model", "params", "seed", "notebook", "metric"]
+    clash = merged[merged.astype({"model": str}).duplicated(key, keep=False)]
+    if not clash.empty:
+        first = clash.iloc[0]
+        same = clash[(clash["notebook"] == first["notebook"]) & (clash["metric"] == first["metric"])
+                     & (clash["seed"] == first["seed"]) & (clash["params"] == first["params"])]
+        where = list(dict.fromkeys(same["run"]))
+        raise ValueError(f"{' and '.join(where)} both hold seed {first['seed']} of notebook "
+                         f"{first['notebook']!r} (model {first['model']}, params "
+                         f"{first['params']}): merge runs of disjoint configurations or seeds")
+    return merged, aggregate(merged.drop(columns="run"), confidence)
 
 
 def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4g}") -> str:
@@ -327,11 +440,13 @@ class RunConfig:
     """One execution of every selected notebook per seed (the ``seed`` parameter)."""
     params: list[tuple[str, str]] = field(default_factory=list)
     """``-p KEY VALUE`` pairs as typed; values are parsed as JSON / Python literals when they can
-    be (kept as text for a parameter whose declared default is a string)."""
+    be (kept as text for a parameter whose declared default is a string). A key given several
+    times with different values is a grid dimension: one configuration per value."""
     out: str = str(DEFAULT_OUT)
-    """Run folder (``seed-<s>/`` per seed, run.json, aggregate tables)."""
-    model: str | None = None
-    """Passed as ``model_name`` to every notebook; None keeps each notebook's own default."""
+    """Run folder (``[<configuration>/]seed-<s>/`` per run, run.json, aggregate tables)."""
+    models: list[str] = field(default_factory=list)
+    """Passed as ``model_name``, one configuration per model; empty keeps each notebook's own
+    default."""
     notebooks_dir: str | None = None
     """Where the series lives; None = the checkout's ``notebooks/`` (or ``./notebooks``)."""
     timeout: int | None = None
@@ -342,6 +457,19 @@ class RunConfig:
     """Stop at the first failed notebook instead of running the rest."""
     progress: bool = True
     """Show tqdm bars (the series and papermill's cells); status lines print either way."""
+    executor: str = "local"
+    """``local`` (one notebook after another in this process) or ``ray`` (one Ray task per
+    notebook and configuration; needs the ``[cluster]`` extra)."""
+    address: str | None = None
+    """Ray cluster to join (``ray://host:10001``, ``host:6379`` or ``auto``); None joins the one
+    ``$RAY_ADDRESS`` names, else starts a local one."""
+    cpus_per_task: float = 1.0
+    """CPUs each Ray task declares (the notebook's kernel and its torch threads)."""
+    gpus_per_task: float = 0.0
+    """GPUs each Ray task declares (e.g. 1 for notebooks that run a model on a GPU)."""
+    max_retries: int = 2
+    """How often Ray re-runs a task whose worker process died (the notebook restarts and
+    resumes from its own checkpoints); a notebook's own exception is never retried."""
 
 
 @dataclass
@@ -612,6 +740,115 @@ def plan_parameters(plans: Sequence[NotebookPlan], params: Sequence[tuple[str, s
     return per_notebook
 
 
+def grid_alternatives(params: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    """``-p`` pairs as key -> alternatives, in the order given: a key repeated with different
+    values is a grid dimension (``-p n_bins 10 -p n_bins 15``). RunInputError for a value
+    given twice for the same key."""
+    alternatives: dict[str, list[str]] = {}
+    for key, text in params:
+        values = alternatives.setdefault(key, [])
+        if text in values:
+            raise RunInputError(f"-p {key} {text}: this value is given twice")
+        values.append(text)
+    return alternatives
+
+
+@dataclass
+class NotebookTask:
+    """One execution of the sweep: one notebook, one configuration, one seed. Plain data (it
+    travels to Ray workers and into run.json)."""
+
+    notebook: str
+    """The notebook's stem."""
+    path: str
+    """The notebook file (absolute)."""
+    seed: int
+    config: str
+    """The configuration's folder under the run folder; ``""`` when the run has one."""
+    model: str | None
+    """``model_name`` as passed; None: the notebook's own default."""
+    params: dict[str, Any]
+    """The ``-p`` parameters this notebook gets (the configuration, without the runner's)."""
+    parameters: dict[str, Any]
+    """Everything papermill passes: params, model_name, seed, output_dir."""
+    output_dir: str
+    """The notebook's output folder (absolute): ``OUT/[<config>/]seed-<s>``."""
+    output: str
+    """The executed copy, relative to the run folder."""
+
+    @property
+    def metrics(self) -> str:
+        """Where record_metrics writes, relative to the run folder."""
+        return str(Path(self.output).parent / "metrics" / f"{self.notebook}.json")
+
+
+_LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9._=+,-]+")
+
+
+def _config_label(parts: Sequence[str]) -> str:
+    """A folder name for one configuration: its varying settings, file-name safe."""
+    label = _LABEL_UNSAFE.sub("_", ",".join(parts)).lstrip(".")
+    if len(label) > 96:
+        import hashlib
+
+        label = label[:87] + "-" + hashlib.sha1(label.encode()).hexdigest()[:8]
+    return label
+
+
+def plan_grid(plans: Sequence[NotebookPlan], params: Sequence[tuple[str, str]],
+              models: Sequence[str], seeds: Sequence[int], out: Path) -> list[NotebookTask]:
+    """Every (notebook, configuration, seed) of the sweep, in run order: models, then the
+    parameter grid, then seeds, then notebooks. A notebook that does not declare a grid key runs
+    once per value of the keys it does declare (no duplicate executions). A configuration lives
+    in ``OUT/<label>/seed-<s>/`` where the label names what varies (``model=toy-lm,n_bins=10``);
+    a run without a grid keeps ``OUT/seed-<s>/``. RunInputError as ``plan_parameters``."""
+    import itertools
+
+    alternatives = grid_alternatives(params)
+    keys = list(alternatives)
+    models = list(models)
+    for model in models:
+        if models.count(model) > 1:
+            raise RunInputError(f"--model: {model!r} is listed more than once")
+    model_choices: list[str | None] = list(models) or [None]
+    varying = [key for key in keys if len(alternatives[key]) > 1]
+    many_models = len(model_choices) > 1
+    tasks: list[NotebookTask] = []
+    seen: set[tuple] = set()
+    owners: dict[str, tuple] = {}  # label -> the configuration it names (collisions get a hash)
+    for model in model_choices:
+        for combo in itertools.product(*(alternatives[key] for key in keys)):
+            chosen = dict(zip(keys, combo))
+            per_notebook = plan_parameters(plans, list(chosen.items()), model)
+            for seed in seeds:
+                for plan in plans:
+                    extra = per_notebook[plan.stem]
+                    nb_params = {k: v for k, v in extra.items() if k != "model_name"}
+                    identity = (plan.stem, model, _params_text(nb_params), seed)
+                    if identity in seen:
+                        continue
+                    seen.add(identity)
+                    shown_model = Path(model).name if model and ("/" in model or os.sep in model) \
+                        else model
+                    parts = [f"model={shown_model}"] if many_models else []
+                    parts += [f"{key}={chosen[key]}" for key in varying if key in plan.declared]
+                    label = _config_label(parts)
+                    owner = (model, tuple((key, chosen[key]) for key in varying if key in plan.declared))
+                    if owners.setdefault(label, owner) != owner:
+                        import hashlib
+
+                        label += "-" + hashlib.sha1(repr(owner).encode()).hexdigest()[:8]
+                        owners.setdefault(label, owner)
+                    folder = Path(label) / f"seed-{seed}" if label else Path(f"seed-{seed}")
+                    output_dir = str(out / folder)
+                    tasks.append(NotebookTask(
+                        notebook=plan.stem, path=str(plan.path.resolve()), seed=seed, config=label,
+                        model=model, params=nb_params,
+                        parameters={**extra, "seed": seed, "output_dir": output_dir},
+                        output_dir=output_dir, output=str(folder / f"{plan.stem}.ipynb")))
+    return tasks
+
+
 def validate_seeds(seeds: Sequence[int]) -> list[int]:
     """Seeds as given; RunInputError for none, a repeat or one numpy cannot take."""
     seeds = list(seeds)
@@ -679,7 +916,82 @@ def _describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": ")
 
 
+def _capped(text: Any, limit: int = 2000) -> str:
+    text = str(text or "")
+    return text if len(text) <= limit else text[:limit - 15] + " ...[truncated]"
+
+
+def failure_detail(exc: BaseException) -> dict[str, Any]:
+    """What run.json keeps of a failed notebook: the exception's type and whole message and,
+    when the notebook itself raised, the failing cell (index as papermill counts it -- the
+    runner replaces it with the index in the notebook as written --, execution count, source)."""
+    ename = getattr(exc, "ename", None)
+    detail: dict[str, Any] = {
+        "type": ename or type(exc).__name__,
+        "message": _capped(getattr(exc, "evalue", None) if ename else str(exc)),
+    }
+    if getattr(exc, "cell_index", None) is not None:
+        detail.update(cell_index=exc.cell_index, execution_count=getattr(exc, "exec_count", None),
+                      cell_source=_capped(getattr(exc, "source", "")))
+    return detail
+
+
+def _source_cell_index(path: Path, source: str) -> int | None:
+    """The index of the failing cell in the notebook as written (papermill's index counts the
+    cells it injects), found by its source; None when it cannot be told."""
+    try:
+        cells = json.loads(path.read_text(encoding="utf-8")).get("cells", [])
+    except (OSError, ValueError, AttributeError):
+        return None
+    texts = ["".join(c.get("source", "")) if isinstance(c.get("source"), list) else c.get("source", "")
+             for c in cells]
+    return texts.index(source) if texts.count(source) == 1 else None
+
+
 _URL_USERINFO_SUB = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@]*@")
+_ATTEMPTS_DIR = ".attempts"
+
+
+def _attempts_file(out: Path, task: NotebookTask | dict) -> Path:
+    output = task["output"] if isinstance(task, dict) else task.output
+    return out / _ATTEMPTS_DIR / f"{output}.log"
+
+
+def execute_task(task: dict[str, Any], run_dir: str, kernel: str = DEFAULT_KERNEL,
+                 timeout: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Execute one ``NotebookTask`` (as a dict) into the run folder ``run_dir``: the same call
+    for every executor, in this process or on a Ray worker. Appends a line to the task's
+    attempts log first (so a retry after a dead worker is counted), removes a stale metrics
+    file, runs papermill. Returns ``{"status", "error", "failure", "seconds", "metrics",
+    "attempt"}``; a notebook's exception is a ``failed`` result, never raised."""
+    import papermill
+
+    out = Path(run_dir)
+    attempts = _attempts_file(out, task)
+    attempts.parent.mkdir(parents=True, exist_ok=True)
+    with open(attempts, "a", encoding="utf-8") as handle:
+        handle.write(f"{_now()} pid {os.getpid()}\n")
+    attempt = len(attempts.read_text(encoding="utf-8").splitlines())
+    metrics_file = out / Path(task["output"]).parent / "metrics" / f"{task['notebook']}.json"
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file.unlink(missing_ok=True)  # a stale file from an earlier run or attempt
+    bar: bool | dict = ({"desc": f"  {task['notebook']}", "leave": False, "position": 1}
+                        if progress else False)
+    started = time.perf_counter()
+    status, error, failure = "ok", None, None
+    try:
+        papermill.execute_notebook(
+            task["path"], str(out / task["output"]), parameters=task["parameters"],
+            kernel_name=kernel, cwd=str(Path(task["path"]).parent), progress_bar=bar,
+            execution_timeout=timeout, log_output=False)
+    except Exception as exc:  # the notebook's error, a dead kernel, a timeout: all recorded
+        status, error, failure = "failed", _describe_failure(exc), failure_detail(exc)
+        if "cell_source" in failure:
+            failure["cell_index"] = _source_cell_index(Path(task["path"]), failure["cell_source"])
+    return {"status": status, "error": error, "failure": failure,
+            "seconds": round(time.perf_counter() - started, 2),
+            "metrics": str(metrics_file.relative_to(out)) if metrics_file.is_file() else None,
+            "attempt": attempt}
 
 
 class _Run:
@@ -687,16 +999,22 @@ class _Run:
     an interrupted run still says what finished)."""
 
     def __init__(self, config: RunConfig, argv: Sequence[str] | None, out: Path,
-                 plans: Sequence[NotebookPlan], parameters: dict[str, dict[str, Any]]):
+                 plans: Sequence[NotebookPlan], tasks: Sequence[NotebookTask]):
         from . import __version__
         from .versions import environment
 
         self.out = out
+        grid = grid_alternatives(config.params)
+        self.configs = sorted({t.config for t in tasks})
         self.record: dict[str, Any] = {
             "argv": [_URL_USERINFO_SUB.sub(r"\1", a) for a in argv] if argv is not None else None,
             "seeds": list(config.seeds),
-            "params": {k: parse_param_value(v) for k, v in config.params},
-            "model": config.model,
+            "params": {k: parse_param_value(v[0]) for k, v in grid.items() if len(v) == 1},
+            "grid": {k: [parse_param_value(x) for x in v] for k, v in grid.items()},
+            "model": config.models[0] if len(config.models) == 1 else None,
+            "models": list(config.models),
+            "configurations": self.configs,
+            "executor": config.executor,
             "notebooks": [plan.stem for plan in plans],
             "notebook_paths": [str(plan.path.resolve()) for plan in plans],
             "config": asdict(config),
@@ -707,16 +1025,13 @@ class _Run:
             "finished": None,
             "status": "running",
             "runs": [
-                {"seed": seed, "notebook": plan.stem, "status": "pending", "seconds": None,
-                 "output": f"seed-{seed}/{plan.stem}.ipynb", "metrics": None, "error": None,
-                 "parameters": {**parameters[plan.stem], "seed": seed,
-                                "output_dir": str(out / f"seed-{seed}")}}
-                for seed in config.seeds for plan in plans
+                {"seed": t.seed, "notebook": t.notebook, "config": t.config, "model": t.model,
+                 "params": t.params, "status": "pending", "seconds": None, "attempts": 0,
+                 "output": t.output, "metrics": None, "error": None, "failure": None,
+                 "parameters": t.parameters}
+                for t in tasks
             ],
         }
-
-    def entry(self, seed: int, stem: str) -> dict[str, Any]:
-        return next(r for r in self.record["runs"] if r["seed"] == seed and r["notebook"] == stem)
 
     def save(self) -> None:
         _atomic_write_text(self.out / "run.json", json.dumps(self.record, indent=2, default=str) + "\n")
@@ -724,58 +1039,78 @@ class _Run:
     def failures(self) -> list[dict[str, Any]]:
         return [r for r in self.record["runs"] if r["status"] == "failed"]
 
+    def finish_entry(self, index: int, result: dict[str, Any]) -> dict[str, Any]:
+        entry = self.record["runs"][index]
+        entry.update(status=result["status"], error=result["error"], failure=result["failure"],
+                     seconds=result["seconds"], metrics=result["metrics"],
+                     attempts=result.get("attempt", 1))
+        self.save()
+        return entry
 
-def _execute_one(plan: NotebookPlan, parameters: dict[str, Any], seed_dir: Path,
-                 config: RunConfig) -> tuple[str, str | None]:
-    """Execute one notebook into ``seed_dir``; returns (status, error line or None)."""
-    import papermill
 
-    progress: bool | dict = (
-        {"desc": f"  {plan.stem}", "leave": False, "position": 1} if config.progress else False)
-    try:
-        papermill.execute_notebook(
-            str(plan.path), str(seed_dir / f"{plan.stem}.ipynb"), parameters=parameters,
-            kernel_name=config.kernel, cwd=str(plan.path.parent), progress_bar=progress,
-            execution_timeout=config.timeout, log_output=False)
-    except Exception as exc:  # the notebook's error, a dead kernel, a timeout: all recorded
-        return "failed", _describe_failure(exc)
-    return "ok", None
+def _failed_table(failures: Sequence[dict[str, Any]]) -> str:
+    """The markdown section listing failed notebooks with their error and failing cell."""
+    if not failures:
+        return ""
+    lines = ["", "## Failed notebooks", "",
+             "| notebook | configuration | seed | error | cell | executed copy |", "|---|---|---:|---|---:|---|"]
+    for entry in failures:
+        failure = entry.get("failure") or {}
+        cell = failure.get("cell_index")
+        cells = [entry["notebook"], entry.get("config") or "-", str(entry["seed"]),
+                 entry.get("error") or "", "" if cell is None else str(cell), entry["output"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _write_tables(out: Path, run: _Run, seeds: Sequence[int]) -> str:
-    """metrics.csv plus aggregate.csv / aggregate.md (>= 2 seeds) or summary.md (one seed), from
-    the notebooks that succeeded in this run. Returns the markdown table written."""
-    import pandas as pd
-
-    metrics = load_metrics(out)
-    succeeded = {(r["seed"], r["notebook"]) for r in run.record["runs"] if r["status"] == "ok"}
-    keep = [not _is_na(s) and (int(s), n) in succeeded
-            for s, n in zip(metrics["seed"].tolist(), metrics["notebook"])]
-    metrics = metrics.loc[pd.Series(keep, index=metrics.index, dtype=bool)].reset_index(drop=True)
+    """metrics.csv plus aggregate.csv / aggregate.md (two or more seeds or configurations) or
+    summary.md (one of each), from the notebooks that succeeded; both list the failed ones.
+    Returns the markdown table written."""
+    metrics = load_metrics(out)  # run.json: only the notebooks that succeeded
     metrics.to_csv(out / "metrics.csv", index=False)
-    if len(seeds) >= 2:
+    several_configs = len(run.configs) > 1
+    failed = _failed_table(run.failures())
+    if len(seeds) >= 2 or several_configs:
         table = aggregate(metrics)
         table.to_csv(out / "aggregate.csv", index=False)
-        text = markdown_table(table)
+        shown = table if several_configs else table.drop(columns=["model", "params"])
+        text = markdown_table(shown)
         title = f"Metrics across seeds {', '.join(map(str, seeds))}"
-        note = "mean, sample std (ddof=1) and Student-t 95% CI of the mean over seeds; "
-        note += "failed notebooks are left out.\n"
-        _atomic_write_text(out / "aggregate.md", f"# {title}\n\n{note}\n{text}")
+        if several_configs:
+            title += f" and {len(run.configs)} configurations"
+        note = ("mean, sample std (ddof=1) and Student-t 95% CI of the mean over seeds, per "
+                "configuration; failed notebooks are left out.\n")
+        _atomic_write_text(out / "aggregate.md", f"# {title}\n\n{note}\n{text}{failed}")
     else:
         text = markdown_table(metrics[["notebook", "metric", "value"]])
-        _atomic_write_text(out / "summary.md", f"# Metrics, seed {seeds[0]}\n\n{text}")
+        _atomic_write_text(out / "summary.md", f"# Metrics, seed {seeds[0]}\n\n{text}{failed}")
     if metrics.empty:
         text = "(no metrics recorded by a notebook that succeeded)\n"
     return text
 
 
+EXECUTORS = ("local", "ray")
+
+
 def run_series(config: RunConfig, argv: Sequence[str] | None = None) -> int:
-    """Execute the selected notebooks once per seed (see the module docstring for the layout
-    and failure policy). Returns the exit status: 0 all succeeded, 1 some notebook failed,
-    130 interrupted. Raises RunInputError for bad input, before executing anything."""
+    """Execute the selected notebooks once per configuration and seed (see the module docstring
+    for the layout and failure policy). Returns the exit status: 0 all succeeded, 1 some
+    notebook failed, 130 interrupted. Raises RunInputError for bad input, before executing
+    anything."""
     seeds = validate_seeds(config.seeds)
     if config.timeout is not None and config.timeout <= 0:
         raise RunInputError(f"--timeout: expected a positive number of seconds, got {config.timeout}")
+    if config.executor not in EXECUTORS:
+        raise RunInputError(f"--executor: expected one of {', '.join(EXECUTORS)}, got {config.executor!r}")
+    if config.executor == "local" and config.address:
+        raise RunInputError("--address: only used with --executor ray")
+    if config.cpus_per_task < 0 or config.gpus_per_task < 0 or config.max_retries < 0:
+        raise RunInputError("--cpus-per-task, --gpus-per-task, --max-retries: expected numbers >= 0")
+    if config.executor == "ray":
+        from .cluster import import_ray
+
+        import_ray()  # one-line error now, before any planning, when ray is not installed
     if config.notebooks_dir is not None:
         notebooks_dir = Path(config.notebooks_dir).expanduser()
         if not notebooks_dir.is_dir():
@@ -790,7 +1125,8 @@ def run_series(config: RunConfig, argv: Sequence[str] | None = None) -> int:
                  else "(not in a source checkout and no ./notebooks; pass --notebooks-dir)")
         raise RunInputError(f"no notebooks found {where}: expected files named like 00_name.ipynb")
     plans = inspect_notebooks(select_notebooks(series, config.notebooks))
-    parameters = plan_parameters(plans, config.params, config.model)
+    out_path = Path(config.out).expanduser().absolute()
+    tasks = plan_grid(plans, config.params, config.models, seeds, out_path)
     out = ensure_writable_dir(Path(config.out))
     from .checkpoint import RunFolderBusyError, RunLock
 
@@ -800,52 +1136,67 @@ def run_series(config: RunConfig, argv: Sequence[str] | None = None) -> int:
     except RunFolderBusyError as exc:
         raise RunInputError(str(exc)) from None
     try:
-        return _run_locked(config, argv, out, plans, parameters, seeds)
+        return _run_locked(config, argv, out, plans, tasks, seeds)
     finally:
         lock.release()
 
 
 def _run_locked(config: RunConfig, argv: Sequence[str] | None, out: Path,
-                plans: Sequence[NotebookPlan], parameters: dict[str, dict[str, Any]],
+                plans: Sequence[NotebookPlan], tasks: Sequence[NotebookTask],
                 seeds: list[int]) -> int:
-    run = _Run(config, argv, out, plans, parameters)
+    import shutil
+
+    shutil.rmtree(out / _ATTEMPTS_DIR, ignore_errors=True)  # attempt counts are per run
+    run = _Run(config, argv, out, plans, tasks)
     run.save()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(seeds) * len(plans), desc="series", unit="notebook", position=0,
+    bar = tqdm(total=len(tasks), desc="series", unit="notebook", position=0,
                disable=not config.progress)
     status = 0
+
+    def report(index: int, result: dict[str, Any]) -> bool:
+        """Record one finished task; True when the run should stop (fail_fast)."""
+        nonlocal status
+        entry = run.finish_entry(index, result)
+        bar.update()
+        where = f"seed {entry['seed']}" + (f", {entry['config']}" if entry["config"] else "")
+        line = f"[{where}] {entry['notebook']}: {entry['status']} in {entry['seconds']:.1f} s"
+        if entry["attempts"] > 1:
+            line += f" (attempt {entry['attempts']})"
+        if entry["status"] == "failed":
+            status = 1
+            line += f" -- {entry['error']} (see {out / entry['output']})"
+        elif entry["metrics"] is None:
+            line += " (recorded no metrics)"
+        bar.write(line, file=sys.stdout)
+        return bool(status and config.fail_fast)
+
     try:
         with kernel_environment():
-            for seed in seeds:
-                seed_dir = out / f"seed-{seed}"
-                (seed_dir / "metrics").mkdir(parents=True, exist_ok=True)
-                for plan in plans:
-                    entry = run.entry(seed, plan.stem)
+            if config.executor == "ray":
+                from .cluster import run_tasks_on_ray
+
+                def started(index: int) -> None:
+                    run.record["runs"][index]["status"] = "running"
+
+                run.record["ray"] = run_tasks_on_ray(
+                    [asdict(t) for t in tasks], str(out), kernel=config.kernel,
+                    timeout=config.timeout, address=config.address,
+                    num_cpus=config.cpus_per_task, num_gpus=config.gpus_per_task,
+                    max_retries=config.max_retries, on_done=report, on_submit=started)
+            else:
+                for index, task in enumerate(tasks):
                     if status and config.fail_fast:
-                        entry["status"] = "skipped"
-                        bar.update()
-                        continue
-                    metrics_file = seed_dir / "metrics" / f"{plan.stem}.json"
-                    metrics_file.unlink(missing_ok=True)  # a stale file from an earlier run
-                    bar.set_postfix_str(f"seed {seed} {plan.stem}")
-                    entry["status"] = "running"
+                        break
+                    bar.set_postfix_str(f"seed {task.seed} {task.notebook}")
+                    run.record["runs"][index]["status"] = "running"
                     run.save()
-                    started = time.perf_counter()
-                    entry["status"], entry["error"] = _execute_one(
-                        plan, entry["parameters"], seed_dir, config)
-                    entry["seconds"] = round(time.perf_counter() - started, 2)
-                    entry["metrics"] = (str(metrics_file.relative_to(out))
-                                        if metrics_file.is_file() else None)
-                    run.save()
-                    bar.update()
-                    line = f"[seed {seed}] {plan.stem}: {entry['status']} in {entry['seconds']:.1f} s"
-                    if entry["status"] == "failed":
-                        status = 1
-                        line += f" -- {entry['error']} (see {out / entry['output']})"
-                    elif entry["metrics"] is None:
-                        line += " (recorded no metrics)"
-                    bar.write(line, file=sys.stdout)
+                    report(index, execute_task(asdict(task), str(out), config.kernel,
+                                               config.timeout, config.progress))
+            for entry in run.record["runs"]:
+                if entry["status"] in ("pending", "running"):
+                    entry["status"] = "skipped"  # fail_fast
     except KeyboardInterrupt:
         bar.close()
         for entry in run.record["runs"]:
@@ -856,6 +1207,7 @@ def _run_locked(config: RunConfig, argv: Sequence[str] | None, out: Path,
         print(f"error: interrupted; partial results in {out}", file=sys.stderr)
         return 130
     bar.close()
+    run.save()
 
     try:
         table = _write_tables(out, run, seeds)
@@ -868,9 +1220,12 @@ def _run_locked(config: RunConfig, argv: Sequence[str] | None, out: Path,
 
     if table:
         print("\n" + table, end="")
-    files = "run.json, aggregate.csv, aggregate.md" if len(seeds) >= 2 else "run.json, summary.md"
-    print(f"results in {out} ({files}, seed-*/)")
+    several = len(seeds) >= 2 or len(run.configs) > 1
+    files = "run.json, aggregate.csv, aggregate.md" if several else "run.json, summary.md"
+    layout = "<configuration>/seed-*/" if any(run.configs) else "seed-*/"
+    print(f"results in {out} ({files}, {layout})")
     for entry in run.failures():
-        print(f"error: {entry['notebook']} failed for seed {entry['seed']} ({entry['error']}); "
+        where = f"seed {entry['seed']}" + (f", {entry['config']}" if entry["config"] else "")
+        print(f"error: {entry['notebook']} failed for {where} ({entry['error']}); "
               f"executed copy: {out / entry['output']}", file=sys.stderr)
     return status

@@ -89,8 +89,9 @@ def test_two_seeds_execute_the_series_and_aggregate(series, tmp_path, capsys):
     assert run["runs"][1]["metrics"] is None
 
     table = pd.read_csv(out / "aggregate.csv")
-    assert list(table.columns) == ["notebook", "metric", "n", "mean", "std", "ci95_low",
-                                   "ci95_high", "seed_3", "seed_5"]
+    assert list(table.columns) == ["notebook", "model", "params", "metric", "n", "mean", "std",
+                                   "ci95_low", "ci95_high", "seed_3", "seed_5"]
+    assert set(table["model"]) == {"toy-2l"} and set(table["params"]) == {'{"scale": 2.5}'}
     value = table.set_index("metric").loc["value"]
     samples = np.array([3 * 2.5, 5 * 2.5])
     mean, std = samples.mean(), samples.std(ddof=1)
@@ -145,6 +146,17 @@ def test_failing_notebook_is_recorded_and_other_seeds_still_run(tmp_path, capsys
     assert statuses == {(1, "01_fragile"): "failed", (1, "02_after"): "ok",
                         (2, "01_fragile"): "ok", (2, "02_after"): "ok"}
     assert run["runs"][0]["error"] == "RuntimeError: boom on seed 1"
+    # run.json keeps the whole message and the failing cell, the tables list the failure
+    failure = run["runs"][0]["failure"]
+    source = "if seed == 1:\n    raise RuntimeError('boom on seed 1')"
+    assert failure == {"type": "RuntimeError", "message": "boom on seed 1",
+                       "cell_index": 2, "execution_count": 3, "cell_source": source}
+    # the index is the cell's in the notebook as written (not counting papermill's cells)
+    assert failure["cell_index"] == 2
+    assert nbformat.read(folder / "01_fragile.ipynb", 4).cells[2].source == source
+    assert run["runs"][1]["failure"] is None
+    assert ("| 01_fragile | - | 1 | RuntimeError: boom on seed 1 | 2 | seed-1/01_fragile.ipynb |"
+            in (out / "aggregate.md").read_text())
     assert (out / "seed-2" / "02_after.ipynb").is_file()
 
 
@@ -264,7 +276,7 @@ def test_load_metrics_and_aggregate(tmp_path):
         record_metrics({"b": value, "a": -value}, tmp_path / f"seed-{seed}", "00_x")
     record_metrics({"only": 4.0}, tmp_path / "seed-1", "01_y")
     frame = load_metrics(tmp_path)
-    assert list(frame.columns) == ["seed", "notebook", "metric", "value"]
+    assert list(frame.columns) == ["model", "params", "seed", "notebook", "metric", "value"]
     assert frame["seed"].tolist() == [0, 0, 1, 1, 1, 10, 10]  # numeric, not string, order
     assert frame["metric"].tolist()[:2] == ["b", "a"]  # recorded order kept
 
@@ -279,7 +291,7 @@ def test_load_metrics_and_aggregate(tmp_path):
     assert only["n"] == 1 and only["mean"] == 4.0 and math.isnan(only["std"])
     assert math.isnan(only["ci95_low"]) and math.isnan(only["seed_0"]) and only["seed_1"] == 4.0
 
-    assert list(aggregate(frame, confidence=0.9).columns)[5:7] == ["ci90_low", "ci90_high"]
+    assert list(aggregate(frame, confidence=0.9).columns)[7:9] == ["ci90_low", "ci90_high"]
     with pytest.raises(ValueError, match="several values"):
         aggregate(pd.concat([frame, frame.head(1)]))
     with pytest.raises(ValueError, match="missing column"):
@@ -288,4 +300,114 @@ def test_load_metrics_and_aggregate(tmp_path):
     # a single output folder loads too; its seed comes from the file
     single = tmp_path / "single"
     record_metrics({"m": 1.0}, single, "02_z", seed=7)
-    assert load_metrics(single).iloc[0].tolist() == [7, "02_z", "m", 1.0]
+    assert load_metrics(single).iloc[0].tolist() == [None, "{}", 7, "02_z", "m", 1.0]
+
+
+# --------------------------------------------------------------------------------------------
+# Grids (models x -p values x seeds) and merging run folders
+# --------------------------------------------------------------------------------------------
+
+GRID_VALUE = 'value = {"toy-lm": 100.0, "toy-2l": 200.0}[model_name] + 10 * scale + seed'
+
+
+@pytest.fixture
+def grid_series(tmp_path) -> Path:
+    """01_grid records a value planted from its whole configuration; 02_free does not declare
+    `scale`, so it must run once per model and seed, not once per scale."""
+    folder = tmp_path / "grid_notebooks"
+    folder.mkdir()
+    write_notebook(folder, "01_grid", PARAMETERS + "scale = 1\n",
+                   "from interp_lib.runner import record_metrics\n" + GRID_VALUE + "\n"
+                   'record_metrics({"value": value}, output_dir, "01_grid")')
+    write_notebook(folder, "02_free", PARAMETERS,
+                   "from interp_lib.runner import record_metrics\n"
+                   'record_metrics({"n": float(len(model_name) + seed)}, output_dir, "02_free")')
+    return folder
+
+
+def planted(model: str, scale: int, seed: int) -> float:
+    return {"toy-lm": 100.0, "toy-2l": 200.0}[model] + 10 * scale + seed
+
+
+def test_grid_keeps_configurations_apart_and_aggregate_merges_shards(grid_series, tmp_path, capsys):
+    shard0, shard1 = tmp_path / "shard0", tmp_path / "shard1"
+    grid = ["--model", "toy-lm", "toy-2l", "-p", "scale", "1", "-p", "scale", "2"]
+    assert main(["run", "--notebooks-dir", str(grid_series), *grid, "--seeds", "0",
+                 "--out", str(shard0), "--no-progress"]) == 0
+    capsys.readouterr()
+    run = read_run(shard0)
+    configs = {(r["notebook"], r["model"], json.dumps(r["params"]), r["seed"]): r for r in run["runs"]}
+    # 01_grid: 2 models x 2 scales; 02_free: 2 models only (no duplicate executions)
+    assert sorted(configs) == sorted(
+        [("01_grid", m, json.dumps({"scale": s}), 0) for m in ("toy-lm", "toy-2l") for s in (1, 2)]
+        + [("02_free", m, "{}", 0) for m in ("toy-lm", "toy-2l")])
+    assert run["grid"] == {"scale": [1, 2]} and run["models"] == ["toy-lm", "toy-2l"]
+    for (stem, model, params, seed), entry in configs.items():
+        assert entry["status"] == "ok" and entry["attempts"] == 1
+        scale = json.loads(params).get("scale")
+        folder = f"model={model}" + (f",scale={scale}" if scale else "")
+        assert entry["config"] == folder and entry["output"] == f"{folder}/seed-0/{stem}.ipynb"
+        assert entry["parameters"]["output_dir"] == str(shard0 / folder / "seed-0")
+        assert (shard0 / entry["output"]).is_file()
+        record = json.loads((shard0 / entry["metrics"]).read_text())
+        expected = planted(model, scale, seed) if stem == "01_grid" else len(model) + seed
+        assert record["metrics"] == {"value" if stem == "01_grid" else "n": expected}
+
+    # every row of the tables carries its whole configuration
+    rows = pd.read_csv(shard0 / "metrics.csv")
+    assert list(rows.columns) == ["model", "params", "seed", "notebook", "metric", "value"]
+    for row in rows[rows["notebook"] == "01_grid"].itertuples():
+        assert row.value == planted(row.model, json.loads(row.params)["scale"], row.seed)
+    assert len(pd.read_csv(shard0 / "aggregate.csv")) == 6  # one seed: n = 1 per configuration
+
+    # a second shard with another seed, run elsewhere, merged by `interp-lib aggregate`
+    assert main(["run", "01", "--notebooks-dir", str(grid_series), *grid, "--seeds", "1",
+                 "--out", str(shard1), "--no-progress"]) == 0
+    merged = tmp_path / "merged"
+    assert main(["aggregate", str(shard0), str(shard1), "--out", str(merged)]) == 0
+    assert "merged 10 values from 2 folder(s)" in capsys.readouterr().out
+    table = pd.read_csv(merged / "aggregate.csv")
+    grid_rows = table[table["notebook"] == "01_grid"]
+    assert len(grid_rows) == 4 and (grid_rows["n"] == 2).all()
+    for row in grid_rows.itertuples():
+        scale = json.loads(row.params)["scale"]
+        samples = np.array([planted(row.model, scale, 0), planted(row.model, scale, 1)])
+        low, high = stats.t.interval(0.95, 1, loc=samples.mean(), scale=stats.sem(samples))
+        assert row.mean == pytest.approx(samples.mean()) and row.std == pytest.approx(samples.std(ddof=1))
+        assert (row.ci95_low, row.ci95_high) == (pytest.approx(low), pytest.approx(high))
+        assert (row.seed_0, row.seed_1) == tuple(samples)
+    free = table[table["notebook"] == "02_free"]
+    assert len(free) == 2 and (free["n"] == 1).all() and free["seed_1"].isna().all()
+    assert set(pd.read_csv(merged / "metrics.csv")["run"]) == {str(shard0), str(shard1)}
+    assert "| 01_grid | toy-lm |" in (merged / "aggregate.md").read_text()
+
+    # the same results twice would count their seeds twice: refused with both folders named
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shard0, copy)
+    assert main(["aggregate", str(shard0), str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {shard0} and {copy} both hold seed 0") and len(err.splitlines()) == 1
+    assert main(["aggregate", str(shard0), str(shard0)]) == 2
+    assert f"{shard0} is listed twice" in capsys.readouterr().err
+    assert main(["aggregate", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_grid_input_errors(grid_series, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["run", "--notebooks-dir", str(grid_series), "-p", "scale", "1", "-p", "scale", "1",
+                 "--out", str(out)]) == 2
+    assert "error: -p scale 1: this value is given twice" in capsys.readouterr().err
+    assert main(["run", "--notebooks-dir", str(grid_series), "--model", "toy-lm", "toy-lm",
+                 "--out", str(out)]) == 2
+    assert "--model: 'toy-lm' is listed more than once" in capsys.readouterr().err
+    # every alternative is checked before anything runs
+    assert main(["run", "--notebooks-dir", str(grid_series), "-p", "scale", "1", "-p", "scale", "x",
+                 "--out", str(out)]) == 2
+    assert "parameter 'scale': 01_grid.ipynb declares a int (default 1), got text 'x'" \
+        in capsys.readouterr().err
+    assert main(["run", "--notebooks-dir", str(grid_series), "--address", "x:1", "--out", str(out)]) == 2
+    assert "--address: only used with --executor ray" in capsys.readouterr().err
+    assert not out.exists()
