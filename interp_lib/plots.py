@@ -78,6 +78,33 @@ def register_offline_renderer(config: dict | None = None):
     return renderer
 
 
+def _width(natural: float, minimum: int = 460) -> int:
+    """A figure width in pixels: ``natural`` clipped to [minimum, FIGURE_WIDTH]."""
+    return int(min(FIGURE_WIDTH, max(minimum, natural)))
+
+
+def readable_token(token: str) -> str:
+    """A token as a label people can read: a leading space as '␣', newlines / tabs as '↵' / '⇥',
+    and the replacement character of a partial UTF-8 byte sequence (a multi-byte character split
+    across tokens, which decodes to '�') as '‹byte›'; an empty token as '‹empty›'."""
+    text = str(token)
+    if not text:
+        return "‹empty›"
+    text = text.replace("\ufffd", "‹byte›").replace("\n", "↵").replace("\t", "⇥").replace("\r", "")
+    return "␣" + text[1:] if text.startswith(" ") else text
+
+
+def symmetric_range(values, floor: float = 0.0) -> float:
+    """Half-width of a colour scale centred on 0: the largest |value|, at least ``floor`` (so
+    noise of ±0.02 next to a floor of 0.1 stays pale instead of filling the scale)."""
+    import numpy as np
+
+    array = np.asarray(values, dtype=float)
+    finite = array[np.isfinite(array)]
+    top = float(np.abs(finite).max()) if finite.size else 0.0
+    return max(top, float(floor)) or 1.0
+
+
 def _check_layer(model, layer: int) -> None:
     if not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
         raise ValueError(f"layer={layer!r}: expected an integer in [0, {model.cfg.n_layers - 1}]")
@@ -155,48 +182,52 @@ def reliability_diagram(data, title: str | None = None, show_counts: bool = True
         ece = float((frame["count"][filled] * frame["gap"][filled].abs()).sum() / frame["count"].sum())
         titles.append(f"{name}{' — ' if name else ''}ECE {ece:.4f}")
     n_rows = 2 if show_counts else 1
+    max_count = max(int(frame["count"].max()) for frame in panels.values())
     fig = make_subplots(rows=n_rows, cols=len(panels), shared_xaxes=True, shared_yaxes=True,
                         subplot_titles=titles, horizontal_spacing=0.06, vertical_spacing=0.04,
                         row_heights=[0.78, 0.22] if show_counts else None)
     for col, (name, frame) in enumerate(panels.items(), start=1):
         filled = frame[frame["count"] > 0]
-        centre = (filled["bin_lower"] + filled["bin_upper"]) / 2
-        width = (filled["bin_upper"] - filled["bin_lower"]) * 0.95
+        centre = ((filled["bin_lower"] + filled["bin_upper"]) / 2).tolist()
+        width = ((filled["bin_upper"] - filled["bin_lower"]) * 0.95).tolist()
+        counts = [int(c) for c in filled["count"]]
         first = col == 1
         fig.add_trace(go.Bar(
-            x=centre, y=filled["accuracy"], width=width, name="accuracy", marker_color="#4c78a8",
-            customdata=filled[["bin_lower", "bin_upper", "confidence", "count"]].to_numpy(),
+            x=centre, y=filled["accuracy"].tolist(), width=width, name="accuracy", marker_color="#4c78a8",
+            customdata=filled[["bin_lower", "bin_upper", "confidence", "count"]].to_numpy().tolist(),
             hovertemplate=("bin (%{customdata[0]:.3f}, %{customdata[1]:.3f}]<br>accuracy %{y:.3f}<br>"
                            "confidence %{customdata[2]:.3f}<br>n = %{customdata[3]}<extra></extra>"),
             legendgroup="accuracy", showlegend=first), row=1, col=col)
         fig.add_trace(go.Bar(
-            x=centre, y=filled["gap"], base=filled["accuracy"], width=width, name="gap (confidence − accuracy)",
+            x=centre, y=filled["gap"].tolist(), base=filled["accuracy"].tolist(), width=width, name="gap (confidence − accuracy)",
             marker=dict(color="rgba(228, 87, 86, 0.35)", line=dict(color="#e45756", width=1)),
             hovertemplate="gap %{y:+.3f}<extra></extra>", legendgroup="gap", showlegend=first), row=1, col=col)
         fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
                                  line=dict(color="gray", dash="dash"), legendgroup="diag", showlegend=first),
                       row=1, col=col)
         if show_counts:
-            fig.add_trace(go.Bar(x=centre, y=filled["count"], width=width, name="inputs per bin",
-                                 marker_color="#9d9d9d", text=filled["count"], textposition="outside",
-                                 hovertemplate="n = %{y}<extra></extra>", legendgroup="count",
-                                 showlegend=first), row=2, col=col)
-            fig.update_yaxes(title_text="count" if first else None, row=2, col=col)
+            # plain int lists: int64 arrays travel as typed arrays that drew as a 0-4 strip
+            fig.add_trace(go.Bar(x=centre, y=counts, width=width, name="inputs per bin",
+                                 marker_color="#9d9d9d", text=counts, textposition="outside",
+                                 cliponaxis=False, hovertemplate="n = %{y}<extra></extra>",
+                                 legendgroup="count", showlegend=first), row=2, col=col)
+            fig.update_yaxes(title_text="inputs" if first else None, row=2, col=col,
+                             range=[0, 1.3 * max(max_count, 1)])
         fig.update_xaxes(range=[0, 1], row=1, col=col)
         fig.update_xaxes(title_text="confidence", range=[0, 1], row=n_rows, col=col)
     fig.update_yaxes(title_text="accuracy", range=[0, 1], row=1, col=1)
     fig.update_layout(barmode="overlay", title=title, height=520 if show_counts else 420,
-                      width=max(460, 400 * len(panels)), legend=dict(orientation="h", y=-0.15))
+                      width=_width(400 * len(panels)), legend=dict(orientation="h", y=-0.15))
     return fig
 
 
-def risk_coverage_curve(curves, thresholds=None, title: str | None = None):
+def risk_coverage_curve(curves, thresholds=None, title: str | None = None, target_risk: float | None = None):
     """Risk-coverage curves from :func:`interp_lib.selective.risk_coverage` results.
 
     ``curves`` is one result or a mapping ``{"raw": rc, "temperature-scaled": rc2}``; the legend
     shows each AURC / E-AURC. ``thresholds`` optionally maps labels to
     :class:`interp_lib.selective.SelectiveThreshold` results, marked as points (with the SGR
-    bound as an error bar when there is one).
+    bound as an error bar when there is one); ``target_risk`` draws the risk that decides them.
     """
     import math
 
@@ -220,6 +251,9 @@ def risk_coverage_curve(curves, thresholds=None, title: str | None = None):
                                  marker=dict(size=11, symbol="diamond"), error_y=error,
                                  hovertemplate=(f"threshold {result.threshold:.4g}<br>coverage %{{x:.3f}}<br>"
                                                 "risk %{y:.3f}<extra></extra>")))
+    if target_risk is not None:
+        fig.add_hline(y=float(target_risk), line=dict(color="#e45756", dash="dot"),
+                      annotation_text=f"target risk {float(target_risk):.3g}", annotation_position="top left")
     fig.update_layout(title=title, xaxis_title="coverage (fraction of inputs answered)",
                       yaxis_title="selective risk (error rate on answered)", xaxis_range=[0, 1.02],
                       height=420, width=640, legend=dict(orientation="h", y=-0.25))
@@ -230,10 +264,16 @@ def risk_coverage_curve(curves, thresholds=None, title: str | None = None):
 # Logit lens, direct logit attribution, activation / attribution patching
 # --------------------------------------------------------------------------------------------
 
-def logit_lens_heatmap(frame, value: str = "top_prob", prompt: int = 0, title: str | None = None):
+LENS_VALUES = {"top_prob": "P(top token)", "target_prob": "P(next token)", "target_rank": "rank of next token"}
+
+
+def logit_lens_heatmap(frame, value: str = "top_prob", prompt: int = 0, title: str | None = None,
+                       max_positions: int | None = 24):
     """Heatmap of a :func:`interp_lib.attribution.logit_lens` table: stages (rows, embeddings at
     the bottom) by positions (columns), coloured by ``value`` (``top_prob``, ``target_prob``,
-    ``target_rank``), each cell labelled with its top token."""
+    ``target_rank``), each cell labelled with its top token (readable: '␣' for a leading space,
+    '‹byte›' for part of a multi-byte character). Only the last ``max_positions`` positions are
+    drawn (the answer and, on repeated sequences, the second copy; ``None``: all)."""
     import plotly.graph_objects as go
 
     required = {"prompt", "stage", "layer", "position", "input_token", "top_token", value}
@@ -246,21 +286,30 @@ def logit_lens_heatmap(frame, value: str = "top_prob", prompt: int = 0, title: s
         raise ValueError(f"prompt={prompt!r}: the table holds prompts {sorted(frame['prompt'].unique())}")
     stages = rows.drop_duplicates("stage").sort_values("layer")["stage"].tolist()
     positions = sorted(rows["position"].unique())
+    if max_positions is not None:
+        if not isinstance(max_positions, int) or max_positions < 1:
+            raise ValueError(f"max_positions={max_positions!r}: expected a positive integer or None")
+        positions = positions[-max_positions:]
     grid = rows.pivot(index="stage", columns="position", values=value).loc[stages, positions]
     text = rows.pivot(index="stage", columns="position", values="top_token").loc[stages, positions]
+    text = text.map(lambda t: readable_token(t)[:10])
     inputs = rows.drop_duplicates("position").set_index("position").loc[positions, "input_token"]
-    columns = [f"{p}: {t!r}"[:24] for p, t in zip(positions, inputs)]
+    columns = [f"{p}: {readable_token(t)[:12]}" for p, t in zip(positions, inputs)]
+    label = LENS_VALUES.get(value, value)
     fig = go.Figure(go.Heatmap(
         z=grid.to_numpy(), x=columns, y=stages, text=text.to_numpy(), texttemplate="%{text}",
-        colorscale="Blues" if value != "target_rank" else "Blues_r", colorbar=dict(title=value),
-        hovertemplate="stage %{y}<br>position %{x}<br>top token %{text}<br>" + value + " %{z:.3g}<extra></extra>"))
-    fig.update_layout(title=title or f"Logit lens ({value})", xaxis_title="position: input token",
-                      yaxis_title="residual stream after", height=max(300, 40 * len(stages) + 150),
-                      width=max(500, 70 * len(positions) + 200))
+        textfont=dict(size=9), zmin=0 if value != "target_rank" else None,
+        zmax=1 if value != "target_rank" else None,
+        colorscale="Blues" if value != "target_rank" else "Blues_r", colorbar=dict(title=label),
+        hovertemplate="stage %{y}<br>position %{x}<br>top token %{text}<br>" + label + " %{z:.3g}<extra></extra>"))
+    fig.update_layout(title=title or f"Logit lens ({label})", xaxis_title="position: input token",
+                      yaxis_title="residual stream after", height=max(300, 26 * len(stages) + 170),
+                      width=_width(48 * len(positions) + 220), xaxis_tickangle=-60)
     return fig
 
 
-def logit_attribution_bar(contributions, labels, title: str | None = None, top: int | None = None):
+def logit_attribution_bar(contributions, labels, title: str | None = None, top: int | None = None,
+                          unit: str = "logit difference"):
     """Bar chart of a direct logit attribution (mean over prompts, with the spread as error bars)."""
     import plotly.graph_objects as go
 
@@ -279,16 +328,20 @@ def logit_attribution_bar(contributions, labels, title: str | None = None, top: 
         error_y=None if spread is None else dict(type="data", array=spread[order].tolist()),
         marker_color=["#4c78a8" if float(mean[i]) >= 0 else "#e45756" for i in order]))
     fig.update_layout(title=title or "Direct logit attribution", xaxis_title="component",
-                      yaxis_title="contribution to the logit (difference)", height=420,
-                      width=max(500, 22 * len(order) + 200))
+                      yaxis_title=f"direct contribution ({unit})", height=420,
+                      width=_width(22 * len(order) + 200, 500))
     return fig
 
 
-def patching_heatmap(result, labels, title: str | None = None, zmid: float = 0.0):
+def patching_heatmap(result, labels, title: str | None = None, zmid: float = 0.0,
+                     value: str = "normalised logit diff", floor: float = 0.1,
+                     tokens: Sequence[str] | None = None):
     """Heatmap of a patching / ablation sweep (``activation_patch(..., return_labels=True)``).
 
     2-D sweeps draw as one heatmap (first axis down); 3-D sweeps (``[layer, pos, head]``) as one
-    panel per entry of the last axis."""
+    panel per entry of the last axis. ``value`` titles the colour bar; the colour scale is
+    symmetric around ``zmid`` and spans at least ±``floor`` (so noise stays pale); ``tokens``
+    (the prompt's string tokens) label a position axis."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -304,18 +357,25 @@ def patching_heatmap(result, labels, title: str | None = None, zmid: float = 0.0
         (labels[axes[2]][i], result[..., i]) for i in range(result.shape[2])]
     if result.ndim > 3:
         raise ValueError(f"cannot draw a {result.ndim}-D sweep; select a slice first")
-    bound = float(result.abs().max()) or 1.0
+    if tokens is not None and "pos" in axes:
+        positions = list(labels["pos"])
+        if len(tokens) < len(positions):
+            raise ValueError(f"tokens: {len(tokens)} given for {len(positions)} positions")
+        labels = {**labels, "pos": [f"{p}: {readable_token(t)[:10]}" for p, t in zip(positions, tokens)]}
+    bound = symmetric_range((result - zmid).numpy(), floor)
     fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True,
                         subplot_titles=[str(name) for name, _ in panels] if len(panels) > 1 else None)
     for col, (_, grid) in enumerate(panels, start=1):
-        fig.add_trace(go.Heatmap(z=grid.numpy(), x=labels[axes[1]], y=labels[axes[0]], zmid=zmid,
-                                 zmin=-bound if zmid == 0 else None, zmax=bound if zmid == 0 else None,
-                                 colorscale="RdBu", showscale=col == len(panels),
-                                 hovertemplate="%{y} %{x}<br>%{z:.4f}<extra></extra>"), row=1, col=col)
-    fig.update_yaxes(autorange="reversed", title_text=axes[0], row=1, col=1)
-    fig.update_xaxes(title_text=axes[1])
+        fig.add_trace(go.Heatmap(z=grid.numpy(), x=list(labels[axes[1]]), y=list(labels[axes[0]]),
+                                 zmin=zmid - bound, zmax=zmid + bound, colorscale="RdBu",
+                                 showscale=col == len(panels), colorbar=dict(title=value),
+                                 hovertemplate="%{y} %{x}<br>" + value + " %{z:.4f}<extra></extra>"),
+                      row=1, col=col)
+    names = {"pos": "position", "layer": "layer", "head": "head"}
+    fig.update_yaxes(autorange="reversed", title_text=names.get(axes[0], axes[0]), row=1, col=1)
+    fig.update_xaxes(title_text=names.get(axes[1], axes[1]))
     fig.update_layout(title=title, height=max(320, 28 * result.shape[0] + 160),
-                      width=min(1600, max(480, 260 * len(panels) + 28 * result.shape[1])))
+                      width=_width(260 * len(panels) + 28 * result.shape[1] + 120, 480))
     return fig
 
 
@@ -350,40 +410,63 @@ def patching_scatter(exact, approx, labels=None, title: str | None = None):
 # Attention heads: head-score grids, attention / QK heatmaps, composition (interp_lib.heads)
 # --------------------------------------------------------------------------------------------
 
-def _heatmap(matrix, x=None, y=None, title=None, xaxis="", yaxis="", zmid=None, colorscale="RdBu_r"):
+def _heatmap(matrix, x=None, y=None, title=None, xaxis="", yaxis="", zmid=None, colorscale="RdBu_r",
+             value: str = "value", floor: float = 0.0):
     import plotly.graph_objects as go
 
     z = torch.as_tensor(matrix, dtype=torch.float32)
     if z.ndim != 2:
         raise ValueError(f"matrix has shape {tuple(z.shape)}: expected a 2-d tensor")
     z = torch.where(torch.isinf(z), torch.full_like(z, float("nan")), z)
-    fig = go.Figure(go.Heatmap(z=z.tolist(), x=x, y=y, zmid=zmid, colorscale=colorscale))
-    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=420, width=560)
+    extent = {} if zmid is None else dict(zmin=zmid - symmetric_range((z - zmid).numpy(), floor),
+                                          zmax=zmid + symmetric_range((z - zmid).numpy(), floor))
+    fig = go.Figure(go.Heatmap(z=z.tolist(), x=x, y=y, colorscale=colorscale, colorbar=dict(title=value),
+                               hovertemplate="%{y}, %{x}<br>" + value + " %{z:.3g}<extra></extra>", **extent))
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=440, width=600)
     fig.update_yaxes(autorange="reversed")
     return fig
 
 
-def head_score_heatmap(scores, title: str | None = None, threshold: float | None = None):
-    """A [layer, head] score grid (``il.heads.head_scores``); ``threshold`` goes in the title."""
+def head_score_heatmap(scores, title: str | None = None, threshold: float | None = None,
+                       value: str = "score"):
+    """A [layer, head] score grid (``il.heads.head_scores``), each cell labelled with its score;
+    with ``threshold`` (the one that decides detection) the heads at or above it are outlined
+    and the threshold is named in the title and marked on the colour bar."""
+    import plotly.graph_objects as go
+
     scores = torch.as_tensor(scores, dtype=torch.float32)
     if scores.ndim != 2:
         raise ValueError(f"scores has shape {tuple(scores.shape)}: expected [n_layers, n_heads]")
     suffix = "" if threshold is None else f" (threshold {threshold:.3f})"
-    return _heatmap(scores, x=[f"H{h}" for h in range(scores.shape[1])],
-                    y=[f"L{l}" for l in range(scores.shape[0])], title=(title or "head scores") + suffix,
-                    xaxis="head", yaxis="layer", colorscale="Blues")
+    x, y = [f"H{h}" for h in range(scores.shape[1])], [f"L{l}" for l in range(scores.shape[0])]
+    fig = _heatmap(scores, x=x, y=y, title=(title or "head scores") + suffix,
+                   xaxis="head", yaxis="layer", colorscale="Blues", value=value)
+    fig.update_traces(text=[[f"{v:.2f}" for v in row] for row in scores.tolist()], texttemplate="%{text}",
+                      selector=dict(type="heatmap"))
+    if threshold is not None:
+        above = (scores >= threshold).nonzero().tolist()
+        fig.add_trace(go.Scatter(x=[x[h] for _, h in above], y=[y[l] for l, _ in above], mode="markers",
+                                 name=f"≥ threshold {threshold:.3f}", hoverinfo="skip",
+                                 marker=dict(symbol="square-open", size=34, color="#e45756",
+                                             line=dict(width=3))))
+        fig.update_traces(colorbar=dict(title=value, tickvals=[threshold], ticktext=[f"threshold {threshold:.2f}"],
+                                        ticks="outside"), selector=dict(type="heatmap"))
+        fig.update_layout(legend=dict(orientation="h", y=-0.18))
+    fig.update_layout(width=_width(70 * scores.shape[1] + 260, 420), height=max(280, 60 * scores.shape[0] + 180))
+    return fig
 
 
 def attention_heatmap(pattern, tokens: Sequence[str] | None = None, title: str | None = None):
     """One head's [query, key] attention pattern (or a QK score matrix)."""
     return _heatmap(pattern, x=None if tokens is None else [f"{i}:{t}" for i, t in enumerate(tokens)],
                     y=None if tokens is None else [f"{i}:{t}" for i, t in enumerate(tokens)],
-                    title=title, xaxis="key", yaxis="query", colorscale="Blues")
+                    title=title, xaxis="key position", yaxis="query position", colorscale="Blues",
+                    value="attention weight")
 
 
 def qk_heatmap(matrix, title: str | None = None, xaxis: str = "key", yaxis: str = "query"):
     """A QK circuit (token x token, position x position) or a [sequence, key] QK interaction."""
-    return _heatmap(matrix, title=title, xaxis=xaxis, yaxis=yaxis, zmid=0.0)
+    return _heatmap(matrix, title=title, xaxis=xaxis, yaxis=yaxis, zmid=0.0, value="QK score (logit)")
 
 
 def composition_heatmap(scores, title: str | None = None):
@@ -395,17 +478,18 @@ def composition_heatmap(scores, title: str | None = None):
     labels = [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
     grid = scores.reshape(n_layers * n_heads, n_layers * n_heads)
     return _heatmap(grid, x=labels, y=labels, title=title or "composition scores", xaxis="target (later head)",
-                    yaxis="source (earlier head)", colorscale="Blues")
+                    yaxis="source (earlier head)", colorscale="Blues", value="composition score")
 
 
 # --------------------------------------------------------------------------------------------
 # Positional probing and input attribution (interp_lib.probing; notebook 06)
 # --------------------------------------------------------------------------------------------
 
-def probe_curves(frames, title: str | None = None):
+def probe_curves(frames, title: str | None = None, chance: float | None = None):
     """Probe accuracy per residual stream, one line per probe, dashed lines for the controls.
 
-    ``frames``: one :func:`interp_lib.probing.position_probe` DataFrame or a list of them."""
+    ``frames``: one :func:`interp_lib.probing.position_probe` DataFrame or a list of them;
+    ``chance`` draws the chance accuracy."""
     import pandas as pd
     import plotly.graph_objects as go
 
@@ -416,8 +500,11 @@ def probe_curves(frames, title: str | None = None):
         if "control_accuracy" in part:
             fig.add_trace(go.Scatter(x=part["stream"], y=part["control_accuracy"], mode="lines+markers",
                                      name=f"{name} control", line=dict(dash="dash")))
+    if chance is not None:
+        fig.add_hline(y=float(chance), line=dict(color="gray", dash="dot"),
+                      annotation_text=f"chance {float(chance):.2f}", annotation_position="bottom right")
     fig.update_layout(title=title or "Position probe accuracy on held-out sequences", xaxis_title="residual stream",
-                      yaxis_title="accuracy", yaxis_range=[0, 1], height=400, width=640)
+                      yaxis_title="accuracy (held-out)", yaxis_range=[0, 1], height=400, width=680)
     return fig
 
 
@@ -429,30 +516,43 @@ def head_class_scatter(frame, title: str | None = None):
     fig = px.scatter(frame, x="position_score", y="mean_offset", color="label", text="name",
                      hover_data=["bos_attention"], title=title or "Position vs content heads")
     fig.update_traces(textposition="top center")
-    fig.update_layout(height=420, width=640, xaxis_title="position score (1 = content-independent)",
+    fig.update_layout(height=440, width=680, xaxis_title="position score (1 = content-independent)",
                       yaxis_title="mean query - key offset")
     return fig
 
 
-def head_importance_heatmap(frame, value: str = "drop", title: str | None = None):
-    """``[layer, head]`` heatmap of a per-head column (e.g. probe accuracy drop under ablation)."""
+def head_importance_heatmap(frame, value: str = "drop", title: str | None = None, floor: float = 0.1,
+                            unit: str = "accuracy"):
+    """``[layer, head]`` heatmap of a per-head column (e.g. probe accuracy drop under ablation),
+    each cell labelled; the colour scale is symmetric and spans at least ±``floor`` so that
+    ablation noise of a hundredth stays pale (a drop that matters fills the scale)."""
     import plotly.graph_objects as go
 
+    if value not in getattr(frame, "columns", ()):
+        raise ValueError(f"value={value!r}: not a column of the frame ({list(getattr(frame, 'columns', []))})")
     grid = frame.pivot(index="layer", columns="head", values=value)
-    fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=[f"H{h}" for h in grid.columns],
-                               y=[f"L{l}" for l in grid.index], colorscale="RdBu", zmid=0))
-    fig.update_yaxes(autorange="reversed")
-    fig.update_layout(title=title or f"Head ablation: {value}", height=320, width=480)
+    bound = symmetric_range(grid.to_numpy(), floor)
+    fig = go.Figure(go.Heatmap(z=grid.to_numpy().tolist(), x=[f"H{h}" for h in grid.columns],
+                               y=[f"L{l}" for l in grid.index], colorscale="RdBu", zmin=-bound, zmax=bound,
+                               text=[[f"{v:+.3f}".replace("-0.000", "0.000").replace("+0.000", "0.000")
+                                     for v in row] for row in grid.to_numpy().tolist()],
+                               texttemplate="%{text}", colorbar=dict(title=f"{value} ({unit})"),
+                               hovertemplate="%{y}%{x}<br>" + value + " %{z:.4f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", title_text="layer")
+    fig.update_xaxes(title_text="head")
+    fig.update_layout(title=title or f"Head ablation: {value} (scale at least ±{floor:g})",
+                      height=max(300, 50 * len(grid.index) + 180), width=_width(70 * len(grid.columns) + 260, 480))
     return fig
 
 
-def token_attribution_bar(tokens, values, title: str | None = None):
+def token_attribution_bar(tokens, values, title: str | None = None, value: str = "attribution"):
     """One bar per input token (integrated gradients, rollout row, ...)."""
     import plotly.graph_objects as go
 
-    labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
+    labels = [f"{i}: {readable_token(t)}" for i, t in enumerate(tokens)]
     fig = go.Figure(go.Bar(x=labels, y=[float(v) for v in values]))
-    fig.update_layout(title=title, height=360, width=max(480, 28 * len(labels)), xaxis_tickangle=-60)
+    fig.update_layout(title=title, height=380, width=_width(28 * len(labels) + 160), xaxis_tickangle=-60,
+                      xaxis_title="input token", yaxis_title=value)
     return fig
 
 
@@ -461,11 +561,12 @@ def causal_trace_heatmap(trace, tokens, title: str | None = None):
     :class:`interp_lib.probing.CausalTrace` over its input ``tokens`` (strings)."""
     import plotly.graph_objects as go
 
-    labels = [f"{i}:{t}" + ("*" if i in trace.corrupt_positions else "") for i, t in enumerate(tokens)]
-    fig = go.Figure(go.Heatmap(z=trace.scores.T.numpy(), x=trace.stream_labels, y=labels, colorscale="Purples",
+    labels = [f"{i}: {readable_token(t)}" + ("*" if i in trace.corrupt_positions else "") for i, t in enumerate(tokens)]
+    fig = go.Figure(go.Heatmap(z=trace.scores.T.numpy().tolist(), x=list(trace.stream_labels), y=labels,
+                               colorscale="Purples", colorbar=dict(title="P(target)"), zmin=0,
                                hovertemplate="%{y} %{x}<br>p = %{z:.3f}<extra></extra>"))
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(title=title or (f"Causal tracing: clean p = {trace.clean_prob:.3f}, "
                                       f"corrupted p = {trace.corrupted_prob:.3f} (* = noised)"),
-                      xaxis_title="restored stream", height=max(320, 22 * len(labels) + 120), width=560)
+                      xaxis_title="restored stream", yaxis_title="position: token", height=max(320, 22 * len(labels) + 120), width=560)
     return fig

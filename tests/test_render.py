@@ -145,3 +145,61 @@ def test_offline_renderer_embeds_plotlyjs_again_after_reset():
             set_plotly_renderer("no_such_renderer")
     finally:
         pio.renderers.default = previous
+
+
+# ----------------------------------------------------------------------------- figure content
+
+
+def test_figures_fit_the_page_and_name_their_colour_scales():
+    import pandas as pd
+    import torch
+
+    from interp_lib import plots
+
+    rng = torch.Generator().manual_seed(0)
+    wide = plots.patching_heatmap(torch.randn(12, 200, generator=rng),
+                                  {"layer": [f"L{i}" for i in range(12)], "pos": list(range(200))},
+                                  tokens=["\ufffd", " the", "\n"] + ["x"] * 197)
+    assert wide.layout.width <= plots.FIGURE_WIDTH and wide.data[0].colorbar.title.text == "normalised logit diff"
+    assert list(wide.data[0].x[:3]) == ["0: ‹byte›", "1: ␣the", "2: ↵"]
+    lens_rows = [{"prompt": 0, "stage": s, "layer": l, "position": p, "input_token": "\ufffd", "top_token": " a",
+                  "target_prob": 0.5} for l, s in enumerate(["embed", "L0"]) for p in range(100)]
+    lens = plots.logit_lens_heatmap(pd.DataFrame(lens_rows), value="target_prob")
+    assert lens.layout.width <= plots.FIGURE_WIDTH and len(lens.data[0].x) == 24   # the last 24 positions
+    assert lens.data[0].x[-1] == "99: ‹byte›" and lens.data[0].colorbar.title.text == "P(next token)"
+    for figure in (wide, lens, plots.head_score_heatmap(torch.rand(2, 4)), plots.qk_heatmap(torch.randn(5, 5))):
+        assert figure.layout.xaxis.title.text and figure.layout.yaxis.title.text
+
+
+def test_ablation_noise_stays_pale_and_thresholds_are_drawn():
+    import pandas as pd
+    import torch
+
+    from interp_lib import plots
+
+    noise = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "drop": [0.018, -0.018, 0.004, 0.0]})
+    pale = plots.head_importance_heatmap(noise).data[0]
+    assert (pale.zmin, pale.zmax) == (-0.1, 0.1)            # the floor, not ±0.018
+    strong = plots.head_importance_heatmap(noise.assign(drop=[0.6, -0.018, 0.0, 0.0])).data[0]
+    assert (strong.zmin, strong.zmax) == (-0.6, 0.6)
+    scores = torch.tensor([[0.1, 0.7], [0.9, 0.2]])
+    figure = plots.head_score_heatmap(scores, threshold=0.5)
+    outlined = figure.data[1]
+    assert sorted(zip(outlined.y, outlined.x)) == [("L0", "H1"), ("L1", "H0")]  # exactly the cells >= 0.5
+    assert figure.data[0].colorbar.tickvals == (0.5,)
+
+
+def test_reliability_count_strip_has_its_own_scale():
+    import numpy as np
+    import pandas as pd
+
+    from interp_lib import plots
+
+    edges = np.linspace(0, 1, 6)
+    frame = pd.DataFrame({"bin_lower": edges[:-1], "bin_upper": edges[1:], "confidence": [0.1, 0.3, 0.5, 0.7, 0.9],
+                          "accuracy": [0.1, 0.2, 0.5, 0.6, 0.95], "count": np.array([3, 40, 900, 2500, 12], dtype=np.int64)})
+    frame["gap"] = frame["confidence"] - frame["accuracy"]
+    figure = plots.reliability_diagram({"a": frame, "b": frame})
+    counts = [t for t in figure.data if t.name == "inputs per bin"]
+    assert [list(t.y) for t in counts] == [[3, 40, 900, 2500, 12]] * 2
+    assert figure.layout.yaxis3.range[1] >= 2500 and figure.layout.yaxis.range[1] == 1
