@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from interp_lib.explain.records import Event, Explanation, HeadRecord, ScoreResult
-from interp_lib.explain.viewer import (DATA_ELEMENT_ID, RatingWidget, rating_widgets, ratings_vs_scores,
-                                       read_ratings, viewer_data, viewer_run_id, write_viewer)
+from interp_lib.explain.viewer import (DATA_ELEMENT_ID, SCORER_INFO, RatingWidget, rating_widgets,
+                                       ratings_vs_scores, read_ratings, score_verdict, viewer_data,
+                                       viewer_run_id, write_viewer)
 
 MALICIOUS = "</script><img src=x onerror=alert(1)>"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -104,6 +105,7 @@ def test_page_is_self_contained_and_data_round_trips(tmp_path):
         expected = record.to_dict()
         got = dict(by_label[record.label])
         assert got.pop("best_score") == record.best_score()
+        assert got.pop("verdict") == score_verdict(record)
         assert got == expected
     assert data["run"] == viewer_run_id(records)
 
@@ -493,4 +495,72 @@ def test_chromium_color_toggle(browser, page_url):
 
     Select(browser.find_element(By.ID, "color-by")).select_by_value("family")
     assert colours() == family
+    assert _severe(browser) == []
+
+
+# ----------------------------------------------------------------------------- what a reader sees
+
+INDUCTION_TEXT = "Induction head: attends to the token after an earlier copy of the current token."
+
+
+def _reader_records() -> list[HeadRecord]:
+    from interp_lib.explain.records import RefinementStep
+
+    toks = [" The", " cat", " sat", ".", " The", " cat"]
+    same = Explanation(text=INDUCTION_TEXT, source="heuristic")
+    return [
+        HeadRecord(layer=0, head=0, explanation=same, heuristic=Explanation(text=INDUCTION_TEXT, source="heuristic"),
+                   scores={"contrastive": ScoreResult("contrastive", -0.8, n=12),
+                           "refined": ScoreResult("refined", -0.5, n=12, details={"scorer": "contrastive"})},
+                   refinement=[RefinementStep(round=1, explanation=same, score=-0.5, previous_score=-0.8, kept=True)],
+                   stats={"prev": 0.125, "mean_distance": 3.5, "causal_random": 0.0123},
+                   top_events=[_event(0, 0, toks, 5, [(2, 0.8)])]),
+        HeadRecord(layer=0, head=1, explanation=Explanation(text="Previous-token head: attends to the token before it."),
+                   scores={"detection": ScoreResult("detection", 0.74, n=20)},
+                   top_events=[_event(0, 1, toks, 3, [(2, 0.9)])]),
+    ]
+
+
+def test_score_verdict_uses_the_preferred_scorer_and_its_chance_level():
+    contradicted, supported = (score_verdict(r) for r in _reader_records())
+    # the refined held-out score judges, under the scorer refinement used (Cohen's d, chance 0)
+    assert contradicted == {"scores_key": "refined", "scorer": "contrastive", "score": -0.5, "unit": "Cohen's d",
+                            "chance": 0.0, "measures": SCORER_INFO["contrastive"][0], "contradicted": True}
+    assert supported["scorer"] == "detection" and supported["chance"] == 0.5 and not supported["contradicted"]
+    at_chance = HeadRecord(layer=1, head=0, explanation=Explanation(text="x y z"),
+                           scores={"detection": ScoreResult("detection", 0.5, n=4)})
+    assert score_verdict(at_chance)["contradicted"] is True
+    unscored = HeadRecord(layer=1, head=1, explanation=Explanation(text="x y z"),
+                          scores={"simulation": ScoreResult("simulation", None, failure="no events")})
+    assert score_verdict(unscored) is None
+    assert score_verdict(HeadRecord(layer=1, head=2, failure="no answer")) is None
+
+
+def test_chromium_shows_the_explanation_once_with_verdict_units_and_legend(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url = write_viewer(_reader_records(), tmp_path / "viewer.html", n_layers=1, n_heads=2).resolve().as_uri()
+    _open(browser, url)
+    _cell(browser, "L0H0").click()
+    body = browser.find_element(By.ID, "detail-body").text
+    assert body.count(INDUCTION_TEXT) == 1          # not again as heuristic baseline or refinement
+    verdict = browser.find_element(By.ID, "detail-verdict")
+    assert "contradicted" in verdict.get_attribute("class")
+    assert "contradicts this explanation" in verdict.text and "contrastive" in verdict.text
+    assert "Cohen's d" in verdict.text and "-0.500" in verdict.text
+    fields = browser.find_element(By.ID, "detail-fields").text
+    assert "attention on the previous token" in fields and "12.5%" in fields
+    assert "mean query-key distance" in fields and "3.500 tokens" in fields and "0.012 nats" in fields
+    assert "refinement round 1" in fields and "(the explanation above)" in fields
+    units = [row.find_elements(By.TAG_NAME, "td")[2].text
+             for row in browser.find_elements(By.CSS_SELECTOR, "#detail-scores tr[data-scorer]")]
+    assert units == ["Cohen's d (0)", "Cohen's d (0)"]
+    legend = browser.find_element(By.ID, "events-legend")
+    assert legend.is_displayed() and "attends from" in legend.text and "darker = more attention" in legend.text
+    assert legend.find_elements(By.CSS_SELECTOR, ".tok.query") and legend.find_elements(By.CSS_SELECTOR, ".tok.attended")
+
+    _cell(browser, "L0H1").click()
+    verdict = browser.find_element(By.ID, "detail-verdict")
+    assert "contradicted" not in verdict.get_attribute("class")
+    assert verdict.text.startswith("Scored by detection: 0.740 ROC AUC (chance 0.500")
     assert _severe(browser) == []

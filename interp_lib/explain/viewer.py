@@ -42,12 +42,67 @@ from ..checkpoint import REDACTED, _atomic_write, _secret_env_values, is_secret_
 from .records import HeadRecord, _jsonable, head_label, parse_head_label
 
 __all__ = ["write_viewer", "viewer_data", "viewer_run_id", "read_ratings", "ratings_vs_scores",
-           "RatingWidget", "rating_widgets", "RATINGS_SCHEMA", "DATA_ELEMENT_ID"]
+           "RatingWidget", "rating_widgets", "RATINGS_SCHEMA", "DATA_ELEMENT_ID", "score_verdict",
+           "STAT_INFO", "SCORER_INFO"]
 
 RATINGS_SCHEMA = 1
 DATA_ELEMENT_ID = "interp-lib-data"
 _COLOR_MODES = ("family", "score")
 _LABEL_RE = re.compile(r"L\d+H\d+")
+
+#: Head statistics (``HeadRecord.stats``) as people read them: (name, unit); "%" values are
+#: fractions of the head's attention shown as percentages.
+STAT_INFO: dict[str, tuple[str, str]] = {
+    "bos": ("attention on the first (BOS) token", "%"),
+    "self": ("attention on the token itself", "%"),
+    "prev": ("attention on the previous token", "%"),
+    "recent": ("attention on tokens 2-5 back", "%"),
+    "punctuation": ("attention on punctuation / newlines", "%"),
+    "punctuation_base": ("punctuation share under uniform attention", "%"),
+    "same_token": ("attention on earlier copies of the token", "%"),
+    "same_token_base": ("same-token share under uniform attention", "%"),
+    "mean_distance": ("mean query-key distance", "tokens"),
+    "entropy": ("attention entropy (normalised, 0 = one token, 1 = uniform)", ""),
+    "induction": ("induction attention on repeated random tokens", "%"),
+    "repeat_duplicate": ("duplicate-token attention on repeated random tokens", "%"),
+    "causal_random": ("loss change when ablated at random positions", "nats"),
+}
+
+#: Scorers: (what the score measures, its unit, the chance level at or below which the score
+#: contradicts the explanation).
+SCORER_INFO: dict[str, tuple[str, str, float]] = {
+    "simulation": ("correlation of activations an LLM predicts from the explanation with the real ones",
+                   "Pearson r", 0.0),
+    "detection": ("how well an LLM tells the head's top contexts from others using the explanation",
+                  "ROC AUC", 0.5),
+    "contrastive": ("activation on the explanation's positive vs negative examples", "Cohen's d", 0.0),
+}
+
+
+def score_verdict(record: HeadRecord) -> dict | None:
+    """The score that judges ``record``'s explanation, and whether it contradicts it.
+
+    The refined explanation's held-out score first (with the scorer it used), then simulation,
+    detection, contrastive. ``contradicted`` is True when the score is at or below the scorer's
+    chance level (:data:`SCORER_INFO`): the explanation predicts the head no better than
+    chance, or the opposite of what it does. None when nothing scored the explanation."""
+    if record.explanation is None:
+        return None
+    candidates = []
+    refined = record.scores.get("refined")
+    if refined is not None and refined.score is not None:
+        candidates.append(("refined", str(refined.details.get("scorer") or "simulation"), refined.score))
+    for name in ("simulation", "detection", "contrastive"):
+        result = record.scores.get(name)
+        if result is not None and result.score is not None:
+            candidates.append((name, name, result.score))
+    if not candidates:
+        return None
+    key, scorer, score = candidates[0]
+    what, unit, chance = SCORER_INFO.get(scorer, ("score", "", 0.0))
+    score = float(score)
+    return {"scores_key": key, "scorer": scorer, "score": score, "unit": unit, "chance": chance,
+            "measures": what, "contradicted": bool(math.isfinite(score) and score <= chance)}
 
 
 # ----------------------------------------------------------------------------- validation
@@ -143,6 +198,7 @@ def viewer_data(records: Sequence[HeadRecord], *, n_layers: int | None = None,
         data = record.to_dict()
         data["top_events"] = data["top_events"][:max_events]
         data["best_score"] = _jsonable(record.best_score())
+        data["verdict"] = _jsonable(score_verdict(record))
         heads.append(data)
     scorers = sorted({name for r in records for name in r.scores})
     return {
@@ -154,6 +210,8 @@ def viewer_data(records: Sequence[HeadRecord], *, n_layers: int | None = None,
         "color_by": color_by,
         "scorers": scorers,
         "meta": _clean_meta(dict(meta or {}), _secret_env_values()),
+        "stat_info": {k: list(v) for k, v in STAT_INFO.items()},
+        "scorer_info": {k: list(v) for k, v in SCORER_INFO.items()},
         "heads": heads,
     }
 
@@ -388,7 +446,13 @@ def _head_html(record: HeadRecord, index: int, total: int, max_events: int) -> s
                      f"round {record.explanation.round}</div>")
     else:
         lines.append(f"<div style='color:#a00'>no explanation: {esc(record.failure or 'unknown')}</div>")
-    if record.heuristic is not None:
+    verdict = score_verdict(record)
+    if verdict is not None:
+        text = (f"{verdict['scorer']}: {verdict['score']:.3f} {verdict['unit']} (chance {verdict['chance']:g})")
+        lines.append(f"<div style='color:#8a1c00;font-weight:bold'>&#9888; the score contradicts this explanation "
+                     f"({esc(text)})</div>" if verdict["contradicted"] else f"<div>scored by {esc(text)}</div>")
+    if record.heuristic is not None and (record.explanation is None
+                                         or record.heuristic.text != record.explanation.text):
         lines.append(f"<div style='color:#555'>heuristic baseline: {esc(record.heuristic.text)}</div>")
     if record.family is not None:
         lines.append(f"<div>family {record.family}: {esc(record.family_label or '')}</div>")
@@ -590,6 +654,7 @@ _PAGE = """<!DOCTYPE html>
     <div id="detail-body" hidden>
       <h2 id="detail-label"></h2>
       <p id="detail-explanation"></p>
+      <p id="detail-verdict"></p>
       <p id="detail-failure" class="failure"></p>
       <p id="detail-source" class="dim"></p>
       <dl id="detail-fields"></dl>
@@ -606,6 +671,10 @@ _PAGE = """<!DOCTYPE html>
       <h3>Scores</h3>
       <table id="detail-scores"></table>
       <h3>Top events</h3>
+      <p id="events-legend" class="dim"><span class="tok query">query</span> the token the head attends
+        <em>from</em> (the event); <span class="tok attended" style="background-color: rgba(255, 140, 0, 0.6)">attended</span>
+        tokens it attends <em>to</em>, darker = more attention (hover a token for its weight);
+        <span class="gap">&hellip;</span> tokens left out.</p>
       <div id="detail-events"></div>
     </div>
   </section>
@@ -646,6 +715,8 @@ main { display: flex; gap: 16px; padding: 12px 16px; align-items: flex-start; }
 .hint, .dim { color: #777; font-size: 0.85em; }
 #detail-explanation { font-size: 1.1em; }
 .failure { color: #a00; }
+#detail-verdict { margin: 4px 0; font-size: 0.9em; }
+#detail-verdict.contradicted { color: #8a1c00; background: #fff1ec; border-left: 4px solid #d4380d; padding: 4px 8px; }
 #detail-fields { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; }
 #detail-fields dt { color: #666; }
 #detail-fields dd { margin: 0; }
@@ -933,6 +1004,13 @@ _JS = r"""
       ex ? "" : "No explanation: " + (hd.failure || "unknown reason");
     document.getElementById("detail-source").textContent =
       ex ? "source " + ex.source + ", refinement round " + ex.round : "";
+    var verdict = document.getElementById("detail-verdict");
+    var vd = hd.verdict;
+    verdict.className = vd && vd.contradicted ? "contradicted" : "";
+    verdict.textContent = !vd ? (ex ? "not scored" : "") :
+      (vd.contradicted ? "\u26a0 The score contradicts this explanation: " : "Scored by ") +
+      vd.scorer + (vd.scores_key === "refined" ? " (held-out, after refinement)" : "") + ": " +
+      fmt(vd.score) + " " + vd.unit + " (chance " + fmt(vd.chance) + "; measures the " + vd.measures + ").";
     var dl = document.getElementById("detail-fields");
     clear(dl);
     if (ex) {
@@ -944,24 +1022,35 @@ _JS = r"""
     addField(dl, "family", hd.family === null || hd.family === undefined ? "none"
       : (hd.family < 0 ? "unclustered (-1)" : hd.family + (hd.family_label ? ": " + hd.family_label : "")));
     addField(dl, "causal effect", hd.causal_effect === null ? null : fmt(hd.causal_effect));
-    addField(dl, "heuristic baseline", hd.heuristic ? hd.heuristic.text : null);
-    Object.keys(hd.stats || {}).forEach(function (k) { addField(dl, k, fmt(hd.stats[k])); });
+    // the explanation is shown once: a baseline or revision with the same text is not repeated
+    var shown = ex ? ex.text : null;
+    if (hd.heuristic && hd.heuristic.text !== shown) { addField(dl, "heuristic baseline", hd.heuristic.text); }
+    var info = DATA.stat_info || {};
+    Object.keys(hd.stats || {}).forEach(function (k) {
+      var v = hd.stats[k], name = has(info, k) ? info[k][0] : k.replace(/_/g, " "), unit = has(info, k) ? info[k][1] : "";
+      var text = typeof v !== "number" ? fmt(v) : unit === "%" ? (100 * v).toFixed(1) + "%" :
+        fmt(v) + (unit ? " " + unit : "");
+      addField(dl, name, text);
+    });
     (hd.refinement || []).forEach(function (st) {
+      var revision = st.explanation && st.explanation.text !== shown ? ": " + st.explanation.text : " (the explanation above)";
       addField(dl, "refinement round " + st.round, fmt(st.previous_score) + " \u2192 " + fmt(st.score) +
-        (st.kept ? " (kept): " : " (rejected): ") + st.explanation.text);
+        (st.kept ? " (kept)" : " (rejected)") + (st.failure ? ", " + st.failure : revision));
     });
     var table = document.getElementById("detail-scores");
     clear(table);
     var names = Object.keys(hd.scores || {}).sort();
     if (names.length) {
       var tr = el("tr");
-      ["scorer", "score", "n", "unparseable", "note"].forEach(function (c) { tr.appendChild(el("th", null, c)); });
+      ["scorer", "score", "unit (chance)", "items", "unparseable", "note"].forEach(function (c) { tr.appendChild(el("th", null, c)); });
       table.appendChild(tr);
       names.forEach(function (name) {
         var s = hd.scores[name];
         var row = el("tr");
         row.setAttribute("data-scorer", name);
-        [name, fmt(s.score), fmt(s.n), fmt(s.n_unparseable), s.failure || ""].forEach(function (c) {
+        var si = (DATA.scorer_info || {})[name === "refined" && s.details && s.details.scorer ? s.details.scorer : name];
+        var unit = si ? si[1] + " (" + fmt(si[2]) + ")" : "";
+        [name, fmt(s.score), unit, fmt(s.n), fmt(s.n_unparseable), s.failure || ""].forEach(function (c) {
           row.appendChild(el("td", null, c));
         });
         table.appendChild(row);
