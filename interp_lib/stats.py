@@ -291,7 +291,10 @@ def random_unit_baseline(score_fn: Callable[[list], float], units: Sequence, sel
 
     ``units`` is the population (e.g. every ``(layer, head)``); each null draw is a random subset
     of it of the same size as ``selected`` (without the selected units when
-    ``exclude_selected``). Returns a :class:`PermutationResult` with the p-value.
+    ``exclude_selected``). When there are at most ``n_perm`` such subsets, every one is scored
+    (the exact permutation distribution; the p-value is then the share of subsets scoring at
+    least as high, the selected one included, so it cannot fall below ``1 / n_subsets``).
+    Returns a :class:`PermutationResult` with the p-value.
     """
     population = list(units)
     chosen = list(selected)
@@ -305,16 +308,29 @@ def random_unit_baseline(score_fn: Callable[[list], float], units: Sequence, sel
         raise ValueError(f"units: {len(pool)} units to draw from, fewer than the {len(chosen)} selected")
     if isinstance(n_perm, bool) or not isinstance(n_perm, int) or n_perm < 1:
         raise ValueError(f"n_perm={n_perm!r}: expected a positive integer")
-    rng = np.random.default_rng(seed)
     observed = float(score_fn(chosen))
-    draws = range(n_perm)
+    if math.comb(len(pool), len(chosen)) <= n_perm:
+        # few enough sets to score every one: the exact permutation distribution
+        import itertools
+
+        sets = [list(c) for c in itertools.combinations(pool, len(chosen))]
+        exact = True
+    else:
+        rng = np.random.default_rng(seed)
+        sets = [[pool[i] for i in rng.choice(len(pool), len(chosen), replace=False)] for _ in range(n_perm)]
+        exact = False
     if progress:
         from tqdm.auto import tqdm
 
-        draws = tqdm(draws, desc="random unit sets", leave=False)
-    null = np.array([float(score_fn([pool[i] for i in rng.choice(len(pool), len(chosen), replace=False)]))
-                     for _ in draws])
-    return permutation_pvalue(observed, null, alternative)
+        sets = tqdm(sets, desc="random unit sets", leave=False)
+    null = np.array([float(score_fn(units)) for units in sets])
+    if not exact:
+        return permutation_pvalue(observed, null, alternative)
+    # every set (the selected one included, unless excluded) is in the null: p = share at least as extreme
+    extreme = null >= observed - 1e-12 if alternative == "greater" else null <= observed + 1e-12
+    p_value = max(float(extreme.mean()), 1 / len(null)) if not exclude_selected else \
+        (1 + int(extreme.sum())) / (1 + len(null))
+    return PermutationResult(observed, null, float(p_value), alternative)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -218,3 +217,12 @@ def test_holm_and_bh_against_hand_examples_and_scipy():
     np.testing.assert_allclose(stats.benjamini_hochberg(many)[0], scipy_stats.false_discovery_control(many))
     with pytest.raises(ValueError, match="pvalues must lie in"):
         stats.holm([0.5, 1.5])
+
+
+def test_random_unit_baseline_enumerates_small_populations():
+    value = {unit: float(unit) for unit in range(5)}
+    score = lambda units: sum(value[u] for u in units)  # noqa: E731
+    result = stats.random_unit_baseline(score, list(value), [3, 4], n_perm=100)
+    assert len(result.null) == 10  # C(5, 2) subsets, each scored once
+    assert result.p_value == pytest.approx(1 / 10)  # the best pair: only itself scores as high
+    assert stats.random_unit_baseline(score, list(value), [0, 1], n_perm=100).p_value == pytest.approx(1.0)
