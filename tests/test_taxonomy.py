@@ -89,6 +89,14 @@ DISTINCT = {
 }
 
 
+PLANTED_KIND = {"previous": "previous-token", "bos": "bos/resting", "induction": "induction",
+                "punctuation": "punctuation/delimiter", "duplicate": "duplicate-token", "numbers": "numbers",
+                "names": "names"}
+PLANTED_LABELS = {"previous": "Previous-token heads", "bos": "BOS-resting heads", "induction": "Induction heads",
+                  "punctuation": "Delimiter heads", "duplicate": "Duplicate-token heads", "numbers": "Number heads",
+                  "names": "Name heads"}
+
+
 def flatten(planted: dict) -> tuple[list[str], np.ndarray]:
     texts = [t for family in planted.values() for t in family]
     truth = np.array([i for i, family in enumerate(planted.values()) for _ in family])
@@ -281,6 +289,37 @@ def test_family_labels_nearest_centroid():
     assert names == {0: "b"}  # (0.9, 0.1) is the member closest to the centroid's direction
 
 
+def test_behaviour_kind_reads_every_planted_paraphrase_and_heuristic_template():
+    from interp_lib.explain.heuristic import _TEMPLATES
+
+    for planted, texts in {**ADJACENT, **DISTINCT}.items():
+        assert {tx.behaviour_kind(t) for t in texts} == {PLANTED_KIND[planted]}, planted
+    for family, template in _TEMPLATES.items():
+        # the heading names the behaviour even when the sentence quotes another statistic
+        assert tx.behaviour_kind(template[0]) == family
+    assert tx.behaviour_kind("Diffuse head: no single pattern dominates; strongest statistic: previous "
+                             "token 30%.") == "diffuse/mixed"
+    assert tx.behaviour_kind("It processes various tokens.") == tx.behaviour_kind(None) == "other"
+
+
+def test_family_label_holds_for_the_majority_or_says_mixed():
+    # the issue's family 0: one previous-token head among resting and diffuse heads
+    texts = ["Previous-token head: from each token it attends to the token immediately before it (91%).",
+             "Resting head: it parks most of its attention on the beginning-of-text token (80%).",
+             "Resting head: it parks most of its attention on the beginning-of-text token (77%).",
+             "Diffuse head: no single pattern dominates; strongest statistic: previous token 22%.",
+             "Diffuse head: no single pattern dominates; strongest statistic: BOS 40%.",
+             "Attends to the previous token.", "Looks at the immediately preceding token.",
+             "Each position attends to the token right before it."]
+    vectors = np.eye(len(texts))
+    vectors[0] += 3  # the previous-token head is nearest the centroid: the old label
+    names = tx.family_labels(texts, [0, 0, 0, 0, 0, 1, 1, 1], vectors)
+    assert names[0] == "mixed: bos/resting 2, diffuse/mixed 2, previous-token 1"
+    assert names[1] == "Previous-token heads"
+    names = tx.family_labels(texts, [0, 0, 0, 1, 1, 1, 1, 1], vectors)
+    assert names[0] == "BOS-resting heads (2 of 3)" and names[1] == "Previous-token heads (3 of 5)"
+
+
 def test_build_taxonomy_round_trip_and_figures(st_embed, tmp_path):
     texts, truth = flatten(DISTINCT)
     texts = texts + ["It processes various tokens.", "Attends to the previous token."]
@@ -297,7 +336,17 @@ def test_build_taxonomy_round_trip_and_figures(st_embed, tmp_path):
     assert tx.family_ari(np.r_[truth, -1, 0], taxonomy.labels) >= 0.7
     families = taxonomy.families
     assert families["size"].sum() == int((taxonomy.labels >= 0).sum())
-    assert all(families["label"].isin(texts)) and set(families["label_source"]) == {"nearest-centroid"}
+    # Each family is named after the behaviour most of its members were planted with, with
+    # "k of n" when some members were planted otherwise (the vague text counts against it).
+    planted = np.r_[truth, -1, 0]
+    for row in families.itertuples():
+        members = planted[taxonomy.labels == row.family]
+        values, counts = np.unique(members, return_counts=True)
+        majority, count = int(values[np.argmax(counts)]), int(counts.max())
+        assert 2 * count > len(members)
+        expected = PLANTED_LABELS[list(DISTINCT)[majority]]
+        expected += "" if count == len(members) else f" ({count} of {len(members)})"
+        assert row.label == expected and row.label_source == "majority behaviour", row
     assert sorted(k for m in families["members"] for k in m) == \
         sorted(k for k, f in zip(keys, taxonomy.labels) if f >= 0)
     # Flags: vague + contradicted on the vague one, missing score on None and NaN.
@@ -386,7 +435,19 @@ def test_llm_family_labels_and_openai_embeddings(make_server):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     labels = tx.cluster_explanations(texts, 3, embeddings=vectors)
     names = tx.family_labels(texts, labels, vectors, client=client)
-    assert names and set(names.values()) == {"Previous-token heads"}
+    # the LLM calls every family "Previous-token heads": kept where most members are previous-token
+    # heads, replaced by the members' majority behaviour elsewhere
+    # (or "mixed" where no planted behaviour holds for most members: these test embeddings are
+    # not semantic, so families need not follow the planted ones)
+    assert names
+    for family, name in names.items():
+        members = truth[labels == family]
+        values, counts = np.unique(members, return_counts=True)
+        if 2 * counts.max() > len(members):
+            planted = list(DISTINCT)[int(values[np.argmax(counts)])]
+            assert name.startswith(PLANTED_LABELS[planted]), (family, name)
+        else:
+            assert name.startswith("mixed: "), (family, name)
     prompts = [r["messages"][-1]["content"] for r in server.requests if "messages" in r]
     assert len(prompts) == len(names) and all("Give this family a short" in p for p in prompts)
 

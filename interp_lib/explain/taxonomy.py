@@ -364,8 +364,91 @@ LABEL_PROMPT = (
 )
 
 
+# What an explanation says a head does, read from its words (first the "X head:" heading, then
+# the first sentence, then the whole text); order matters: an induction explanation mentions
+# "the previous occurrence", a duplicate-token one "the current token itself".
+_KIND_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("induction", r"induction|followed|successor|came next|token after (it|that|the earlier)|"
+                  r"after (an?|the|its) (earlier|previous|prior) (occurrence|copy|appearance)"),
+    ("duplicate-token", r"duplicate|same token|identical token|earlier (occurrences|copies|appearances|instances)|"
+                        r"prior (instances|occurrences)|its own earlier|other occurrences"),
+    ("previous-token", r"previous[- ]token|preceding|(right|just|immediately) (before|preceding)|"
+                       r"one (position|token) back|prior token|token before it"),
+    ("bos/resting", r"resting|\brests?\b|beginning[- ]of|\bbos\b|start[- ]of[- ](text|sequence)|sequence[- ]start|"
+                    r"first \(?[\w -]*\)? ?(token|position)|no-op|endoftext|attention sink|sinks into"),
+    ("self", r"self[- ]attend|attends? (mostly )?to itself|to itself"),
+    ("punctuation/delimiter", r"punctuation|delimiter|comma|period|full stop|semicolon|newline|line break"),
+    ("recent-window", r"local[- ]window|few tokens before|recent tokens|tokens? 2 ?(to|-) ?5 back"),
+    ("diffuse/mixed", r"diffuse|no single pattern|spread (out|evenly|across)|uniform(ly)? attention"),
+    ("numbers", r"\bnumbers?\b|numer(ic|al)|digits?\b"),
+    ("names", r"\bnames?\b|proper nouns?"),
+)
+
+KIND_LABELS = {"induction": "Induction heads", "duplicate-token": "Duplicate-token heads",
+               "previous-token": "Previous-token heads", "bos/resting": "BOS-resting heads",
+               "self": "Self-attending heads", "punctuation/delimiter": "Delimiter heads",
+               "recent-window": "Local-window heads", "diffuse/mixed": "Diffuse heads",
+               "numbers": "Number heads", "names": "Name heads"}
+"""Family name of each behaviour kind of :func:`behaviour_kind` ("other" has none)."""
+
+
+def behaviour_kind(text: str | None) -> str:
+    """The behaviour an explanation names, one of :data:`KIND_LABELS`' keys or ``"other"``:
+    the heading (``"Previous-token head: ..."``) decides, else the first sentence, else any
+    sentence (the first pattern that matches, in a fixed order)."""
+    import re
+
+    text = "" if text is None else str(text).strip()
+    heading = re.match(r"\s*([\w/ -]{2,40}?) head\s*:", text, flags=re.IGNORECASE)
+    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    for part in ([heading.group(1)] if heading else []) + [first, text]:
+        for kind, pattern in _KIND_PATTERNS:
+            if re.search(pattern, part, flags=re.IGNORECASE):
+                return kind
+    return "other"
+
+
+def _majority(member_texts: Sequence[str]) -> tuple[str | None, int, dict[str, int]]:
+    """(the kind more than half of the members name or None, its count, counts by kind)."""
+    from collections import Counter
+
+    counts = Counter(behaviour_kind(t) for t in member_texts)
+    kind, count = counts.most_common(1)[0] if counts else (None, 0)
+    return (kind if 2 * count > len(member_texts) else None), count, dict(counts.most_common())
+
+
+def _describe_all(name: str, source: str, member_texts: Sequence[str]) -> tuple[str, str]:
+    """A family name that holds for the majority of its members (with "k of n" when not all),
+    or ``"mixed: ..."`` naming the kinds when none holds for a majority."""
+    n = len(member_texts)
+    kind, count, counts = _majority(member_texts)
+    support = "" if count == n else f" ({count} of {n})"
+    if kind is None:
+        parts = ", ".join(f"{k} {c}" for k, c in counts.items())
+        return f"mixed: {parts}", f"{source}; replaced: no behaviour holds for a majority"
+    if kind == "other":
+        return name, f"{source}; unchecked: the members name no known behaviour"
+    named = behaviour_kind(name)
+    if named in (kind, "other") and source != "nearest-centroid":
+        return name + support, source
+    if source != "nearest-centroid":
+        source = f"majority behaviour; the LLM label {name!r} named {named}"
+    else:
+        source = "majority behaviour"
+    return KIND_LABELS[kind] + support, source
+
+
 def _family_labels(texts: list[str], labels: np.ndarray, embeddings: np.ndarray, client=None,
                    max_members: int = 12, max_tokens: int = 32) -> tuple[dict[int, str], dict[int, str]]:
+    names, sources = _raw_family_labels(texts, labels, embeddings, client, max_members, max_tokens)
+    for family in names:
+        members = [texts[i] for i in np.flatnonzero(labels == family)]
+        names[family], sources[family] = _describe_all(names[family], sources[family], members)
+    return names, sources
+
+
+def _raw_family_labels(texts: list[str], labels: np.ndarray, embeddings: np.ndarray, client=None,
+                       max_members: int = 12, max_tokens: int = 32) -> tuple[dict[int, str], dict[int, str]]:
     matrix = _normalise(np.asarray(embeddings, dtype=np.float64))
     families = [int(f) for f in np.unique(labels) if f >= 0]
     names: dict[int, str] = {}
@@ -400,8 +483,14 @@ def _family_labels(texts: list[str], labels: np.ndarray, embeddings: np.ndarray,
 
 def family_labels(texts: Sequence[str], labels, embeddings, client=None, *, max_members: int = 12,
                   max_tokens: int = 32) -> dict[int, str]:
-    """Canonical label per family: an LLM summary of its members when ``client`` (an
-    ``LLMClient``) is given, else (or when the LLM fails) the member nearest the centroid."""
+    """Canonical label per family that holds for the majority of its members.
+
+    The candidate is an LLM summary of the members when ``client`` (an ``LLMClient``) is given,
+    else (or when the LLM fails) the member nearest the centroid. Each member's explanation is
+    read for the behaviour it names (:func:`behaviour_kind`): a behaviour more than half of
+    the members name gives the family its name (``"Previous-token heads (4 of 5)"``; an LLM
+    label naming that behaviour is kept); no majority gives ``"mixed: bos/resting 2, ..."``.
+    Members that name no known behaviour leave the candidate unchanged."""
     texts = _check_texts(texts)
     labels = np.asarray(labels, dtype=int)
     if labels.shape != (len(texts),):
