@@ -16,7 +16,14 @@ keeps:
 
 Salience: ``z_norm`` = ``||z[pos, head]||``; ``resid_write_norm`` = ``||z[pos, head] W_O[layer,
 head]||`` (the norm of what the head writes into the residual stream), computed as the quadratic
-form ``z (W_O W_O^T) z`` so no ``[batch, pos, head, d_model]`` tensor is made.
+form ``z (W_O W_O^T) z`` so no ``[batch, pos, head, d_model]`` tensor is made;
+``next_token_effect`` = ``(z W_O) . (W_U[:, next] - mean W_U)``, the head's direct effect on the
+logit of the token that actually comes next (before the final norm). Norms measure how much a
+head writes, not whether it matters: many heads park attention on BOS when they have nothing to
+do, and the BOS value can be large, so by ``||z||`` their top events are resting positions. On
+toy-2l's bundled text the top 10 events of induction heads L1H0 / L1H1 by ``||z||`` are 0 / 10
+repeated-token copies (L1H1's all rest on ``<|endoftext|>``); by ``next_token_effect`` all
+10 of each attend to the token after an earlier copy of the current token.
 
 Ties in salience (identical prefixes give identical activations) are broken by the earlier
 ``(window, position)``, so results do not depend on ``batch_size``. Random and reservoir keys are
@@ -47,7 +54,15 @@ from .records import Event, _jsonable, head_label, parse_head_label
 
 logger = logging.getLogger(__name__)
 
-SALIENCE = ("z_norm", "resid_write_norm")
+SALIENCE = ("z_norm", "resid_write_norm", "next_token_effect")
+SALIENCE_DESCRIPTIONS = {
+    "z_norm": "||z||: the norm of the head's attention-weighted values at the query",
+    "resid_write_norm": "||z W_O||: the norm of what the head writes into the residual stream",
+    "next_token_effect": "(z W_O) . (W_U[:, next] - mean over the vocabulary of W_U): the head's direct push "
+                         "on the logit of the token that actually comes next (before the final norm; the "
+                         "last position of a window, which has no next token, counts 0)",
+}
+"""What each salience measures (recorded with the events: ``EventSet.config["salience_description"]``)."""
 EVENT_KINDS = ("top", "random", "quantile")
 DATASETS = ("auto", "bundled", "wikitext", "code")
 
@@ -283,11 +298,23 @@ class _LayerState:
         self.min = torch.full((n,), math.inf, device=device)
         self.count = 0
         self.pattern: Tensor | None = None
+        self.w_o: Tensor | None = None       # [head, d_head, d_model] for salience="next_token_effect"
+        self.unembed: Tensor | None = None   # [d_model, vocab], centred over the vocabulary
+        self.next_ids: Tensor | None = None  # [batch, query] the token after each query (-1: none)
 
     def salience(self, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "head cand"]:
         if not self.all_heads:
             z = z.index_select(2, self.index)
         z = z.float()
+        if self.w_o is not None:
+            # the unembedding column of each query's next token, through each head's W_O:
+            # [head, d_head, batch * query] (never a [batch, pos, head, d_model] tensor)
+            nxt = self.next_ids.reshape(-1)
+            columns = self.unembed[:, nxt.clamp_min(0)]                       # [d_model, cand]
+            through = torch.einsum("hde,ec->hdc", self.w_o, columns)
+            flat = z.reshape(-1, z.shape[2], z.shape[3])                       # [cand, head, d_head]
+            effect = torch.einsum("chd,hdc->hc", flat, through)
+            return torch.where(nxt[None, :] >= 0, effect, torch.zeros_like(effect))
         if self.gram is None:
             s = torch.linalg.vector_norm(z, dim=-1)
         else:  # ||z W_O||^2 = z (W_O W_O^T) z, without a d_model-wide tensor
@@ -408,6 +435,46 @@ class _TokenText:
         return [self.cache[i] for i in ids]
 
 
+@torch.no_grad()
+def head_salience(model, tokens: Int[Tensor, "batch pos"], heads, salience: str = "next_token_effect"
+                  ) -> dict[Head, Float[Tensor, "batch pos"]]:
+    """Per-position salience of ``heads`` on ``tokens`` (BOS included), the quantity
+    :func:`collect_events` ranks events by: one ``[batch, pos]`` tensor per ``(layer, head)``.
+
+    For a scorer that must measure what the events measured (e.g. the head's activation on an
+    explanation's positive vs negative texts). ``next_token_effect`` is 0 at the last position
+    (no next token); right padding is safe for the other positions (causal attention)."""
+    if salience not in SALIENCE:
+        raise ValueError(f"salience={salience!r}: expected one of {', '.join(SALIENCE)}")
+    cfg = model.cfg
+    tokens = _check_windows(tokens, model) if torch.as_tensor(tokens).ndim == 2 else _check_windows(
+        torch.as_tensor(tokens)[None], model)
+    selected = parse_heads(heads, cfg.n_layers, cfg.n_heads)
+    device = torch.device(cfg.device) if getattr(cfg, "device", None) is not None else torch.device("cpu")
+    tokens = tokens.to(device)
+    layers = sorted({layer for layer, _ in selected})
+    names = {f"blocks.{layer}.attn.hook_z" for layer in layers}
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    out: dict[Head, Tensor] = {}
+    if salience == "next_token_effect":
+        unembed = model.W_U.float().to(device)
+        unembed = unembed - unembed.mean(-1, keepdim=True)
+        following = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], 1)
+        columns = unembed[:, following.clamp_min(0)]                            # [d_model, batch, pos]
+    for layer, head in selected:
+        z = cache[f"blocks.{layer}.attn.hook_z"][:, :, head].float()            # [batch, pos, d_head]
+        w_o = model.W_O[layer, head].float().to(device)                         # [d_head, d_model]
+        if salience == "z_norm":
+            value = z.norm(dim=-1)
+        elif salience == "resid_write_norm":
+            value = (z @ w_o).norm(dim=-1)
+        else:
+            value = torch.einsum("bpe,ebp->bp", z @ w_o, columns)
+            value = torch.where(following >= 0, value, torch.zeros_like(value))
+        out[(layer, head)] = value.cpu()
+    return out
+
+
 def collect_events(model, windows: Int[Tensor, "window pos"], heads="all", *, top_k: int = 20, n_random: int = 10,
                    n_quantile: int = 10, salience: str = "z_norm", n_attended: int = 5, batch_size: int = 16,
                    skip_bos: bool = True, seed: int = 0, progress: bool = True,
@@ -421,7 +488,10 @@ def collect_events(model, windows: Int[Tensor, "window pos"], heads="all", *, to
         n_random: uniformly sampled positions per head (0: none).
         n_quantile: events at evenly spaced quantiles (lowest to highest) of a per-head uniform
             reservoir of ``quantile_reservoir`` positions (0: none).
-        salience: ``"z_norm"`` (``||z||``) or ``"resid_write_norm"`` (``||z W_O||``).
+        salience: ``"z_norm"`` (``||z||``), ``"resid_write_norm"`` (``||z W_O||``) or
+            ``"next_token_effect"`` (the head's direct effect on the logit of the actual next
+            token; see the module docstring and :data:`SALIENCE_DESCRIPTIONS`). Recorded in the
+            result (``EventSet.salience`` and ``config["salience_description"]``).
         n_attended: source positions recorded per event (highest attention first).
         batch_size: windows per forward pass (results do not depend on it).
         skip_bos: never use the BOS query (position 0) as an event or in the statistics.
@@ -455,6 +525,10 @@ def collect_events(model, windows: Int[Tensor, "window pos"], heads="all", *, to
     states: dict[int, _LayerState] = {}
     with torch.inference_mode():
         w_o = model.W_O if salience == "resid_write_norm" else None
+        unembed = None
+        if salience == "next_token_effect":
+            unembed = model.W_U.float().to(device)
+            unembed = unembed - unembed.mean(-1, keepdim=True)
         for layer, layer_heads in by_layer.items():
             gram = None
             if w_o is not None:
@@ -462,6 +536,9 @@ def collect_events(model, windows: Int[Tensor, "window pos"], heads="all", *, to
                 gram = (w @ w.transpose(-1, -2)).float()
             states[layer] = _LayerState(layer, layer_heads, cfg.n_heads, top_k=top_k, n_sample=n_random + reservoir,
                                         n_att=n_attended, seed=int(seed), w_o_gram=gram, device=device)
+            if unembed is not None:
+                states[layer].w_o = model.W_O[layer, layer_heads].to(device).float()
+                states[layer].unembed = unembed
 
         batch_info: dict[str, Tensor] = {}  # this batch's global positions, shared by all layers
         query_positions = torch.arange(q0, n_pos, device=device)
@@ -488,6 +565,10 @@ def collect_events(model, windows: Int[Tensor, "window pos"], heads="all", *, to
             gidx = ((torch.arange(len(batch), device=device) + start)[:, None] * n_pos
                     + query_positions[None, :]).reshape(-1)
             batch_info.update(gidx=gidx, hashed=_mix32(gidx))
+            if unembed is not None:
+                following = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -1)], 1)[:, q0:]
+                for state in states.values():
+                    state.next_ids = following
             model.run_with_hooks(batch, fwd_hooks=fwd_hooks, **run_kwargs)
 
     text = _TokenText(getattr(model, "tokenizer", None))
@@ -518,7 +599,8 @@ def collect_events(model, windows: Int[Tensor, "window pos"], heads="all", *, to
         return events
 
     result = EventSet(cfg.n_layers, cfg.n_heads, n_windows, n_pos, salience,
-                      config={"top_k": top_k, "n_random": n_random, "n_quantile": n_quantile,
+                      config={"salience_description": SALIENCE_DESCRIPTIONS[salience],
+                              "top_k": top_k, "n_random": n_random, "n_quantile": n_quantile,
                               "n_attended": n_attended, "skip_bos": bool(skip_bos), "seed": int(seed),
                               "quantile_reservoir": reservoir, "heads": [head_label(*h) for h in selected]})
     for layer, state in states.items():
