@@ -303,14 +303,22 @@ def test_cache_rerun_sends_nothing(make_server, tmp_path):
     second.chat(ChatRequest(requests[0].messages, max_tokens=7))
     assert server.n_requests == 12
 
-    # a damaged cache file is a miss, not a crash, and is rewritten
+    # one append-only log per writer, not one file per request
+    logs = sorted((cache / "answers").glob("*.jsonl"))
+    assert len(logs) == 2 and sum(len(p.read_text().splitlines()) for p in logs) == 12
+    assert sorted(p for p in cache.rglob("*") if p.is_file()) == logs
+
+    # a damaged entry is a miss, not a crash, and is stored again
+    key = first.cache_key(requests[0])
+    for path in logs:
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join("{not json\n" if key in line else line for line in lines))
     third = client_for(server, cache_dir=cache)
-    victim = third.cache_path(requests[0])
-    assert victim.exists() and len(list(cache.rglob("*.json"))) == 12
-    victim.write_text("{not json")
+    assert len(third.cache) == 11 and third.cache.skipped_lines == 1
+    assert third.cached(requests[0]) is None
     third.chat_many(requests)
-    assert server.n_requests == 13 and json.loads(victim.read_text())["result"]["ok"]
-    assert not list(cache.rglob("*.tmp"))
+    assert server.n_requests == 13 and third.cached(requests[0]).content == results[0].content
+    assert len(client_for(server, cache_dir=cache).cache) == 12
 
 
 def test_budget_cap_stops_cleanly(make_server):
@@ -467,7 +475,9 @@ def test_planted_key_is_sent_but_never_stored(make_server, tmp_path, caplog, mon
     (run_dir / "client.pkl").write_bytes(pickle.dumps(client))
     (run_dir / "log.txt").write_text(caplog.text)
     files = [p for p in run_dir.rglob("*") if p.is_file()]
-    assert len(files) > 5
+    logs = list((run_dir / "cache" / "answers").glob("*.jsonl"))
+    assert len(files) == 5 and len(logs) == 1 and logs[0] in files  # the cache: one log
+    assert len(logs[0].read_text().splitlines()) >= 1
     for path in files:
         assert PLANTED.encode() not in path.read_bytes(), path
     assert PLANTED not in repr(client) and PLANTED not in str(client)
@@ -542,9 +552,8 @@ def test_cache_write_failure_still_returns_results(make_server, tmp_path, caplog
     server = make_server()
     cache = tmp_path / "cache"
     client = client_for(server, cache_dir=cache)
-    # a file where the cache's folders should be: every write fails with an OSError
-    (cache / "chat").write_text("not a folder")
-    (cache / "embed").write_text("not a folder")
+    # a file where the cache's log folder should be: every write fails with an OSError
+    (cache / "answers").write_text("not a folder")
     requests = [req(f"unwritable {i}") for i in range(3)]
     with caplog.at_level(logging.WARNING, logger="interp_lib.explain.client"):
         results = client.chat_many(requests)
@@ -552,7 +561,7 @@ def test_cache_write_failure_still_returns_results(make_server, tmp_path, caplog
     assert [r.ok for r in results] == [True] * 3
     assert [r.content for r in results] == [expected_content(r) for r in requests]
     assert vectors.shape == (2, 64)
-    assert "could not write cache file" in caplog.text
+    assert "could not write cache entry" in caplog.text
     # nothing was cached: the same requests are sent again, and still succeed
     assert all(r.ok for r in client.chat_many(requests)) and server.n_requests == 3 + 1 + 3
 
@@ -563,16 +572,22 @@ def test_cache_file_of_another_shape_is_a_miss(make_server, tmp_path, stored):
     server = make_server()
     client = client_for(server, cache_dir=tmp_path / "cache")
     request = req("odd cache file")
-    path = client.cache_path(request)
+    # in the old one-file-per-request layout, and in the log
+    path = client.cache.legacy_path("chat", client.cache_key(request))
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(stored))
     result = client.chat(request)
     assert result.ok and not result.cached and server.n_requests == 1
-    assert json.loads(path.read_text())["result"]["content"] == expected_content(request)
-    embed_path = client._cache_path(client._embed_key("x", "text-embedding-3-small"), "embed")
+    assert client.cached(request).content == expected_content(request)
+    embed_key = client._embed_key("x", "text-embedding-3-small")
+    embed_path = client.cache.legacy_path("embed", embed_key)
     embed_path.parent.mkdir(parents=True)
     embed_path.write_text(json.dumps(stored))
     assert client.embed(["x"]).shape == (1, 64) and server.n_requests == 2
+
+    other = request.__class__(req("odd log entry").messages)
+    client.cache.put("chat", client.cache_key(other), stored)
+    assert client.chat(other).ok and server.n_requests == 3
 
 
 def test_non_numeric_usage_counts_are_zero():
@@ -605,3 +620,128 @@ def test_unknown_price_with_a_budget_warns_and_fine_tunes_are_priced(make_server
     assert tuned.price() == tuned.prices["gpt-4o-mini"]
     assert tuned.price("ft:gpt-4o-2024-08-06:org:custom:id9") == tuned.prices["gpt-4o"]
     assert tuned.price("ft:unknown-base:org::id") == (0.0, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The answer store: the old layout migrated, several real processes writing at once
+# --------------------------------------------------------------------------------------------
+
+def test_old_one_file_per_request_cache_is_read_and_migrated(make_server, tmp_path):
+    import dataclasses
+
+    from interp_lib.explain.cache import AnswerStore
+
+    server = make_server()
+    cache = tmp_path / "cache"
+    client = client_for(server, cache_dir=cache)
+    requests = [req(f"old cache {i}") for i in range(3)]
+    # files as the previous releases wrote them: <kind>/<key[:2]>/<key>.json
+    for i, request in enumerate(requests):
+        key = client.cache_key(request)
+        path = cache / "chat" / key[:2] / f"{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        answer = ChatResult(ok=True, content=f"answered by an old run {i}", prompt_tokens=5)
+        path.write_text(json.dumps({"request": request.canonical(client.base_url, client.model),
+                                    "result": dataclasses.asdict(answer)}))
+    embed_key = client._embed_key("old text", "text-embedding-3-small")
+    (cache / "embed" / embed_key[:2]).mkdir(parents=True)
+    (cache / "embed" / embed_key[:2] / f"{embed_key}.json").write_text(
+        json.dumps({"model": "text-embedding-3-small", "embedding": [0.5, 0.25]}))
+
+    results = client.chat_many(requests[:2])  # read from the old layout, nothing sent
+    assert [r.content for r in results] == ["answered by an old run 0", "answered by an old run 1"]
+    assert all(r.cached for r in results) and server.n_requests == 0
+    np.testing.assert_array_equal(client.embed(["old text"]), [[0.5, 0.25]])
+
+    # migrate copies what is left (the two already read were copied when read)
+    store = AnswerStore(cache)
+    assert store.migrate(remove=True) == 2  # request 2 and the embedding
+    assert not list((cache / "chat").rglob("*.json")) and not list((cache / "embed").rglob("*.json"))
+    fresh = client_for(server, cache_dir=cache)
+    assert [r.content for r in fresh.chat_many(requests)] == [f"answered by an old run {i}" for i in range(3)]
+    np.testing.assert_array_equal(fresh.embed(["old text"]), [[0.5, 0.25]])
+    assert server.n_requests == 0
+
+
+STORE_WRITER = """
+import sys, time
+from pathlib import Path
+from interp_lib.explain.cache import AnswerStore
+root, worker, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+store = AnswerStore(root)
+while not (Path(root) / "go").exists():  # start together
+    time.sleep(0.005)
+for i in range(n):
+    key = f"k{(i + worker * n // 2) % (2 * n)}"  # half the keys shared with the next worker
+    # 6 kB values: longer than an atomic pipe write, so interleaved appends would show
+    store.put("chat", key, {"key": key, "text": key * (6000 // len(key))})
+"""
+
+
+def test_answer_store_with_concurrent_writer_processes(tmp_path):
+    import subprocess
+
+    from interp_lib.explain.cache import AnswerStore
+
+    root, n, workers = tmp_path / "store", 200, 4
+    root.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", STORE_WRITER, str(root), str(w), str(n)])
+             for w in range(workers)]
+    (root / "go").write_text("")
+    reader = AnswerStore(root)
+    while any(p.poll() is None for p in procs):  # read while they write: only whole entries
+        reader.refresh()
+        for (kind, key), value in reader.items():
+            assert value == {"key": key, "text": key * (6000 // len(key))}
+        time.sleep(0.01)
+    assert [p.wait(timeout=60) for p in procs] == [0] * workers
+
+    expected = {f"k{(i + w * n // 2) % (2 * n)}" for w in range(workers) for i in range(n)}
+    final = AnswerStore(root)
+    assert len(final) == len(expected) and final.skipped_lines == 0
+    assert {key for (_, key), _ in final.items()} == expected
+    assert all(v == {"key": k, "text": k * (6000 // len(k))} for (_, k), v in final.items())
+    logs = final.log_files()
+    assert len(logs) == workers and all(len(p.read_text().splitlines()) == n for p in logs)
+    reader.refresh()
+    assert len(reader) == len(expected)  # the live reader caught up with every writer
+
+    # compact: one file, same answers
+    merged = final.compact()
+    assert final.log_files() == [merged]
+    again = AnswerStore(root)
+    assert dict(again.items()) == dict(final.items())
+
+
+CLIENT_WORKER = """
+import sys
+from interp_lib.explain.client import ChatRequest, LLMClient
+url, cache, worker = sys.argv[1], sys.argv[2], int(sys.argv[3])
+client = LLMClient("local-model", base_url=url, cache_dir=cache, progress=False, timeout=5.0,
+                   concurrency=4)
+texts = [f"shared request {i}" for i in range(12)] + [f"own request {worker} {i}" for i in range(6)]
+requests = [ChatRequest([{"role": "user", "content": t}]) for t in texts]
+assert all(r.ok for r in client.chat_many(requests))
+"""
+
+
+def test_llm_clients_in_several_processes_share_one_cache(make_server, tmp_path):
+    import subprocess
+
+    server = make_server()
+    cache = tmp_path / "llm_cache"
+    procs = [subprocess.Popen([sys.executable, "-c", CLIENT_WORKER, server.url, str(cache), str(w)],
+                              stderr=subprocess.PIPE, text=True) for w in range(3)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    # each own request once; a shared one at most once per process (they ran at the same time)
+    assert 12 + 3 * 6 <= server.n_requests <= 3 * 18
+    texts = [f"shared request {i}" for i in range(12)] + [
+        f"own request {w} {i}" for w in range(3) for i in range(6)]
+    requests = [ChatRequest([{"role": "user", "content": t}]) for t in texts]
+    before = server.n_requests
+    client = client_for(server, cache_dir=cache)
+    results = client.chat_many(requests)
+    assert server.n_requests == before and all(r.cached for r in results)
+    assert [r.content for r in results] == [expected_content(r) for r in requests]
+    assert len(client.cache) == len(texts) and client.cache.skipped_lines == 0

@@ -15,7 +15,9 @@ halves the CPU per request and lets a body that is not JSON be retried) and retu
   (``supports_json_mode``, ``supports_logprobs``);
 * ``finish_reason == "length"`` gives ``ok=False``, ``failure="truncated (finish_reason=length)"``
   and keeps the partial text in ``content``;
-* a disk cache (one JSON file per request; a file that cannot be written is logged and skipped, keyed by the SHA-256 of the canonical request:
+* a disk cache (``interp_lib.explain.cache.AnswerStore``: one append-only log per writing
+  process, shared safely by concurrent workers; the old one-file-per-request layout is still
+  read; an entry that cannot be written is logged and skipped), keyed by the SHA-256 of the canonical request:
   base_url, model, messages, max_tokens, temperature, json_mode, logprobs, top_logprobs -- never
   the API key, never ``tag``), so a rerun or a resumed run sends no request twice. Only
   successful results are cached. Identical requests in one batch are sent once. As a
@@ -61,7 +63,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ from typing import Any, Mapping, Sequence
 from urllib.parse import parse_qsl, unquote, urlparse, urlsplit, urlunsplit
 
 import numpy as np
+
+from .cache import AnswerStore
 
 __all__ = ["ChatRequest", "ChatResult", "UsageStats", "LLMClient", "DEFAULT_PRICES",
            "EndpointError", "ResponseTooLargeError", "resolve_api_key", "request_cache_key",
@@ -427,24 +430,6 @@ def _parse_logprobs(raw: Any) -> list[dict] | None:
     return None
 
 
-def _atomic_write_json(path: Path, payload: Any) -> None:
-    """Temp file + ``os.replace``: a reader sees the old file or the whole new one. No fsync: a
-    file damaged by a power cut is detected on load and the request is simply sent again, while
-    an fsync per response costs more than the request itself on a busy disk or Drive."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 _UNSUPPORTED_PHRASES = ("not supported", "unsupported", "does not support", "unknown",
                         "unrecogni", "extra inputs", "extra fields", "not allowed", "not permitted")
 
@@ -565,8 +550,9 @@ class LLMClient:
                           f"{self.model!r}: (USD per 1M prompt tokens, USD per 1M completion "
                           "tokens)}", UserWarning, stacklevel=2)
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.cache: AnswerStore | None = None
         if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self.cache = AnswerStore(self.cache_dir)
         self.dry_run, self.progress, self.seed = bool(dry_run), bool(progress), seed
         self.usage = UsageStats()
         self.stopped_reason: str | None = None
@@ -625,40 +611,46 @@ class LLMClient:
     def cache_key(self, request: ChatRequest) -> str:
         return request_cache_key(request, self.base_url, self.model)
 
-    def cache_path(self, request: ChatRequest) -> Path | None:
-        """Where the cached result of ``request`` lives (None without a cache_dir)."""
-        return self._cache_path(self.cache_key(request))
-
-    def _cache_path(self, key: str, kind: str = "chat") -> Path | None:
-        if self.cache_dir is None:
+    def cached(self, request: ChatRequest) -> ChatResult | None:
+        """The cached answer to ``request`` (None without a cache, or when not cached)."""
+        if self.cache is None:
             return None
-        return self.cache_dir / kind / key[:2] / f"{key}.json"
+        self.cache.refresh()
+        return self._cache_load(self.cache_key(request))
 
     def _cache_load(self, key: str) -> ChatResult | None:
-        path = self._cache_path(key)
-        if path is None or not path.exists():
+        if self.cache is None:
+            return None
+        in_store = ("chat", key) in self.cache
+        stored = self.cache.get("chat", key)
+        if stored is None:
             return None
         try:
-            stored = json.loads(path.read_text(encoding="utf-8"))["result"]
+            stored = stored["result"]
             names = {f.name for f in dataclasses.fields(ChatResult)}
             result = ChatResult(**{k: v for k, v in stored.items() if k in names})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            # damaged or of another shape ({"result": null}, a list): a miss, sent again
-            log.warning("ignoring unreadable cache file %s (%s)", path, type(exc).__name__)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # of another shape ({"result": null}, a list): a miss, sent again
+            log.warning("ignoring a cache entry of another shape for %s (%s)", key[:12],
+                        type(exc).__name__)
             return None
         if result.ok is not True or not isinstance(result.content, str):
             return None
         if len(result.content) > self._body_limit(max_tokens=None):
             return None  # an answer of a size no response may have now: sent again
+        if not in_store:  # found in the old one-file-per-request layout: migrate it
+            try:
+                self.cache.put("chat", key, {"result": stored})
+            except OSError as exc:
+                log.warning("could not write cache entry %s (%s)", key[:12], exc)
         return dataclasses.replace(result, cached=True, attempts=0)
 
     def _cache_store(self, key: str, request: ChatRequest, result: ChatResult) -> None:
-        path = self._cache_path(key)
-        if path is None or not result.ok:
+        if self.cache is None or not result.ok:
             return
         payload = {"request": request.canonical(self.base_url, self.model),
                    "result": dataclasses.asdict(dataclasses.replace(result, cached=False))}
-        _atomic_write_json(path, payload)
+        self.cache.put("chat", key, payload)
 
     def _check_requests(self, requests: Sequence[ChatRequest]) -> list[ChatRequest]:
         if isinstance(requests, ChatRequest) or not isinstance(requests, Sequence):
@@ -923,6 +915,8 @@ class LLMClient:
         its full ``max_tokens``, so the estimate is on the high side. Identical requests count
         once."""
         requests = self._check_requests(requests)
+        if self.cache is not None:
+            self.cache.refresh()
         seen: set[str] = set()
         calls, usd = 0, 0.0
         for request in requests:
@@ -941,6 +935,8 @@ class LLMClient:
         groups: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
             groups.setdefault(key, []).append(i)
+        if self.cache is not None:  # what other processes stored since (one read of new lines)
+            await asyncio.to_thread(self.cache.refresh)
         found = {key: self._cache_load(key) for key in groups}
         to_send = [key for key in groups if found[key] is None]
         n_cached = sum(len(groups[k]) for k in groups if found[k] is not None)
@@ -972,13 +968,13 @@ class LLMClient:
             async def run(key: str) -> None:
                 request = requests[groups[key][0]]
                 sent[key] = await self._send(client, sem, request)
-                if sent[key].ok and self.cache_dir is not None:
+                if sent[key].ok and self.cache is not None:
                     # a slow disk (Drive) must not block the event loop; a failed write (full
                     # disk, read-only folder) loses only the cache entry, never the result
                     try:
                         await asyncio.to_thread(self._cache_store, key, request, sent[key])
                     except OSError as exc:
-                        log.warning("could not write cache file for %s (%s)", request.tag or key[:12],
+                        log.warning("could not write cache entry for %s (%s)", request.tag or key[:12],
                                     exc)
                 bar.update(len(groups[key]))
                 bar.set_postfix_str(f"${self.usage.cost_usd:.4f}", refresh=False)
@@ -1040,14 +1036,15 @@ class LLMClient:
         texts = list(texts)
         vectors: dict[str, list[float]] = {}
         keys = [self._embed_key(t, model) for t in texts]
+        if self.cache is not None:
+            self.cache.refresh()
         for key in set(keys):
-            path = self._cache_path(key, "embed")
-            if path is not None and path.exists():
+            stored = None if self.cache is None else self.cache.get("embed", key)
+            if stored is not None:
                 try:
-                    vector = json.loads(path.read_text(encoding="utf-8"))["embedding"]
-                    vectors[key] = [float(x) for x in vector]
-                except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                    log.warning("ignoring unreadable cache file %s", path)
+                    vectors[key] = [float(x) for x in stored["embedding"]]
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    log.warning("ignoring a cache entry of another shape for embedding %s", key[:12])
         missing = list(dict.fromkeys(k for k in keys if k not in vectors))
         if missing:
             if self.dry_run:
@@ -1105,12 +1102,11 @@ class LLMClient:
                         self.usage.cost_usd += self.cost(n_tokens, 0, model)
                     for key, vec in zip(keys[start:start + EMBED_BATCH], vecs):
                         out[key] = vec
-                        path = self._cache_path(key, "embed")
-                        if path is not None:
+                        if self.cache is not None:
                             try:
-                                _atomic_write_json(path, {"model": model, "embedding": vec})
+                                self.cache.put("embed", key, {"model": model, "embedding": vec})
                             except OSError as exc:  # a cache is an optimisation: keep the vector
-                                log.warning("could not write cache file %s (%s)", path, exc)
+                                log.warning("could not write cache entry %s (%s)", key[:12], exc)
                     return
                 if outcome.fatal and self.endpoint_error is not None:
                     raise EndpointError(self.endpoint_error)
