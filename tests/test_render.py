@@ -203,3 +203,26 @@ def test_reliability_count_strip_has_its_own_scale():
     counts = [t for t in figure.data if t.name == "inputs per bin"]
     assert [list(t.y) for t in counts] == [[3, 40, 900, 2500, 12]] * 2
     assert figure.layout.yaxis3.range[1] >= 2500 and figure.layout.yaxis.range[1] == 1
+
+
+def test_report_keeps_full_explanations_names_the_salience_and_flags_contradictions():
+    from interp_lib.explain.report import markdown_report, records_table
+
+    long = ("Induction head: when the current token occurred earlier it attends to the token that followed "
+            "that earlier occurrence, so a repeated sequence can be continued; " * 3).strip()
+    records = _records()
+    records[0].explanation = Explanation(text=long)
+    records[0].scores = {"contrastive": ScoreResult("contrastive", -0.8, n=6)}
+    records[1].stats = {"causal_random": 0.0123}
+    records[1].causal_effect = 0.25
+    text = markdown_report(records, {"config": {"model": "toy-2l", "salience": "next_token_effect"}})
+    assert long in text                                       # never cut mid-word
+    assert "Events are ranked by `next_token_effect`: (z W_O) . (W_U[:, next]" in text
+    assert "**contradicted by its score**: contrastive -0.800 Cohen's d, at or below chance 0" in text
+    row = next(line for line in text.splitlines() if line.startswith("| L0H0 |"))
+    assert "| contradicted |" in row
+    shown = records_table(records)
+    assert shown.cells["verdict"].tolist() == ["contradicted", "supported", "supported", "supported"]
+    assert shown.cells["explanation"][0] == long
+    assert shown.cells["ablated at top events (Δ loss, nats)"].tolist()[:2] == ["—", "0.250"]
+    assert shown.cells["unit (chance)"][1] == "Pearson r (0)"

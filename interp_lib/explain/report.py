@@ -86,6 +86,21 @@ def score_heatmap(records: Sequence[HeadRecord], n_layers: int, n_heads: int, sc
     return figure
 
 
+def score_verdict(record: HeadRecord) -> dict | None:
+    """See :func:`interp_lib.explain.viewer.score_verdict` (the score that judges the
+    explanation, and whether it is at or below the scorer's chance level)."""
+    from .viewer import score_verdict as verdict
+
+    return verdict(record)
+
+
+def _verdict_cell(record: HeadRecord) -> str:
+    verdict = score_verdict(record)
+    if verdict is None:
+        return "–"
+    return "contradicted" if verdict["contradicted"] else "supported"
+
+
 def markdown_report(records: Sequence[HeadRecord], meta: Mapping | None = None, n_best: int = 5,
                     n_events: int = 3) -> str:
     meta = dict(meta or {})
@@ -97,6 +112,12 @@ def markdown_report(records: Sequence[HeadRecord], meta: Mapping | None = None, 
                      f"{config.get('windows')} windows x {config.get('window_len')} tokens "
                      f"({_md(config.get('dataset'))}), top-{config.get('top_k')} events per head, "
                      f"seed {config.get('seed')}.")
+        if config.get("salience"):
+            from .events import SALIENCE_DESCRIPTIONS
+
+            salience = str(config["salience"])
+            lines.append("")
+            lines.append(f"Events are ranked by `{_md(salience)}`: {_md(SALIENCE_DESCRIPTIONS.get(salience, ''))}.")
         lines.append("")
     skipped = meta.get("skipped_scorers") or {}
     for name, why in skipped.items():
@@ -117,13 +138,13 @@ def markdown_report(records: Sequence[HeadRecord], meta: Mapping | None = None, 
 
     names = [s for s in SCORE_ORDER if any(s in r.scores for r in records)]
     names += sorted({k for r in records for k in r.scores} - set(names))
-    header = ["head", "family", *names, "causal Δloss", "explanation"]
+    header = ["head", "family", *names, "causal Δloss (nats)", "verdict", "explanation"]
     lines += ["## Scores", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in records:
         text = record.explanation.text if record.explanation else f"FAILED: {record.failure}"
         family = "–" if record.family is None else (str(record.family) if record.family >= 0 else "none")
         cells = [record.label, family, *[_fmt(record.scores[n].score) if n in record.scores else "–" for n in names],
-                 _fmt(record.causal_effect), _md(text)[:200]]
+                 _fmt(record.causal_effect), _verdict_cell(record), _md(text)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
 
@@ -163,6 +184,10 @@ def markdown_report(records: Sequence[HeadRecord], meta: Mapping | None = None, 
                 lines.append(f"- attends from: {_md(e.attends_from)}; to: {_md(e.attends_to)}")
         else:
             lines.append(f"No explanation: {_md(record.failure)}")
+        verdict = score_verdict(record)
+        if verdict is not None and verdict["contradicted"]:
+            lines.append(f"- **contradicted by its score**: {verdict['scorer']} {_fmt(verdict['score'])} "
+                         f"{verdict['unit']}, at or below chance {verdict['chance']:g}")
         if record.heuristic is not None and record.heuristic is not record.explanation \
                 and (record.explanation is None or record.heuristic.text != record.explanation.text):
             lines.append(f"- heuristic baseline: {_md(record.heuristic.text)}")
@@ -240,3 +265,27 @@ def records_frame(records: Sequence[HeadRecord]):
         row.update({f"score_{name}": result.score for name, result in r.scores.items()})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def records_table(records: Sequence[HeadRecord], *, digits: int = 3):
+    """The records as a readable table (:func:`interp_lib.display.table`): head, family, the
+    explanation (full, wrapped), the scorer that judges it with its score and unit, whether the
+    score contradicts it, and the causal check in nats. :func:`records_frame` has every column."""
+    import pandas as pd
+
+    from ..display import table
+
+    rows = []
+    for r in records:
+        verdict = score_verdict(r)
+        family = None if r.family is None else ("unclustered" if r.family < 0 else
+                                                f"{r.family}: {r.family_label}" if r.family_label else str(r.family))
+        rows.append({"head": r.label, "family": family,
+                     "explanation": r.explanation.text if r.explanation else f"no explanation: {r.failure}",
+                     "scorer": None if verdict is None else verdict["scorer"] + (" (refined)" if verdict["scores_key"] == "refined" else ""),
+                     "score": None if verdict is None else verdict["score"],
+                     "unit (chance)": None if verdict is None else f"{verdict['unit']} ({verdict['chance']:g})",
+                     "verdict": None if verdict is None else ("contradicted" if verdict["contradicted"] else "supported"),
+                     "causal_effect": r.causal_effect, "causal_random": r.stats.get("causal_random")})
+    return table(pd.DataFrame(rows), digits=digits, units={"causal_effect": "Δ loss, nats", "causal_random": "Δ loss, nats"},
+                 names={"causal_effect": "ablated at top events", "causal_random": "ablated at random positions"})
