@@ -628,26 +628,26 @@ def claim6_reproducibility(per_run: pd.DataFrame, claimed_cv: float = 0.02, min_
                    reason, cv=cvs, n_runs=len(data))
 
 
-def measure_reproducibility(model, text: str, n_runs: int = 10, window_len: int = 32, n_windows: int = 32,
-                            n_bins: int = 15, seed: int = 0) -> pd.DataFrame:
+def measure_reproducibility(model, pool, n_runs: int = 10, n_windows: int = 16, n_bins: int = 15,
+                            seed: int = 0) -> pd.DataFrame:
     """One row per run: next-token ``accuracy``, ``nll`` and ``ece`` of ``model`` on ``n_windows``
-    windows of ``text`` drawn with seed ``seed + run`` (the data resampled, the model fixed: a
-    pretrained model has no training seed here)."""
+    windows drawn without replacement from ``pool`` [n, pos] (all held-out windows) with seed
+    ``seed + run``: the data resampled, the model fixed (a pretrained model has no training
+    seed here)."""
     import torch
 
     from .calibration import expected_calibration_error, next_token_predictions
-    from .data import text_windows
 
     if isinstance(n_runs, bool) or not isinstance(n_runs, int) or n_runs < 1:
         raise ValueError(f"n_runs={n_runs!r}: expected a positive integer")
-    every = text_windows(model, text, window_len, None, seed=seed)  # tokenised once
-    if len(every) < n_windows:
-        raise ValueError(f"n_windows={n_windows}: the text gives only {len(every)} windows of {window_len} tokens")
+    if not isinstance(pool, torch.Tensor) or pool.ndim != 2:
+        raise ValueError(f"pool: expected a [n, pos] tensor of token windows, got {type(pool).__name__}")
+    if len(pool) < n_windows:
+        raise ValueError(f"n_windows={n_windows}: the pool holds only {len(pool)} windows")
     rows = []
     for run in range(n_runs):
-        rows_of_run = np.random.default_rng(seed + run).choice(len(every), n_windows, replace=False)
-        tokens = every[torch.from_numpy(np.sort(rows_of_run))]
-        predictions = next_token_predictions(model, tokens, keep_logits=False)
+        chosen = np.random.default_rng(seed + run).choice(len(pool), n_windows, replace=False)
+        predictions = next_token_predictions(model, pool[torch.from_numpy(np.sort(chosen))], keep_logits=False)
         rows.append({"run": run, "accuracy": predictions.accuracy, "nll": float(predictions.nll.mean()),
                      "ece": expected_calibration_error(predictions.confidence, predictions.correct, n_bins)})
     return pd.DataFrame(rows).set_index("run")
@@ -866,8 +866,9 @@ def measure_explainer_comparison(model, model_name: str, out: str | Path, explai
     for explainer in explainers:
         config = _explainer_config(model_name, explainer, base, windows, window_len, dry, seed)
         with contextlib.redirect_stdout(io.StringIO()):
-            runs[explainer] = run_explainer(config, Path(out) / explainer.replace("/", "_"), model=model,
-                                            progress=False)
+            # one run folder: the sample / events / heuristic stages do not depend on the explainer,
+            # so the second run reuses them (the same events for both, as the claim needs)
+            runs[explainer] = run_explainer(config, Path(out), model=model, progress=False)
     if dry:
         calls = sum(int(r.usage.get("dry_run", {}).get("calls", 0)) for r in runs.values())
         cost = sum(float(r.usage.get("dry_run", {}).get("estimated_cost_usd", 0.0)) for r in runs.values())
@@ -928,7 +929,7 @@ def run_claims(model, model_name: str, *, dataset: str = "auto", window_len: int
     import torch
 
     from .calibration import next_token_predictions
-    from .data import load_texts
+    from .data import load_texts, text_windows
     from .heads import ablation_effects, attention_patterns, detect_heads, known_heads
 
     stage = stage or (lambda name, fn: fn())
@@ -966,7 +967,11 @@ def run_claims(model, model_name: str, *, dataset: str = "auto", window_len: int
                                 n_heads_total=data["n_heads_total"], n_boot=n_boot, seed=seed)
 
     def c6():
-        return claim6_reproducibility(measure_reproducibility(model, test_text, n_runs, window_len, n_windows // 2,
+        if str(model_name) in ("toy-1l", "toy-2l"):
+            pool = _task_tokens(model, model_name, test_text, 8 * n_windows, window_len, seed + 2)
+        else:
+            pool = text_windows(model, test_text, window_len, None, seed=seed)
+        return claim6_reproducibility(measure_reproducibility(model, pool, n_runs, max(2, n_windows // 2),
                                                               seed=seed), seed=seed)
 
     def c7():

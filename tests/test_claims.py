@@ -256,3 +256,15 @@ def test_results_round_trip_and_tabulate():
     assert metrics["n_not_testable"] == 1.0 and metrics["n_supported"] == 1.0
     with pytest.raises(ValueError, match="verdict="):
         claims.ClaimResult(1, "x", "m", None, None, None, "maybe", "")
+
+
+def test_measure_reproducibility_resamples_windows(toy_2l):
+    pool = claims._task_tokens(toy_2l, "toy-2l", "", 24, 32, seed=0)
+    frame = claims.measure_reproducibility(toy_2l, pool, n_runs=3, n_windows=6)
+    assert list(frame.columns) == ["accuracy", "nll", "ece"] and len(frame) == 3
+    assert frame["nll"].nunique() == 3  # different windows per run
+    # BOS + S + S with |S| = 15: 30 predictions, of which only the 14 inside the second copy
+    # can be right beyond chance (1/512); toy-2l copies most of them
+    assert 0.25 < frame["accuracy"].mean() <= 14 / 30 + 0.02
+    with pytest.raises(ValueError, match="pool holds only"):
+        claims.measure_reproducibility(toy_2l, pool, n_windows=25)
