@@ -838,23 +838,24 @@ def claim9_explainer_comparison(weak_scores: Mapping | None = None, strong_score
 
 
 def _explainer_config(model_name: str, explainer: str, base_url: str | None, windows: int, window_len: int,
-                      dry_run: bool, seed: int):
+                      dry_run: bool, seed: int, embedding: str):
     from .explain.config import ExplainConfig
 
     return ExplainConfig(model=model_name, explainer=explainer, base_url=base_url, windows=windows,
                          window_len=window_len, scorers=("simulation",), refine_rounds=0, dry_run=dry_run,
-                         seed=seed)
+                         seed=seed, embedding=embedding)
 
 
 def measure_explainer_comparison(model, model_name: str, out: str | Path, explainers: Sequence[str] = (
         "gpt-4o-mini", "gpt-4o"), base_url: str | None = None, windows: int = 64, window_len: int = 32,
-        seed: int = 0, dry_run: bool | None = None) -> dict[str, Any]:
+        seed: int = 0, dry_run: bool | None = None, embedding: str = "sentence-transformers") -> dict[str, Any]:
     """Claim 9's data: the explainer pipeline for each of two explainer models on the same events
     (same sample, seed and held-out split), simulation scorer only, no refinement.
 
     With ``dry_run`` (default: when no endpoint is configured) nothing is sent: returns
     ``{"dry_run": {"calls", "estimated_cost_usd"}}`` summed over both explainers. Otherwise
-    ``{"weak_scores", "strong_scores", "families"}``."""
+    ``{"weak_scores", "strong_scores", "families"}``. ``embedding``: the taxonomy's text
+    embeddings (``il.explain.ExplainConfig.embedding``)."""
     import contextlib
     import io
 
@@ -864,7 +865,7 @@ def measure_explainer_comparison(model, model_name: str, out: str | Path, explai
     base = None if base_url in (None, "", "none", "auto") else base_url
     runs = {}
     for explainer in explainers:
-        config = _explainer_config(model_name, explainer, base, windows, window_len, dry, seed)
+        config = _explainer_config(model_name, explainer, base, windows, window_len, dry, seed, embedding)
         with contextlib.redirect_stdout(io.StringIO()):
             # one run folder: the sample / events / heuristic stages do not depend on the explainer,
             # so the second run reuses them (the same events for both, as the claim needs)

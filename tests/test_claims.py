@@ -3,7 +3,9 @@ where it is false (synthetic predictions / scores, or the bundled toy models who
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -268,3 +270,37 @@ def test_measure_reproducibility_resamples_windows(toy_2l):
     assert 0.25 < frame["accuracy"].mean() <= 14 / 30 + 0.02
     with pytest.raises(ValueError, match="pool holds only"):
         claims.measure_reproducibility(toy_2l, pool, n_windows=25)
+
+
+def stand_in_llm(body: dict) -> str:
+    """A deterministic stand-in LLM following each prompt's answer format; its answers do not
+    depend on the model name, so two 'explainers' served by it are equally strong."""
+    from interp_lib.explain.prompts import EXPLAIN_SYSTEM, SIMULATE_SYSTEM
+
+    system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
+    if system == EXPLAIN_SYSTEM:
+        return json.dumps({"explanation": "Attends from a token to the token right before it.",
+                           "attends_from": "every token", "attends_to": "the previous token",
+                           "positive_examples": ["the cat sat"], "negative_examples": ["a"]})
+    if system == SIMULATE_SYSTEM:
+        n = int(re.search(r"Give the (\d+) activations", user).group(1))
+        words = user.split()
+        return json.dumps({"activations": [len(words[-1 - i]) % 11 if i < len(words) else 0 for i in range(n)]})
+    return "Previous-token heads"
+
+
+def test_claim9_runs_both_explainers_against_a_local_endpoint(toy_2l, make_server, tmp_path, monkeypatch):
+    """With an endpoint configured (a real local OpenAI-compatible server) the comparison runs
+    both explainers on the same events and gets a simulation score per head and families; the
+    verdict is decided. The server answers alike for both model names: ratio 1, not supported."""
+    monkeypatch.setenv("INTERP_LIB_API_KEY", "local-test-key")
+    server = make_server(responder=stand_in_llm)
+    data = claims.measure_explainer_comparison(toy_2l, "toy-2l", tmp_path / "explain", explainers=("small", "large"),
+                                               base_url=server.url, windows=8, embedding="tfidf")
+    assert set(data) == {"weak_scores", "strong_scores", "families"}
+    assert len(data["weak_scores"]) == 8 and data["weak_scores"] == data["strong_scores"]
+    assert server.n_requests > 0 and len(data["families"]) == 8
+    result = claims.claim9_explainer_comparison(data["weak_scores"], data["strong_scores"], data["families"],
+                                                n_boot=50)
+    assert result.verdict == "not supported", result.reason
+    assert result.measured is None or result.measured == pytest.approx(1.0)
