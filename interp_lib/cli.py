@@ -61,7 +61,8 @@ def _add_run_command(subparsers: argparse._SubParsersAction) -> None:
                              "literal when it can be (64, 0.5, true, [1, 2]), else kept as text. "
                              "Repeat -p KEY with other values for a grid: -p n_bins 10 -p n_bins 15")
     parser.add_argument("--out", default="runs/series", metavar="DIR",
-                        help="run folder (default: runs/series under the current directory)")
+                        help="run folder (default: runs/series under the current directory), "
+                             "or an fsspec URL (s3://, gs://, file://) where its package is installed")
     parser.add_argument("--model", nargs="+", default=[], metavar="NAME", dest="models",
                         help="model_name for every notebook (bundled toy name, hub name or local "
                              "HF directory); several names: one configuration each; default: "

@@ -2,8 +2,8 @@
 
 Each (notebook, configuration, seed) of the sweep is one Ray task that declares its resources
 (``num_cpus``, ``num_gpus``) and calls the same ``interp_lib.runner.execute_task`` the local
-executor calls, writing into the run folder, which every worker must reach (a shared directory;
-on one machine, any folder). The driver keeps run.json and the tables, updated as tasks finish,
+executor calls, writing into the run folder, which every worker must reach: a shared directory
+(on one machine, any folder) or an fsspec URL such as ``s3://`` / ``gs://`` (see the runner). The driver keeps run.json and the tables, updated as tasks finish,
 in the order they finish.
 
 Faults: a task whose worker process dies (killed, out of memory, node lost) is re-run by Ray up
@@ -123,10 +123,12 @@ def run_tasks_on_ray(tasks: Sequence[dict[str, Any]], run_dir: str, *, kernel: s
 def _ray_failure(exc: BaseException, task: dict[str, Any], run_dir: str) -> dict[str, Any]:
     from pathlib import Path
 
-    from .runner import _attempts_file
+    from .runner import _ATTEMPTS_DIR, _attempts_name, is_url
 
-    attempts = _attempts_file(Path(run_dir), task)
-    count = len(attempts.read_text().splitlines()) if attempts.is_file() else 0
+    count = 0
+    folder = Path(run_dir) / _ATTEMPTS_DIR / _attempts_name(task["output"])
+    if not is_url(run_dir) and folder.is_dir():
+        count = len(list(folder.iterdir()))
     line = f"{type(exc).__name__}: {_first_line(exc)}"
     return {"status": "failed", "error": line, "seconds": 0.0, "metrics": None, "attempt": count,
             "failure": {"type": type(exc).__name__, "message": str(exc)[:2000]}}

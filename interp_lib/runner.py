@@ -30,6 +30,12 @@ What ``interp-lib run`` and ``interp-lib aggregate`` do, as importable pieces:
                                        (absent when nothing varies: OUT/seed-<s>/)
       OUT/[<config>/]seed-<s>/metrics/<stem>.json  written by the notebook (record_metrics)
 
+``OUT`` may be an fsspec URL (``s3://bucket/run``, ``gs://...``, ``file://...``) where the
+filesystem's package is installed: each notebook then runs in a local scratch folder (on the
+Ray worker, with the ray executor) whose files are uploaded when it ends, and the driver stages
+run.json and the tables locally and uploads them as they change. No run lock there: object
+stores have no atomic create.
+
 Notebook contract (see notebooks/README.md): the cell tagged ``parameters`` declares at least
 ``model_name``, ``seed`` and ``output_dir``. The runner passes ``seed``, ``output_dir`` (the
 absolute ``OUT/[<config>/]seed-<s>`` folder) and, with ``--model``, ``model_name``; ``-p KEY VALUE`` goes
@@ -71,6 +77,7 @@ import math
 import numbers
 import os
 import re
+import secrets
 import sys
 import tempfile
 import time
@@ -796,7 +803,7 @@ def _config_label(parts: Sequence[str]) -> str:
 
 
 def plan_grid(plans: Sequence[NotebookPlan], params: Sequence[tuple[str, str]],
-              models: Sequence[str], seeds: Sequence[int], out: Path) -> list[NotebookTask]:
+              models: Sequence[str], seeds: Sequence[int], out: Path | str) -> list[NotebookTask]:
     """Every (notebook, configuration, seed) of the sweep, in run order: models, then the
     parameter grid, then seeds, then notebooks. A notebook that does not declare a grid key runs
     once per value of the keys it does declare (no duplicate executions). A configuration lives
@@ -840,7 +847,8 @@ def plan_grid(plans: Sequence[NotebookPlan], params: Sequence[tuple[str, str]],
                         label += "-" + hashlib.sha1(repr(owner).encode()).hexdigest()[:8]
                         owners.setdefault(label, owner)
                     folder = Path(label) / f"seed-{seed}" if label else Path(f"seed-{seed}")
-                    output_dir = str(out / folder)
+                    output_dir = (f"{out.rstrip('/')}/{folder.as_posix()}" if is_url(out)
+                                  else str(Path(out) / folder))
                     tasks.append(NotebookTask(
                         notebook=plan.stem, path=str(plan.path.resolve()), seed=seed, config=label,
                         model=model, params=nb_params,
@@ -952,27 +960,77 @@ _URL_USERINFO_SUB = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@]*@")
 _ATTEMPTS_DIR = ".attempts"
 
 
-def _attempts_file(out: Path, task: NotebookTask | dict) -> Path:
-    output = task["output"] if isinstance(task, dict) else task.output
-    return out / _ATTEMPTS_DIR / f"{output}.log"
+def is_url(out: str | os.PathLike) -> bool:
+    """Whether ``out`` is an fsspec URL (``s3://``, ``gs://``, ``file://``, ``memory://``...)."""
+    return isinstance(out, str) and bool(_URL_RE.match(out))
+
+
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def url_filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path) for ``url``; RunInputError naming the package to install when
+    its filesystem is not available."""
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        raise RunInputError(f"--out {url}: its filesystem is not installed "
+                            f"({_first_line(exc)})") from None
+    except (ValueError, OSError) as exc:
+        raise RunInputError(f"--out {url}: {type(exc).__name__}: {_first_line(exc)}") from None
+    return fs, path
+
+
+def _attempts_name(output: str) -> str:
+    """``<config>/seed-<s>/<stem>``: the attempts folder of the task writing ``output``."""
+    return output[:-len(".ipynb")] if output.endswith(".ipynb") else output
+
+
+def _attempt_marker(run_dir: str, task: dict[str, Any]) -> int:
+    """Leave one marker file per attempt of ``task`` under ``<run>/.attempts/<output>/`` (a
+    retry after a dead worker adds one) and return how many there are: plain files, so it
+    works on a shared folder and on an object store alike."""
+    name = f"{time.time_ns()}-{os.getpid()}-{secrets.token_hex(3)}"
+    if is_url(run_dir):
+        fs, root = url_filesystem(run_dir)
+        folder = f"{root.rstrip('/')}/{_ATTEMPTS_DIR}/{_attempts_name(task['output'])}"
+        fs.makedirs(folder, exist_ok=True)
+        fs.pipe_file(f"{folder}/{name}", b"")
+        return len(fs.ls(folder, detail=False))
+    folder = Path(run_dir) / _ATTEMPTS_DIR / _attempts_name(task["output"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).touch()
+    return len(list(folder.iterdir()))
+
+
+def attempt_pids(run_dir: str | os.PathLike, output: str) -> list[int]:
+    """The process ids of a task's attempts, in order (from the attempt markers)."""
+    folder = Path(run_dir) / _ATTEMPTS_DIR / _attempts_name(output)
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return [int(name.split("-")[1]) for name in names]
 
 
 def execute_task(task: dict[str, Any], run_dir: str, kernel: str = DEFAULT_KERNEL,
                  timeout: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Execute one ``NotebookTask`` (as a dict) into the run folder ``run_dir``: the same call
-    for every executor, in this process or on a Ray worker. Appends a line to the task's
-    attempts log first (so a retry after a dead worker is counted), removes a stale metrics
-    file, runs papermill. Returns ``{"status", "error", "failure", "seconds", "metrics",
-    "attempt"}``; a notebook's exception is a ``failed`` result, never raised."""
-    import papermill
+    """Execute one ``NotebookTask`` (as a dict) into the run folder ``run_dir`` (a path, or an
+    fsspec URL): the same call for every executor, in this process or on a Ray worker. Leaves
+    an attempt marker first (so a retry after a dead worker is counted), removes a stale
+    metrics file, runs papermill. With a URL the notebook runs in a local scratch folder whose
+    contents are uploaded afterwards (there, its checkpoints do not outlive a dead worker).
+    Returns ``{"status", "error", "failure", "seconds", "metrics", "attempt",
+    "metrics_record"}``; a notebook's exception is a ``failed`` result, never raised."""
+    import shutil
 
-    out = Path(run_dir)
-    attempts = _attempts_file(out, task)
-    attempts.parent.mkdir(parents=True, exist_ok=True)
-    with open(attempts, "a", encoding="utf-8") as handle:
-        handle.write(f"{_now()} pid {os.getpid()}\n")
-    attempt = len(attempts.read_text(encoding="utf-8").splitlines())
-    metrics_file = out / Path(task["output"]).parent / "metrics" / f"{task['notebook']}.json"
+    attempt = _attempt_marker(run_dir, task)
+    scratch = tempfile.mkdtemp(prefix="interp-lib-task-") if is_url(run_dir) else None
+    out = Path(scratch or run_dir)
+    folder = out / Path(task["output"]).parent
+    parameters = dict(task["parameters"])
+    if scratch is not None:
+        parameters["output_dir"] = str(folder)
+    metrics_file = folder / "metrics" / f"{task['notebook']}.json"
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.unlink(missing_ok=True)  # a stale file from an earlier run or attempt
     bar: bool | dict = ({"desc": f"  {task['notebook']}", "leave": False, "position": 1}
@@ -980,18 +1038,33 @@ def execute_task(task: dict[str, Any], run_dir: str, kernel: str = DEFAULT_KERNE
     started = time.perf_counter()
     status, error, failure = "ok", None, None
     try:
+        import papermill
+
         papermill.execute_notebook(
-            task["path"], str(out / task["output"]), parameters=task["parameters"],
+            task["path"], str(out / task["output"]), parameters=parameters,
             kernel_name=kernel, cwd=str(Path(task["path"]).parent), progress_bar=bar,
             execution_timeout=timeout, log_output=False)
     except Exception as exc:  # the notebook's error, a dead kernel, a timeout: all recorded
         status, error, failure = "failed", _describe_failure(exc), failure_detail(exc)
         if "cell_source" in failure:
             failure["cell_index"] = _source_cell_index(Path(task["path"]), failure["cell_source"])
-    return {"status": status, "error": error, "failure": failure,
-            "seconds": round(time.perf_counter() - started, 2),
-            "metrics": str(metrics_file.relative_to(out)) if metrics_file.is_file() else None,
-            "attempt": attempt}
+    record = None
+    if metrics_file.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads(metrics_file.read_text(encoding="utf-8"))
+    result = {"status": status, "error": error, "failure": failure,
+              "seconds": round(time.perf_counter() - started, 2),
+              "metrics": str(metrics_file.relative_to(out)) if metrics_file.is_file() else None,
+              "attempt": attempt, "metrics_record": record}
+    if scratch is not None:
+        try:
+            fs, root = url_filesystem(run_dir)
+            remote = f"{root.rstrip('/')}/{Path(task['output']).parent.as_posix()}"
+            fs.makedirs(remote, exist_ok=True)
+            fs.put(str(folder) + "/", remote + "/", recursive=True)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return result
 
 
 class _Run:
@@ -999,11 +1072,13 @@ class _Run:
     an interrupted run still says what finished)."""
 
     def __init__(self, config: RunConfig, argv: Sequence[str] | None, out: Path,
-                 plans: Sequence[NotebookPlan], tasks: Sequence[NotebookTask]):
+                 plans: Sequence[NotebookPlan], tasks: Sequence[NotebookTask],
+                 remote: str | None = None):
         from . import __version__
         from .versions import environment
 
         self.out = out
+        self.remote = remote
         grid = grid_alternatives(config.params)
         self.configs = sorted({t.config for t in tasks})
         self.record: dict[str, Any] = {
@@ -1035,12 +1110,25 @@ class _Run:
 
     def save(self) -> None:
         _atomic_write_text(self.out / "run.json", json.dumps(self.record, indent=2, default=str) + "\n")
+        self.upload("run.json")
+
+    def upload(self, *names: str) -> None:
+        """Copy files of the local staging folder to the run's URL (a no-op for a folder)."""
+        if self.remote is None:
+            return
+        fs, root = url_filesystem(self.remote)
+        for name in names:
+            if (self.out / name).is_file():
+                fs.put_file(str(self.out / name), f"{root}/{name}")
 
     def failures(self) -> list[dict[str, Any]]:
         return [r for r in self.record["runs"] if r["status"] == "failed"]
 
     def finish_entry(self, index: int, result: dict[str, Any]) -> dict[str, Any]:
         entry = self.record["runs"][index]
+        if self.remote is not None and result.get("metrics") and result.get("metrics_record"):
+            # the worker uploaded its files; the tables are built from this staged copy
+            _atomic_write_text(self.out / result["metrics"], json.dumps(result["metrics_record"]))
         entry.update(status=result["status"], error=result["error"], failure=result["failure"],
                      seconds=result["seconds"], metrics=result["metrics"],
                      attempts=result.get("attempt", 1))
@@ -1125,6 +1213,17 @@ def run_series(config: RunConfig, argv: Sequence[str] | None = None) -> int:
                  else "(not in a source checkout and no ./notebooks; pass --notebooks-dir)")
         raise RunInputError(f"no notebooks found {where}: expected files named like 00_name.ipynb")
     plans = inspect_notebooks(select_notebooks(series, config.notebooks))
+    if is_url(config.out):  # an fsspec URL: tables staged here, uploaded as they change
+        import shutil
+
+        remote = config.out.rstrip("/")
+        _check_writable_url(remote)
+        tasks = plan_grid(plans, config.params, config.models, seeds, remote)
+        staging = Path(tempfile.mkdtemp(prefix="interp-lib-run-"))
+        try:  # no RunLock: object stores have no atomic create; one writer is the user's job
+            return _run_locked(config, argv, staging, plans, tasks, seeds, remote=remote)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     out_path = Path(config.out).expanduser().absolute()
     tasks = plan_grid(plans, config.params, config.models, seeds, out_path)
     out = ensure_writable_dir(Path(config.out))
@@ -1141,13 +1240,30 @@ def run_series(config: RunConfig, argv: Sequence[str] | None = None) -> int:
         lock.release()
 
 
+def _check_writable_url(url: str) -> None:
+    fs, root = url_filesystem(url)
+    probe = f"{root}/.write-test-{secrets.token_hex(4)}"
+    try:
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm(probe)
+    except Exception as exc:  # every filesystem raises its own kinds
+        raise RunInputError(f"output folder {url} is not writable: {type(exc).__name__}: "
+                            f"{_first_line(exc)}") from None
+
+
 def _run_locked(config: RunConfig, argv: Sequence[str] | None, out: Path,
                 plans: Sequence[NotebookPlan], tasks: Sequence[NotebookTask],
-                seeds: list[int]) -> int:
+                seeds: list[int], remote: str | None = None) -> int:
     import shutil
 
     shutil.rmtree(out / _ATTEMPTS_DIR, ignore_errors=True)  # attempt counts are per run
-    run = _Run(config, argv, out, plans, tasks)
+    if remote is not None:
+        fs, root = url_filesystem(remote)
+        if fs.exists(f"{root}/{_ATTEMPTS_DIR}"):
+            fs.rm(f"{root}/{_ATTEMPTS_DIR}", recursive=True)
+    shown = remote or str(out)  # where results are, for the messages
+    run = _Run(config, argv, out, plans, tasks, remote=remote)
     run.save()
     from tqdm.auto import tqdm
 
@@ -1166,7 +1282,7 @@ def _run_locked(config: RunConfig, argv: Sequence[str] | None, out: Path,
             line += f" (attempt {entry['attempts']})"
         if entry["status"] == "failed":
             status = 1
-            line += f" -- {entry['error']} (see {out / entry['output']})"
+            line += f" -- {entry['error']} (see {shown}/{entry['output']})"
         elif entry["metrics"] is None:
             line += " (recorded no metrics)"
         bar.write(line, file=sys.stdout)
@@ -1181,7 +1297,7 @@ def _run_locked(config: RunConfig, argv: Sequence[str] | None, out: Path,
                     run.record["runs"][index]["status"] = "running"
 
                 run.record["ray"] = run_tasks_on_ray(
-                    [asdict(t) for t in tasks], str(out), kernel=config.kernel,
+                    [asdict(t) for t in tasks], remote or str(out), kernel=config.kernel,
                     timeout=config.timeout, address=config.address,
                     num_cpus=config.cpus_per_task, num_gpus=config.gpus_per_task,
                     max_retries=config.max_retries, on_done=report, on_submit=started)
@@ -1192,7 +1308,7 @@ def _run_locked(config: RunConfig, argv: Sequence[str] | None, out: Path,
                     bar.set_postfix_str(f"seed {task.seed} {task.notebook}")
                     run.record["runs"][index]["status"] = "running"
                     run.save()
-                    report(index, execute_task(asdict(task), str(out), config.kernel,
+                    report(index, execute_task(asdict(task), remote or str(out), config.kernel,
                                                config.timeout, config.progress))
             for entry in run.record["runs"]:
                 if entry["status"] in ("pending", "running"):
@@ -1204,7 +1320,7 @@ def _run_locked(config: RunConfig, argv: Sequence[str] | None, out: Path,
                 entry["status"] = "interrupted" if entry["status"] == "running" else "skipped"
         run.record.update(finished=_now(), status="interrupted")
         run.save()
-        print(f"error: interrupted; partial results in {out}", file=sys.stderr)
+        print(f"error: interrupted; partial results in {shown}", file=sys.stderr)
         return 130
     bar.close()
     run.save()
@@ -1217,15 +1333,16 @@ def _run_locked(config: RunConfig, argv: Sequence[str] | None, out: Path,
         table = ""
     run.record.update(finished=_now(), status="failed" if status else "ok")
     run.save()
+    run.upload("metrics.csv", "aggregate.csv", "aggregate.md", "summary.md")
 
     if table:
         print("\n" + table, end="")
     several = len(seeds) >= 2 or len(run.configs) > 1
     files = "run.json, aggregate.csv, aggregate.md" if several else "run.json, summary.md"
     layout = "<configuration>/seed-*/" if any(run.configs) else "seed-*/"
-    print(f"results in {out} ({files}, {layout})")
+    print(f"results in {shown} ({files}, {layout})")
     for entry in run.failures():
         where = f"seed {entry['seed']}" + (f", {entry['config']}" if entry["config"] else "")
         print(f"error: {entry['notebook']} failed for {where} ({entry['error']}); "
-              f"executed copy: {out / entry['output']}", file=sys.stderr)
+              f"executed copy: {shown}/{entry['output']}", file=sys.stderr)
     return status

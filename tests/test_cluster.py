@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 from interp_lib.cli import main
+from interp_lib.runner import attempt_pids
 
 ray = pytest.importorskip("ray")
 
@@ -106,8 +107,7 @@ def test_ray_sweep_equals_local_and_survives_a_killed_worker(ray_cluster, crashi
     assert run["ray"]["cpus"] == 2 and run["ray"]["max_retries"] == 2
     attempts = {(r["model"], r["seed"]): r["attempts"] for r in run["runs"]}
     assert attempts == {("toy-lm", 0): 2, ("toy-lm", 1): 1, ("toy-2l", 0): 1, ("toy-2l", 1): 1}
-    log = (on_ray / ".attempts" / "model=toy-lm" / "seed-0" / "01_sweep.ipynb.log").read_text()
-    pids = [int(line.split("pid ")[1]) for line in log.splitlines()]
+    pids = attempt_pids(on_ray, "model=toy-lm/seed-0/01_sweep.ipynb")
     assert len(pids) == 2 and pids[0] == killed_pid and pids[1] != killed_pid
 
     # resumed from its checkpoint: the stage finished before the kill was not computed again
@@ -142,6 +142,29 @@ def test_ray_failures_and_resource_errors(ray_cluster, tmp_path, capsys):
                  "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--cpus-per-task 8.0 / --gpus-per-task 0.0: the Ray cluster has 2 CPUs" in err
+
+
+def test_ray_writes_to_an_fsspec_url(ray_cluster, tmp_path, capsys):
+    """--out as a URL (file:// here; s3:// or gs:// where their package is installed): each task
+    runs in a scratch folder on its worker and uploads; the driver uploads run.json and tables."""
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    write_notebook(folder, "01_url", "from interp_lib.runner import record_metrics\n"
+                                     "record_metrics({'twice': 2.0 * seed}, output_dir, '01_url')")
+    target = tmp_path / "bucket" / "run"
+    assert main(["run", "--notebooks-dir", str(folder), "--seeds", "3", "4", "--executor", "ray",
+                 "--out", f"file://{target}", "--no-progress"]) == 0
+    assert f"results in file://{target}" in capsys.readouterr().out
+    run = json.loads((target / "run.json").read_text())
+    assert run["status"] == "ok" and [r["attempts"] for r in run["runs"]] == [1, 1]
+    assert [r["parameters"]["output_dir"] for r in run["runs"]] == [
+        f"file://{target}/seed-3", f"file://{target}/seed-4"]
+    for seed in (3, 4):
+        assert (target / f"seed-{seed}" / "01_url.ipynb").is_file()
+        record = json.loads((target / f"seed-{seed}" / "metrics" / "01_url.json").read_text())
+        assert record["metrics"] == {"twice": 2.0 * seed}
+    table = pd.read_csv(target / "aggregate.csv")
+    assert table["mean"].tolist() == [7.0] and table["n"].tolist() == [2]
 
 
 def test_without_ray_installed_local_runs_and_ray_is_one_line_error(tmp_path):

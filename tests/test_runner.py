@@ -411,3 +411,30 @@ def test_grid_input_errors(grid_series, tmp_path, capsys):
     assert main(["run", "--notebooks-dir", str(grid_series), "--address", "x:1", "--out", str(out)]) == 2
     assert "--address: only used with --executor ray" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_out_as_an_fsspec_url(series, tmp_path, capsys):
+    """--out memory://... (a real fsspec filesystem, in this process): the executed copies,
+    metrics, run.json and tables all land there; an unknown protocol is one line."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    url = f"memory://runs-{tmp_path.name}"
+    assert main(["run", "01", "--notebooks-dir", str(series), "--seeds", "1", "2", "-p", "scale", "3",
+                 "--out", url, "--no-progress"]) == 0
+    assert f"results in {url}" in capsys.readouterr().out
+    root = url[len("memory://"):]
+    run = json.loads(fs.cat_file(f"{root}/run.json"))
+    assert run["status"] == "ok" and [r["status"] for r in run["runs"]] == ["ok", "ok"]
+    for seed in (1, 2):
+        record = json.loads(fs.cat_file(f"{root}/seed-{seed}/metrics/01_toy.json"))
+        assert record["metrics"] == {"value": seed * 3.0, "const": 1.0}
+        assert fs.exists(f"{root}/seed-{seed}/01_toy.ipynb")
+    with fs.open(f"{root}/aggregate.csv") as handle:
+        table = pd.read_csv(handle).set_index("metric")
+    assert table.loc["value", "mean"] == pytest.approx(4.5) and table.loc["value", "n"] == 2
+    assert fs.exists(f"{root}/aggregate.md") and fs.exists(f"{root}/metrics.csv")
+
+    assert main(["run", "01", "--notebooks-dir", str(series), "--out", "nosuchfs://x/y"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out nosuchfs://x/y: ") and len(err.splitlines()) == 1
