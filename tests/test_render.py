@@ -136,10 +136,10 @@ def test_offline_renderer_embeds_plotlyjs_again_after_reset():
     previous = pio.renderers.default
     try:
         assert set_plotly_renderer() == OFFLINE_RENDERER
-        sizes = [len(pio.renderers._build_mime_bundle(go.Figure(go.Bar(y=[1, 2])).to_dict())["text/html"])
-                 for _ in range(2)]
+        # what Jupyter asks a figure for when it displays it
+        sizes = [len(go.Figure(go.Bar(y=[1, 2]))._repr_mimebundle_()["text/html"]) for _ in range(2)]
         set_plotly_renderer()
-        sizes.append(len(pio.renderers._build_mime_bundle(go.Figure().to_dict())["text/html"]))
+        sizes.append(len(go.Figure()._repr_mimebundle_()["text/html"]))
         assert sizes[0] > 1_000_000 > 50_000 > sizes[1] and sizes[2] > 1_000_000, sizes
         with pytest.raises(ValueError, match="unknown plotly renderer"):
             set_plotly_renderer("no_such_renderer")
