@@ -146,10 +146,15 @@ class Table:
         return len(self.cells)
 
 
-def _is_whole_column(values) -> bool:
+_COUNT_NAME = re.compile(r"(?i)^(n|k|tp|fp|fn|tn|count|size|support|n[_ ].*|num[_ ].*|.*[_ ](count|size)|.*_n)$")
+
+
+def _is_whole_column(name, values) -> bool:
+    """Whole numbers to show as integers: all whole, and either beyond ±1 or in a column named
+    like a count (n, k, tp / fp / fn, count, size, n_*, *_count); a 0 / 1 rate stays a rate."""
     finite = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return bool(finite) and all(math.isfinite(v) and v == int(v) for v in finite) and any(
-        abs(v) > 1 for v in finite)
+    return bool(finite) and all(math.isfinite(v) and v == int(v) for v in finite) and (
+        any(abs(v) > 1 for v in finite) or bool(_COUNT_NAME.match(str(name))))
 
 
 def _readable(name) -> str:
@@ -183,7 +188,10 @@ def table(frame, *, digits: int = 3, units: Mapping[str, str] | None = None,
     if not isinstance(wrap, int) or wrap < 8:
         raise ValueError(f"wrap={wrap!r}: expected an integer >= 8 (characters)")
     if not isinstance(frame.index, pd.RangeIndex) or any(n is not None for n in frame.index.names):
+        unnamed = frame.index.nlevels == 1 and frame.index.name is None and "" not in frame.columns
         frame = frame.reset_index()
+        if unnamed:  # row labels without a name: a blank header, not "index"
+            frame = frame.rename(columns={"index": ""})
     if columns is not None:
         unknown = [c for c in columns if c not in frame.columns]
         if unknown:
@@ -207,7 +215,7 @@ def table(frame, *, digits: int = 3, units: Mapping[str, str] | None = None,
         if header in kinds:
             raise ValueError(f"two columns would show as {header!r}; pass names= to tell them apart")
         if numeric:
-            whole = column in integers or _is_whole_column(values)
+            whole = column in integers or _is_whole_column(column, values)
             shown = [format_number(None if v is None else (round(float(v)) if whole and
                                    not math.isnan(float(v)) else v), digits, missing) for v in values]
             kinds[header] = "number"

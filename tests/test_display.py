@@ -36,6 +36,10 @@ def test_table_formats_numbers_integers_missing_and_units():
     assert shown.cells["n cells"].tolist() == ["8", "16", "4"]
     assert shown.cells["ece (probability)"].tolist() == ["0.012", "0.20", MISSING]
     assert shown.cells["accuracy"].tolist() == ["1.0", "0", "1.0"]    # a 0/1 rate stays a rate
+    counts = table(pd.DataFrame({"precision": [1.0, 0.5], "tp": [3.0, 1.0], "fp": [0.0, 1.0]},
+                                index=["induction", "previous_token"]))
+    assert list(counts.cells.columns) == ["", "precision", "tp", "fp"]   # unnamed row labels: blank header
+    assert counts.cells["fp"].tolist() == ["0", "1"] and counts.cells["precision"].tolist() == ["1.00", "0.500"]
     assert shown.cells["label"].tolist() == ["a", MISSING, "c"]
     assert "None" not in shown.to_html() and "nan" not in shown.to_text()
 
