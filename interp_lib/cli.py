@@ -200,6 +200,19 @@ def _add_explain_command(subparsers: argparse._SubParsersAction) -> None:
                         help="leave these stages out")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="local: one process (default); ray: the heads split into --shards "
+                             "ranges, one Ray task each, merged into one run in OUT "
+                             "(pip install 'interp-lib[cluster]')")
+    parser.add_argument("--shards", type=int, default=2, metavar="N",
+                        help="with --executor ray: head ranges run as separate tasks (default: 2)")
+    parser.add_argument("--address", default=None, metavar="ADDR",
+                        help="with --executor ray: the cluster to join (default: $RAY_ADDRESS, "
+                             "else a local cluster); OUT must be reachable from every worker")
+    parser.add_argument("--cpus-per-task", type=float, default=1.0, metavar="N",
+                        help="with --executor ray: CPUs each shard declares (default: 1)")
+    parser.add_argument("--gpus-per-task", type=float, default=0.0, metavar="N",
+                        help="with --executor ray: GPUs each shard declares (default: 0)")
     parser.set_defaults(handler=_explain)
 
 
@@ -218,6 +231,10 @@ def _explain(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise UsageError(str(error)) from None
     if not config.uses_llm:
         print("no --explainer given: using the heuristic (no-LLM) explainer; LLM scorers are skipped")
+    if args.executor == "ray":
+        return _explain_on_ray(args, config)
+    if args.address is not None or args.shards != 2:
+        raise UsageError("--address / --shards: only used with --executor ray")
     try:
         run = run_explainer(config, args.out, stages=args.stages, skip=args.skip, progress=args.progress)
     except ModelLoadError as error:
@@ -237,6 +254,34 @@ def _explain(args: argparse.Namespace, argv: Sequence[str]) -> int:
         stages = ", ".join(f"{name} ({why})" for name, why in run.unfinished.items())
         print(f"error: LLM requests failed, so these stages were not saved as finished: {stages}; "
               "rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _explain_on_ray(args: argparse.Namespace, config) -> int:
+    from .cluster import explain_sharded
+    from .models import ModelLoadError
+
+    if args.stages or args.skip or config.dry_run:
+        raise UsageError("--executor ray runs every stage: --stages, --skip and --dry-run are "
+                         "for --executor local")
+    try:
+        run = explain_sharded(config, args.out, shards=args.shards, address=args.address,
+                              cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
+                              progress=args.progress)
+    except ModelLoadError as error:
+        raise UsageError(str(error)) from None
+    except ValueError as error:  # bad heads, found once the model loaded
+        raise UsageError(str(error)) from None
+    records = run["records"]
+    failed = [r.label for r in records if r.explanation is None]
+    print(f"explained {len(records) - len(failed)} of {len(records)} heads in "
+          f"{args.shards} shard(s)" + (f"; failed: {', '.join(failed)}" if failed else "")
+          + f"; outputs in {run['out']}")
+    if run["unfinished"]:
+        why = "; ".join(f"{k} ({v})" for k, v in run["unfinished"].items())
+        print(f"error: not finished: {why}; rerun the same command to resume those shards",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -132,3 +132,149 @@ def _ray_failure(exc: BaseException, task: dict[str, Any], run_dir: str) -> dict
     line = f"{type(exc).__name__}: {_first_line(exc)}"
     return {"status": "failed", "error": line, "seconds": 0.0, "metrics": None, "attempt": count,
             "failure": {"type": type(exc).__name__, "message": str(exc)[:2000]}}
+
+
+# --------------------------------------------------------------------------------------------
+# The head explainer, sharded by unit range
+# --------------------------------------------------------------------------------------------
+
+def shard_heads(heads: Sequence[tuple[int, int]], shards: int) -> list[list[tuple[int, int]]]:
+    """Contiguous ranges of ``heads`` (in their order, layer-major), as even as possible; never
+    an empty shard (fewer shards when there are fewer heads)."""
+    if shards < 1:
+        from .runner import RunInputError
+
+        raise RunInputError(f"--shards: expected a number >= 1, got {shards}")
+    heads = list(heads)
+    shards = min(shards, len(heads)) or 1
+    size, extra = divmod(len(heads), shards)
+    ranges, start = [], 0
+    for i in range(shards):
+        stop = start + size + (1 if i < extra else 0)
+        ranges.append(heads[start:stop])
+        start = stop
+    return ranges
+
+
+def _explain_shard(config: dict[str, Any], run_dir: str, shard_dir: str,
+                   labels: list[str]) -> dict[str, Any]:
+    """The body of one shard's Ray task: the pipeline up to the causal check for ``labels``,
+    checkpointed in the shard's folder (a rerun resumes it), LLM answers in the run's shared
+    cache (``<run>/llm_cache``)."""
+    from pathlib import Path
+
+    from .explain.config import ExplainConfig
+    from .explain.pipeline import load_stage, make_client, run_explainer
+
+    shard_config = ExplainConfig(**{**config, "heads": ",".join(labels)})
+    client = make_client(shard_config, Path(run_dir), progress=False)
+    run = run_explainer(shard_config, shard_dir, skip=["taxonomy", "report"], client=client,
+                        progress=False)
+    try:  # why a scorer did not run (no endpoint, ...), for the merged report
+        skipped = dict(load_stage(shard_dir, "score")[1])
+    except Exception:  # the score stage did not finish: nothing to say about skipped scorers
+        skipped = {}
+    return {"records": [r.to_dict() for r in run.records], "usage": run.usage,
+            "unfinished": run.unfinished, "retried": run.retried, "skipped_scorers": skipped}
+
+
+def explain_sharded(config: Any, out: str, *, shards: int, address: str | None = None,
+                    cpus_per_task: float = 1.0, gpus_per_task: float = 0.0, max_retries: int = 2,
+                    progress: bool = True) -> dict[str, Any]:
+    """``interp-lib explain --executor ray``: split the heads into ``shards`` contiguous ranges,
+    run each range as one Ray task (events, explanations, scores, refinement and the causal
+    check on the worker that loads the model; ``<out>/shards/<i>-of-<n>/`` holds its
+    checkpoints, so a rerun resumes each shard where it stopped), then merge the records into
+    one run in ``out``: records.json, report, viewer and the taxonomy over all heads.
+
+    Returns ``{"records", "unfinished", "retried", "files"}``; ``unfinished`` maps a shard (or
+    stage) to why it did not finish -- its records are missing or partial and a rerun retries.
+    """
+    import json
+    from pathlib import Path
+
+    from .explain.pipeline import make_client, select_heads
+    from .explain.records import HeadRecord
+    from .models import load_model
+    from .notebook import resolve_model_name
+
+    ray = import_ray()
+    out_path = Path(out).expanduser().resolve()
+    out_path.mkdir(parents=True, exist_ok=True)
+    model_name = resolve_model_name(config.model, default="toy-2l")
+    model = load_model(model_name)  # the shape and the head selection (validated here, once)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    ranges = shard_heads(select_heads(model, config.heads), shards)
+    del model
+    labels = [[f"L{layer}H{head}" for layer, head in heads] for heads in ranges]
+    started_here = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+        started_here = True
+    remote = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=max_retries,
+                        retry_exceptions=False)(_explain_shard)
+    config_dict = {**config.to_dict(), "model": model_name}
+    refs = {}
+    for i, shard_labels in enumerate(labels):
+        shard_dir = out_path / "shards" / f"{i + 1}-of-{len(labels)}"
+        name = f"explain {shard_labels[0]}..{shard_labels[-1]}"
+        refs[remote.options(name=name).remote(config_dict, str(out_path), str(shard_dir),
+                                              shard_labels)] = i
+    records: list = []
+    unfinished: dict[str, str] = {}
+    retried: list[str] = []
+    usage: dict[str, Any] = {}
+    skipped_scorers: dict[str, str] = {}
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(refs), desc="explain shards", unit="shard", disable=not progress)
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                i = refs[ref]
+                span = f"shard {i + 1}-of-{len(labels)} ({labels[i][0]}..{labels[i][-1]})"
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    unfinished[span] = f"{type(exc).__name__}: {_first_line(exc)}"
+                    bar.update()
+                    continue
+                records += [HeadRecord.from_dict(r) for r in result["records"]]
+                unfinished.update({f"{span}: {k}": v for k, v in result["unfinished"].items()})
+                retried += result["retried"]
+                usage[span] = result["usage"]
+                skipped_scorers.update(result["skipped_scorers"])
+                bar.update()
+        bar.close()
+    finally:
+        if started_here:
+            ray.shutdown()
+    records.sort(key=lambda r: (r.layer, r.head))
+
+    # the taxonomy and the report over every shard's heads, as the unsharded run writes them
+    llm = make_client(config, out_path, progress=progress)
+    tax_meta: Any = None
+    try:
+        from .explain.taxonomy import build_taxonomy
+
+        tax = build_taxonomy(records, min_cluster_size=config.min_cluster_size,
+                             backend=config.embedding, seed=config.seed, progress=progress,
+                             client=llm, llm_labels=llm is not None)
+        tax.apply_to_records(records)
+        tax_meta = {k: v for k, v in tax.to_dict().items() if k in ("config", "metrics")}
+    except ValueError as error:  # too few heads to cluster: recorded, as in the unsharded run
+        tax_meta = str(error)
+    from .explain.report import write_report
+
+    run_config = {**config_dict, "n_layers": n_layers, "n_heads": n_heads, "executor": "ray",
+                  "shards": [f"{s[0]}..{s[-1]}" for s in labels]}
+    meta = {"config": run_config, "usage": usage, "taxonomy": tax_meta,
+            "skipped_scorers": skipped_scorers}
+    files = write_report(records, out_path, meta=meta, n_layers=n_layers, n_heads=n_heads)
+    (out_path / "config.json").write_text(json.dumps(run_config, indent=1))
+    (out_path / "usage.json").write_text(json.dumps(usage, indent=1))
+    return {"records": records, "unfinished": unfinished, "retried": retried, "files": files,
+            "out": out_path}
