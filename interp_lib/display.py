@@ -98,14 +98,19 @@ class Table:
         self.wrap = wrap
 
     def to_html(self) -> str:
-        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in self.cells.columns)
+        # alignment inline too: notebook front ends right-align every cell with their own CSS
+        align = {c: "right" if k == "number" else "left" for c, k in self.kinds.items()}
+        head = "".join(f'<th style="text-align:{align[c]}">{html.escape(str(c))}</th>' for c in self.cells.columns)
         rows = []
         for _, row in self._html_cells.iterrows():
             cells = []
             for column, value in row.items():
                 kind = self.kinds[column]
-                style = f' style="min-width:12ch;max-width:{self.wrap}ch"' if kind == "text" else ""
-                cells.append(f'<td class="{"num" if kind == "number" else "text"}"{style}>{value}</td>')
+                long = kind == "text" and self.cells[column].str.len().max() > self.wrap
+                style = ("text-align:right;white-space:nowrap" if kind == "number" else
+                         f"text-align:left;white-space:normal;max-width:{self.wrap}ch"
+                         + (f";min-width:{min(30, self.wrap)}ch" if long else ""))
+                cells.append(f'<td class="{"num" if kind == "number" else "text"}" style="{style}">{value}</td>')
             rows.append("<tr>" + "".join(cells) + "</tr>")
         caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
         return (f'{_CSS}<div class="il-table-wrap"><table class="il-table">{caption}'

@@ -50,7 +50,7 @@ def test_table_keeps_full_text_wraps_it_and_renders_markdown():
     shown = table(frame, markdown=["explanation"], wrap=40)
     page = shown.to_html()
     assert LONG in page                                    # never cut
-    assert "max-width:40ch" in page and "white-space:normal" in page
+    assert "max-width:40ch;min-width:30ch" in page and "white-space:normal" in page   # the long column wraps
     assert "<strong>previous</strong> token: <code>x[i-1]</code><br>• bullet" in page
     assert "<script>alert" not in page and "&lt;script&gt;" in page and "a &amp; b" in page
     text = shown.to_text()
