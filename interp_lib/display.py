@@ -22,7 +22,7 @@ _CSS = ("<style>.il-table-wrap{overflow-x:auto;max-width:100%}"
         ".il-table th,.il-table td{border-bottom:1px solid #ddd;padding:3px 8px;vertical-align:top}"
         ".il-table th{text-align:left;background:#f4f4f4;white-space:nowrap}"
         ".il-table td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
-        ".il-table td.text{white-space:normal;overflow-wrap:anywhere;text-align:left}"
+        ".il-table td.text{overflow-wrap:break-word;text-align:left}"
         ".il-table caption{caption-side:top;text-align:left;font-weight:bold;padding:2px 0}</style>")
 
 
@@ -107,9 +107,11 @@ class Table:
             for column, value in row.items():
                 kind = self.kinds[column]
                 long = kind == "text" and self.cells[column].str.len().max() > self.wrap
+                # short text stays on one line (a squeezed column would break words); long text
+                # wraps between words within `wrap` characters
                 style = ("text-align:right;white-space:nowrap" if kind == "number" else
-                         f"text-align:left;white-space:normal;max-width:{self.wrap}ch"
-                         + (f";min-width:{min(30, self.wrap)}ch" if long else ""))
+                         f"text-align:left;white-space:normal;max-width:{self.wrap}ch;min-width:{min(30, self.wrap)}ch"
+                         if long else "text-align:left;white-space:nowrap")
                 cells.append(f'<td class="{"num" if kind == "number" else "text"}" style="{style}">{value}</td>')
             rows.append("<tr>" + "".join(cells) + "</tr>")
         caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
