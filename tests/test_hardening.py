@@ -183,7 +183,7 @@ def test_a_key_in_the_base_url_is_sent_as_bearer_and_written_nowhere(tmp_path, m
     assert "explained 2 of 2 heads" in done.stdout
     assert server.requests, "the server was reached"
     assert PLANTED not in done.stdout + done.stderr
-    assert list((out / "llm_cache").rglob("*.json")), "answers were cached"
+    assert list((out / "llm_cache").rglob("*.jsonl")), "answers were cached"
     assert _files_containing(out, PLANTED) == []
     assert _files_containing(out, "user:") == []
     config = json.loads((out / "config.json").read_text())
@@ -224,7 +224,7 @@ def test_an_endpoint_that_refuses_or_answers_html_stops_the_run(tmp_path, make_s
     assert len(server.requests) <= 5  # stopped by the breaker, not every head retried
     manifest = json.loads((out / "checkpoints" / "manifest.json").read_text())
     assert "explain" not in manifest["stages"]
-    assert not list((out / "llm_cache").rglob("*.json"))
+    assert not list((out / "llm_cache").rglob("*.jsonl"))
 
 
 def test_failed_requests_are_not_cached_and_a_rerun_retries_them(tmp_path, make_server, capsys):
@@ -263,7 +263,7 @@ def test_response_bodies_are_capped_while_read_and_never_cached(tmp_path, make_s
     with pytest.raises(EndpointError, match="response body too large"):
         client.chat_many([ChatRequest([{"role": "user", "content": f"q{i}"}], max_tokens=64)
                           for i in range(2)])
-    assert not list((tmp_path / "cache").rglob("*.json"))
+    assert not list((tmp_path / "cache").rglob("*.jsonl"))
 
     # two 300 MB bodies with no Content-Length, at once: cut while they stream in
     import resource
