@@ -16,6 +16,7 @@ last block's ``hook_resid_post``. So stream ``s`` is "after ``s`` blocks".
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -582,46 +583,125 @@ class IntegratedGradients:
                              "attribution": self.attributions.numpy()})
 
 
+# Where the integration path starts: a normalisation layer (RMSNorm / LayerNorm) divides by
+# sqrt(mean(x^2) + eps), so close to a zero baseline the output changes steeply over a tiny
+# stretch of the path (on SmolLM2 the logit swings by several units for alpha below 1e-3).
+# The path is cut finer there from the start.
+IG_BREAKPOINTS = (0.0, 1e-4, 1e-3, 1e-2, 0.1, 1.0)
+
+
+class IGConvergenceWarning(UserWarning):
+    """Integrated gradients spent its step budget before completeness reached the tolerance."""
+
+
 def integrated_gradients(model, tokens, target=None, position: int = -1, baseline: str | Tensor = "zero",
-                         n_steps: int = 32, batch_size: int = 16) -> IntegratedGradients:
+                         n_steps: int = 32, batch_size: int = 16, tolerance: float = 1e-3,
+                         max_steps: int | None = None) -> IntegratedGradients:
     """Integrated gradients (Sundararajan et al., 2017) of the logit of ``target`` (default: the
     model's top prediction) at ``position``, over the token embeddings (``hook_embed``; position
-    embeddings stay). Gauss-Legendre quadrature with ``n_steps`` nodes, so completeness
-    (attributions sum to ``output - baseline_output``) holds closely; ``baseline`` is ``"zero"``
-    (zero token embeddings) or a tensor ``[pos, d_model]``.
+    embeddings stay); ``baseline`` is ``"zero"`` (zero token embeddings), ``"zero_keep_bos"``
+    (zero except a leading BOS, which keeps its embedding: models that park attention on the
+    first token, such as Llama-family models, are far from their working regime when it is
+    removed, and the path from there is rugged) or a tensor ``[pos, d_model]``.
+
+    The path integral is computed adaptively and checked: the path is split into intervals
+    (finer near the baseline, see ``IG_BREAKPOINTS``), each integrated by Gauss-Legendre
+    quadrature; completeness holds interval by interval (the attributions of ``[a, b]`` must sum
+    to ``f(b) - f(a)``, one forward pass each), and the interval that misses it most is halved
+    until the summed interval errors are below ``tolerance x max(1, |output - baseline_output|)``
+    or ``max_steps`` gradient evaluations (default ``8 x n_steps``) are spent, in which case an
+    :class:`IGConvergenceWarning` says what was reached. ``n_steps`` is the initial number of
+    nodes over the whole path (at least 2 per interval). ``completeness_error`` is the final
+    ``|sum(attributions) - (output - baseline_output)|``.
     """
     tokens = _one_sequence(model, tokens)
     n_pos = tokens.shape[1]
     position = _position(position, n_pos)
-    if not isinstance(n_steps, int) or n_steps < 2:
+    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 2:
         raise ValueError(f"n_steps={n_steps!r}: expected an integer >= 2")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
+    if not (isinstance(tolerance, (int, float)) and tolerance > 0):
+        raise ValueError(f"tolerance={tolerance!r}: expected a positive number")
+    max_steps = 8 * n_steps if max_steps is None else max_steps
+    if not isinstance(max_steps, int) or max_steps < n_steps:
+        raise ValueError(f"max_steps={max_steps!r}: expected an integer >= n_steps ({n_steps})")
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n == "hook_embed")
     embed = cache["hook_embed"][0].detach()
     target = _target_id(model, logits[0, position], target)
     if isinstance(baseline, str):
-        _check_choice("baseline", baseline, ("zero",))
+        _check_choice("baseline", baseline, ("zero", "zero_keep_bos"))
         base = torch.zeros_like(embed)
+        bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
+        if baseline == "zero_keep_bos" and bos is not None and int(tokens[0, 0]) == bos:
+            base[0] = embed[0]
     else:
         base = torch.as_tensor(baseline, dtype=embed.dtype, device=embed.device)
         if base.shape != embed.shape:
             raise ValueError(f"baseline has shape {tuple(base.shape)}: expected {tuple(embed.shape)} ([pos, d_model])")
-    nodes, weights = np.polynomial.legendre.leggauss(n_steps)
-    alphas = torch.as_tensor((nodes + 1) / 2, dtype=embed.dtype)
-    weights = torch.as_tensor(weights / 2, dtype=embed.dtype)
-    total = torch.zeros_like(embed)
-    for start in range(0, n_steps, batch_size):
-        a = alphas[start:start + batch_size].to(embed.device)
-        points = (base + a[:, None, None] * (embed - base)).requires_grad_(True)
-        out = model.run_with_hooks(tokens.expand(len(a), -1),
-                                   fwd_hooks=[("hook_embed", lambda act, hook: points)])
-        grad, = torch.autograd.grad(out[:, position, target].sum(), points)
-        total += (weights[start:start + batch_size].to(embed.device)[:, None, None] * grad).sum(0)
-    full = ((embed - base) * total).detach().cpu()
-    with torch.no_grad():
-        base_out = model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", lambda act, hook: base[None])])
-    output, baseline_output = float(logits[0, position, target]), float(base_out[0, position, target])
+    delta = embed - base
+    n_intervals = len(IG_BREAKPOINTS) - 1
+    k = max(2, -(-n_steps // n_intervals))  # nodes per interval
+    nodes, weights = np.polynomial.legendre.leggauss(k)
+
+    def values(alphas: list[float]) -> list[float]:  # f at points of the path (no gradient)
+        out = []
+        for start in range(0, len(alphas), batch_size):
+            a = torch.as_tensor(alphas[start:start + batch_size], dtype=embed.dtype, device=embed.device)
+            points = base + a[:, None, None] * delta
+            with torch.no_grad():
+                res = model.run_with_hooks(tokens.expand(len(a), -1),
+                                           fwd_hooks=[("hook_embed", lambda act, hook: points)])
+            out += res[:, position, target].float().tolist()
+        return out
+
+    def integrate(intervals: list[tuple[float, float]]) -> list[Tensor]:  # per interval [pos, d_model]
+        alphas, scale = [], []
+        for a, b in intervals:
+            alphas += [a + (b - a) * (t + 1) / 2 for t in nodes]
+            scale += [(b - a) / 2 * w for w in weights]
+        grads = torch.zeros(len(alphas), *embed.shape, dtype=embed.dtype, device=embed.device)
+        for start in range(0, len(alphas), batch_size):
+            a = torch.as_tensor(alphas[start:start + batch_size], dtype=embed.dtype, device=embed.device)
+            points = (base + a[:, None, None] * delta).requires_grad_(True)
+            out = model.run_with_hooks(tokens.expand(len(a), -1),
+                                       fwd_hooks=[("hook_embed", lambda act, hook: points)])
+            grad, = torch.autograd.grad(out[:, position, target].sum(), points)
+            w = torch.as_tensor(scale[start:start + batch_size], dtype=embed.dtype, device=embed.device)
+            grads[start:start + len(a)] = w[:, None, None] * grad.detach()
+        return [delta * grads[i * k:(i + 1) * k].sum(0) for i in range(len(intervals))]
+
+    # each entry: (a, b, attributions over [a, b], f(b) - f(a))
+    edges = list(IG_BREAKPOINTS)
+    f = dict(zip(edges, values(edges)))
+    spans = list(zip(edges[:-1], edges[1:]))
+    pieces = [(a, b, part, f[b] - f[a]) for (a, b), part in zip(spans, integrate(spans))]
+    output, baseline_output = float(logits[0, position, target]), f[0.0]
+    allowed = tolerance * max(1.0, abs(output - baseline_output))
+    used = k * len(pieces)
+    while True:
+        errors = [abs(float(part.sum()) - change) for _, _, part, change in pieces]
+        if sum(errors) <= allowed or used + 2 * k > max_steps:
+            break
+        n_split = min(max(1, batch_size // (2 * k)), (max_steps - used) // (2 * k))  # halve a batch's worth
+        worst = sorted(range(len(pieces)), key=errors.__getitem__, reverse=True)[:n_split]
+        halves = []
+        for i in worst:
+            a, b = pieces[i][:2]
+            halves += [(a, (a + b) / 2), ((a + b) / 2, b)]
+        mids = [mid for _, mid in halves[::2]]
+        f.update(zip(mids, values(mids)))
+        new = [(a, b, part, f[b] - f[a]) for (a, b), part in zip(halves, integrate(halves))]
+        used += k * len(halves)
+        pieces = sorted([p for i, p in enumerate(pieces) if i not in worst] + new, key=lambda p: p[0])
+    full = sum(part for _, _, part, _ in pieces).detach().cpu()
     error = abs(float(full.sum()) - (output - baseline_output))
+    if sum(errors) > allowed:
+        warnings.warn(IGConvergenceWarning(
+            f"integrated_gradients: completeness error {error:.3g} (summed interval errors "
+            f"{sum(errors):.3g}) after {used} gradient evaluations, above the tolerance {allowed:.3g}; "
+            f"raise max_steps (now {max_steps}) for a closer path integral"), stacklevel=2)
     return IntegratedGradients(tokens[0].cpu(), target, position, full.sum(-1), full, output, baseline_output, error)
 
 

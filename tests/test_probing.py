@@ -84,6 +84,35 @@ def test_integrated_gradients_completeness(toy_lm, windows):
     assert result.attributions.shape == (16,)
 
 
+def test_integrated_gradients_warns_when_its_budget_is_spent_and_reports_the_true_error(toy_lm, windows):
+    # the smallest budget: 5 intervals x 2 nodes, nothing left to refine with
+    with pytest.warns(probing.IGConvergenceWarning, match="completeness error"):
+        result = probing.integrated_gradients(toy_lm, windows[0, :16], n_steps=2, max_steps=10,
+                                              tolerance=1e-9)
+    difference = result.output - result.baseline_output
+    assert result.completeness_error == pytest.approx(abs(float(result.attributions.sum()) - difference), abs=1e-5)
+    # with room to refine the same path integral closes
+    refined = probing.integrated_gradients(toy_lm, windows[0, :16], n_steps=2, max_steps=400, tolerance=1e-4)
+    assert refined.completeness_error < max(1e-3, result.completeness_error)
+    assert refined.completeness_error < 1e-4 * max(1.0, abs(difference)) + 1e-5
+
+
+def test_integrated_gradients_zero_keep_bos_baseline(toy_lm, windows):
+    tokens = windows[0, :12]
+    assert int(tokens[0]) == toy_lm.tokenizer.bos_token_id
+    result = probing.integrated_gradients(toy_lm, tokens, baseline="zero_keep_bos")
+    # oracle for the baseline's output: a plain forward with every token embedding zeroed but BOS
+    def keep_bos(act, hook):
+        act = act.clone()
+        act[:, 1:] = 0
+        return act
+    with torch.no_grad():
+        plain = toy_lm.run_with_hooks(tokens[None], fwd_hooks=[("hook_embed", keep_bos)])
+    assert result.baseline_output == pytest.approx(float(plain[0, -1, result.target]), abs=1e-4)
+    assert float(result.attributions[0]) == 0.0  # BOS does not move along the path
+    assert result.completeness_error < 1e-3 * max(1.0, abs(result.output - result.baseline_output))
+
+
 def test_attention_rollout_rows_are_distributions(toy_lm, windows):
     rollout = probing.attention_rollout(toy_lm, windows[0, :12])
     assert rollout.shape == (toy_lm.cfg.n_layers, 12, 12)
