@@ -8,6 +8,7 @@ reported as one ``error: ...`` line with exit status 2 (no traceback).
     interp-lib run [NOTEBOOK ...] [--seeds 0 1 2] [-p KEY VALUE ...] [--out DIR] [--model NAME ...]
                    [--executor local|ray [--address ADDR]]
     interp-lib aggregate DIR [DIR ...] [--out DIR]
+    interp-lib results DIR [DIR ...] [--to FILE]
     interp-lib explain --model NAME --out DIR [--explainer MODEL --base-url URL] [--heads ...]
 """
 
@@ -146,6 +147,34 @@ def _aggregate(args: argparse.Namespace, argv: Sequence[str]) -> int:
         _atomic_write_text(out / "aggregate.md", f"# {title}\n\n{sources}\n{text}")
         print(f"merged {len(metrics)} values from {len(args.run_dirs)} folder(s) into {out} "
               "(metrics.csv, aggregate.csv, aggregate.md)")
+    return 0
+
+
+def _add_results_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "results",
+        help="write the results page (headline numbers in words) of run folders",
+        description=(
+            "Write the results page of one or more `interp-lib run` folders: per model, each\n"
+            "notebook's headline numbers said in words (means over seeds, with their range), and\n"
+            "every recorded metric below. `interp-lib run` writes OUT/results.md by itself; this\n"
+            "command rewrites it, or merges several folders into one page."),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="DIR", help="run folders")
+    parser.add_argument("--to", default=None, metavar="FILE",
+                        help="page to write (default: results.md in the first folder)")
+    parser.set_defaults(handler=_results)
+
+
+def _results(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .results import write_results_page
+
+    try:
+        path = write_results_page(args.run_dirs, args.to)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    print(f"results page written to {path}")
     return 0
 
 
@@ -288,7 +317,7 @@ def _explain_on_ray(args: argparse.Namespace, config) -> int:
 
 # Subcommands, in the order --help lists them.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_run_command, _add_aggregate_command, _add_explain_command]
+    _add_run_command, _add_aggregate_command, _add_results_command, _add_explain_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

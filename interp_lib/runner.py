@@ -24,6 +24,7 @@ What ``interp-lib run`` and ``interp-lib aggregate`` do, as importable pieces:
       OUT/aggregate.csv, aggregate.md  two or more seeds or configurations: one row per
                                        (notebook, model, params, metric)
       OUT/summary.md                   one seed and configuration: its metrics
+      OUT/results.md                   the headline numbers said in words (il.results)
       (both markdown files end with the failed notebooks, their error and failing cell)
       OUT/[<config>/]seed-<s>/<stem>.ipynb   the executed copy (kept when the notebook fails);
                                        <config> names what varies, e.g. model=toy-lm,n_bins=10
@@ -1333,12 +1334,16 @@ def _run_locked(config: RunConfig, argv: Sequence[str] | None, out: Path,
         table = ""
     run.record.update(finished=_now(), status="failed" if status else "ok")
     run.save()
-    run.upload("metrics.csv", "aggregate.csv", "aggregate.md", "summary.md")
+    if not status or table:
+        from .results import write_results_page
+
+        write_results_page(out)  # the headline numbers said in words
+    run.upload("metrics.csv", "aggregate.csv", "aggregate.md", "summary.md", "results.md")
 
     if table:
         print("\n" + table, end="")
     several = len(seeds) >= 2 or len(run.configs) > 1
-    files = "run.json, aggregate.csv, aggregate.md" if several else "run.json, summary.md"
+    files = ("run.json, aggregate.csv, aggregate.md" if several else "run.json, summary.md") + ", results.md"
     layout = "<configuration>/seed-*/" if any(run.configs) else "seed-*/"
     print(f"results in {shown} ({files}, {layout})")
     for entry in run.failures():

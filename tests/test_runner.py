@@ -118,6 +118,9 @@ def test_one_seed_writes_a_summary(series, tmp_path, capsys):
     assert "| 01_toy | value | 2 |" in summary and "| 01_toy | const | 1 |" in summary
     assert not (out / "aggregate.csv").exists()
     assert [r["notebook"] for r in read_run(out)["runs"]] == ["01_toy"]
+    # the results page, written by the run: every recorded metric, its run's command and status
+    page = (out / "results.md").read_text()
+    assert "### 01_toy (01_toy)" in page and "| value | 1 | 2 |" in page and "status ok" in page
     assert not (out / "seed-2" / "02_plain.ipynb").exists()
 
 

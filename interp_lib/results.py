@@ -1,0 +1,194 @@
+"""A results page for a run folder: the series' headline numbers, said in words.
+
+``interp-lib run`` writes ``OUT/results.md`` at the end of every run, and ``interp-lib results
+OUT [--to FILE]`` writes it again from any run folder (or several seeds' worth). Each sentence is
+filled from the metrics the notebooks recorded (``il.runner.record_metrics``), averaged over
+seeds with the seed range where there are several; a sentence whose metrics a run did not record
+(the notebook failed, or the model's task differs) is left out, and every recorded metric is
+listed in full below the sentences. Nothing on the page is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import string
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+# notebook -> (section title, sentences). A sentence is a format string over the notebook's
+# metric names; it appears only when all of its metrics were recorded. A tuple holds variants,
+# fullest first: the first whose metrics are all there is used.
+HEADLINES: dict[str, tuple[str, Sequence[str | tuple[str, ...]]]] = {
+    "00_tour": ("Language modelling", [
+        "Held-out loss {heldout_loss:.3f} nats per token; the top prediction is the next token "
+        "{top1_accuracy:.1%} of the time.",
+    ]),
+    "01_calibration": ("Calibration", [
+        "Next-token ECE {ece_before:.4f} before and {ece_after:.4f} after temperature scaling "
+        "(T = {temperature:.3f}, fitted on the validation split, measured on the test split); "
+        "NLL {nll_before:.4f} -> {nll_after:.4f}; top-1 accuracy {accuracy:.1%}.",
+        "Cloze task: ECE {cloze_ece_before:.4f} -> {cloze_ece_after:.4f} "
+        "(T = {cloze_temperature:.3f}); accuracy {cloze_accuracy:.1%}.",
+    ]),
+    "02_selective_prediction": ("Selective prediction", [
+        "AURC {aurc_before:.4f} (excess over the oracle ranking {eaurc_before:.4f}); after "
+        "temperature scaling {aurc_after:.4f}.",
+        "The guaranteed-risk threshold (risk at most {sgr_bound:.2f}) keeps {sgr_coverage_test:.1%} "
+        "of the test predictions, whose error rate is {sgr_risk_test:.3f}.",
+        "Telling out-of-distribution text apart (AUROC; 0.5 is chance, below 0.5 the score ranks "
+        "the wrong way): max-probability {ood_auroc_msp:.3f}, energy {ood_auroc_energy:.3f}, "
+        "Mahalanobis {ood_auroc_mahalanobis:.3f}.",
+    ]),
+    "03_logit_lens_and_dla": ("Logit lens and direct logit attribution", [
+        ("Logit lens: the answer first becomes the lens' top prediction after layer "
+        "{lens_answer_layer:.0f} of {lens_layers:.0f}; its probability is "
+        "{lens_before_last_target_prob:.3g} before the last layer and {lens_final_target_prob:.3g} "
+        "after it.",
+         "Logit lens: the answer's probability is {lens_before_last_target_prob:.3g} before the last "
+         "layer and {lens_final_target_prob:.3g} after it."),
+        "The answer beats the alternative by {logit_diff:.2f} logits ({answer_preferred:.0%} of "
+        "prompts); DLA parts sum to it within {dla_sum_error:.1e}.",
+    ]),
+    "04_activation_patching": ("Activation patching", [
+        "Clean logit difference {clean_logit_diff:.2f}, corrupted {corrupted_logit_diff:.2f}; "
+        "the best single residual-stream patch restores {resid_patch_max:.2f} of it and the last "
+        "attention layer {last_attn_layer_patch:.2f}.",
+        "Attribution patching agrees with exact patching: Spearman {patching_agreement_spearman:.2f} "
+        "per head, sign agreement {patching_sign_agreement:.0%} per head and position.",
+        "Ablating the top heads together leaves {ablated_metric:.2f} of the clean behaviour.",
+    ]),
+    "05_induction_and_qk": ("Induction heads", [
+        ("{n_induction_heads:.0f} induction heads above the dynamic threshold "
+         "{induction_threshold:.3f} (top score {induction_top_score:.3f}); ablating them removes "
+        "{ablation_fraction_removed:.0%} of the in-context loss drop ({icl_drop_clean:.2f} -> "
+        "{icl_drop_ablated:.2f} nats).",
+         "{n_induction_heads:.0f} induction heads above the dynamic threshold "
+         "{induction_threshold:.3f} (top score {induction_top_score:.3f})."),
+        "K-composition from the previous-token heads into the induction heads: "
+        "{k_composition_prev_to_induction:.3f}.",
+    ]),
+    "06_positional_probing": ("Position probes", [
+        "Exact position from a linear probe: {probe_acc_embed:.1%} from the embeddings, "
+        "{probe_acc_block0:.1%} after block 0, {probe_acc_last:.1%} after the last block "
+        "(shuffled-label control at most {control_acc_max:.1%}).",
+        "{n_position_heads:.0f} position heads found; integrated gradients' completeness error "
+        "{ig_completeness_error:.2g} logits.",
+    ]),
+    "07_head_explainer": ("Head explainer", [
+        "{heads_explained:.0f} of {heads:.0f} heads explained; the largest causal effect of a "
+        "head is {max_causal_effect:.3f}.",
+    ]),
+    "08_head_taxonomy": ("Head taxonomy", [
+        "{families:.0f} families covering {coverage:.0%} of the heads; text and behaviour "
+        "clusterings agree with ARI {text_vs_behaviour_ari:.2f}.",
+    ]),
+}
+
+
+def _fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _sentences(notebook: str, values: Mapping[str, float], spread: Mapping[str, tuple[float, float]]
+               ) -> list[str]:
+    """The notebook's sentences whose metrics are all present and finite."""
+    out: list[str] = []
+    for entry in HEADLINES.get(notebook, ("", ()))[1]:
+        for template in (entry,) if isinstance(entry, str) else entry:
+            names = _fields(template)
+            if all(name in values and math.isfinite(values[name]) for name in names):
+                break
+        else:
+            continue
+        text = template.format(**{name: values[name] for name in names})
+        ranges = [f"{name} {spread[name][0]:.4g}..{spread[name][1]:.4g}" for name in dict.fromkeys(names)
+                  if name in spread and spread[name][0] != spread[name][1]]
+        out.append(text + (f" (across seeds: {'; '.join(ranges)})" if ranges else ""))
+    return out
+
+
+def results_page(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
+    """The markdown results page of one run folder, or of several merged (shards of one sweep,
+    or notebooks of one series run at different times; see ``interp-lib aggregate``)."""
+    from .runner import aggregate, aggregate_runs, load_metrics, markdown_table
+
+    roots = [Path(run_dirs)] if isinstance(run_dirs, (str, os.PathLike)) else [Path(d) for d in run_dirs]
+    if len(roots) == 1:
+        metrics = load_metrics(roots[0])
+    else:
+        metrics = aggregate_runs(roots)[0].drop(columns="run")
+    lines = ["# Results", ""]
+    for root in roots:
+        lines += _run_header(root)
+    if metrics.empty:
+        return "\n".join(lines + ["No metrics were recorded.", ""])
+    table = aggregate(metrics)
+    for (model, params), config in table.groupby(["model", "params"], sort=False):
+        seeds = sorted(metrics.loc[(metrics["model"].astype(object).fillna("n/a") == model)
+                                   & (metrics["params"] == params), "seed"].dropna().unique().tolist())
+        heading = f"## Model `{model}`" + (f", parameters {params}" if params not in ("{}", None) else "")
+        lines += [heading, "", f"Seeds: {', '.join(map(str, seeds)) or 'n/a'} "
+                  f"(numbers are means over the seeds).", ""]
+        for notebook, rows in config.groupby("notebook", sort=False):
+            values = dict(zip(rows["metric"], rows["mean"].astype(float)))
+            seed_columns = [c for c in rows.columns if c.startswith("seed_")]
+            spread = {}
+            for _, row in rows.iterrows():
+                vals = [float(row[c]) for c in seed_columns if not _missing(row[c])]
+                if len(vals) > 1:
+                    spread[row["metric"]] = (min(vals), max(vals))
+            title = HEADLINES.get(notebook, (notebook, ()))[0]
+            lines += [f"### {title} ({notebook})", ""]
+            lines += [f"- {s}" for s in _sentences(notebook, values, spread)] or [
+                "- (no headline sentence for these metrics; see the table)"]
+            lines += ["", "<details><summary>All metrics</summary>", "",
+                      markdown_table(rows[["metric", "n", "mean", "std"]].reset_index(drop=True)),
+                      "</details>", ""]
+    return "\n".join(lines)
+
+
+def _run_header(root: Path) -> list[str]:
+    """Lines on how a run folder was made: command, start, status, versions, failures."""
+    if not (root / "run.json").is_file():
+        return [f"Metrics read from `{root.name}`.", ""]
+    run = json.loads((root / "run.json").read_text(encoding="utf-8"))
+    command = " ".join(str(a) for a in run.get("argv") or [])
+    lines = [f"Generated from the run folder `{root.name}`" + (f" (`{command}`)" if command else "")
+             + f", started {run.get('started', '?')}, status {run.get('status', '?')}.", ""]
+    env = run.get("environment") or {}
+    packages = env.get("packages") if isinstance(env, dict) else None
+    if isinstance(packages, dict) and packages:
+        shown = ", ".join(f"{k} {v}" for k, v in packages.items()
+                          if k in ("torch", "transformers", "transformer-lens", "numpy"))
+        lines += [f"Versions: {shown}.", ""]
+    failed = [r for r in run.get("runs") or [] if isinstance(r, dict) and r.get("status") not in ("ok", None)]
+    for record in failed:
+        error = record.get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        lines.append(f"- **{record.get('notebook')} (seed {record.get('seed')}) did not finish**: "
+                     f"{message or record.get('status')}")
+    return lines + ([""] if failed else [])
+
+
+def _missing(value: Any) -> bool:
+    try:
+        return value is None or math.isnan(float(value))
+    except (TypeError, ValueError):
+        return True
+
+
+def write_results_page(run_dirs: str | os.PathLike | Sequence[str | os.PathLike],
+                       path: str | os.PathLike | None = None) -> Path:
+    """Write :func:`results_page` to ``path`` (default ``results.md`` in the first run folder)
+    atomically."""
+    first = run_dirs if isinstance(run_dirs, (str, os.PathLike)) else run_dirs[0]
+    target = Path(path) if path is not None else Path(first) / "results.md"
+    text = results_page(run_dirs)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
+    return target
