@@ -57,7 +57,7 @@ test-oracle: venv
 	$(BIN)/python -m pytest $(ORACLE_ARGS)
 	$(BIN)/python -m pytest --nbval-lax $(ORACLE_NOTEBOOKS)
 
-UV_COMPILE = $(TOOLS_VENV)/bin/uv pip compile pyproject.toml --extra dev --upgrade --quiet \
+UV_COMPILE = $(TOOLS_VENV)/bin/uv pip compile pyproject.toml --extra dev --extra cluster --upgrade --quiet \
 	    --python-version $(LOCK_PYTHON) --python-platform $(LOCK_PLATFORM) \
 	    $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -c $(TOOLS_VENV)/torch.txt
 
