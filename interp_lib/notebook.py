@@ -115,3 +115,22 @@ def record_environment(output_dir: str | os.PathLike, notebook: str) -> dict:
     data = (json.dumps(env, indent=2) + "\n").encode()
     _atomic_write(path, lambda handle: handle.write(data))
     return env
+
+
+def work_size(value, model, toy, larger, name: str = "value"):
+    """A notebook's work-size parameter: ``value`` unless it is ``"auto"``; then ``toy`` (the
+    size the notebook was written for) for models under 20M parameters or on a GPU, and
+    ``larger`` (smaller work) for bigger models on a CPU, where each exact patch or ablation is a
+    full forward pass."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"{name}={value!r}: expected 'auto' or a number")
+        params = list(model.parameters())
+        small = sum(p.numel() for p in params) < 20_000_000
+        on_gpu = bool(params) and params[0].device.type != "cpu"
+        chosen = toy if small or on_gpu else larger
+        if chosen != toy:
+            print(f"{name} = {chosen} (auto: a {sum(p.numel() for p in params) / 1e6:.0f}M-parameter model on "
+                  f"the CPU; the toy setting is {toy})")
+        return chosen
+    return value

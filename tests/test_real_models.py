@@ -264,9 +264,9 @@ def gpt2_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def random_gpt2(gpt2_tokenizer, tmp_path_factory):
-    """A GPT-2-architecture model with RANDOM weights and the real GPT-2 tokenizer, loaded through
-    il.load_model: it exercises GPT-2 code paths; its predictions mean nothing."""
+def random_gpt2_dir(gpt2_tokenizer, tmp_path_factory):
+    """A Hugging Face folder: a GPT-2-architecture model with RANDOM weights and the real GPT-2
+    tokenizer. It exercises GPT-2 code paths; its predictions mean nothing."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -275,7 +275,12 @@ def random_gpt2(gpt2_tokenizer, tmp_path_factory):
                         bos_token_id=gpt2_tokenizer.bos_token_id, eos_token_id=gpt2_tokenizer.eos_token_id)
     GPT2LMHeadModel(config).save_pretrained(path)
     gpt2_tokenizer.save_pretrained(path)
-    return il.load_model(str(path), device="cpu")
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_gpt2(random_gpt2_dir):
+    return il.load_model(str(random_gpt2_dir), device="cpu")
 
 
 def test_gpt2_tokenizer_is_openais(gpt2_tokenizer):
@@ -311,6 +316,27 @@ def test_ioi_prompts_with_the_real_gpt2_tokenizer(random_gpt2, gpt2_tokenizer):
     parts, labels = A.direct_logit_attribution(model, clean, answer, wrong, by="head", return_labels=True)
     assert "pos_embed" in labels
     torch.testing.assert_close(parts.sum(0), expected.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_notebooks_03_and_04_run_their_ioi_branch_on_a_gpt2_architecture_model(random_gpt2_dir, tmp_path):
+    """Notebooks 03 / 04 end to end through the runner on the random-weight GPT-2 folder: "auto"
+    must choose the IOI task (GPT-2's vocabulary), build the prompts with the real tokenizer and
+    run every section (the numbers are meaningless by design; the science asserts apply to
+    trained models only)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "interp_lib.cli", "run", "03", "04", "--model", str(random_gpt2_dir),
+                           "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stem, metric in [("03_logit_lens_and_dla", "dla_sum_error"), ("04_activation_patching", "patching_sign_agreement")]:
+        record = json.loads((out / "seed-0" / "metrics" / f"{stem}.json").read_text())
+        assert record["model"] == str(random_gpt2_dir) and math.isfinite(record["metrics"][metric])
+        executed = json.loads((out / "seed-0" / f"{stem}.ipynb").read_text())
+        text = "".join("".join(o.get("text", "")) for c in executed["cells"] for o in c.get("outputs", []))
+        assert "task 'ioi'" in text, stem  # the setup cell prints the chosen task
+    assert json.loads((out / "seed-0" / "metrics" / "03_logit_lens_and_dla.json").read_text())["metrics"]["dla_sum_error"] < 1e-3
 
 
 # --------------------------------------------------------------------------------------------
