@@ -182,14 +182,48 @@ def test_contrastive_scorer_induction_heads_toy_2l(toy_2l):
     one_by_one = ContrastiveScorer(toy_2l, batch_size=1).activations(positive[:3] + negative[:2], [(1, 0)] * 5)
     batched = ContrastiveScorer(toy_2l, batch_size=16).activations(positive[:3] + negative[:2], [(1, 0)] * 5)
     assert one_by_one == pytest.approx(batched, rel=1e-4)
-    # the activation is the mean over positions >= 1 of ||z|| at blocks.1.attn.hook_z, head 0
+    # the default activation is the mean over positions 1 .. n-2 (those with a next token) of the
+    # head's direct effect on the next token's logit: z W_O . (W_U[:, next] - mean over the vocab)
     tokens = toy_2l.to_tokens(positive[0])
     _, cache = toy_2l.run_with_cache(tokens, names_filter=lambda n: n == "blocks.1.attn.hook_z")
-    assert batched[0] == pytest.approx(cache["blocks.1.attn.hook_z"][0, 1:, 0].norm(dim=-1).mean().item(), rel=1e-5)
+    z = cache["blocks.1.attn.hook_z"][0, :, 0].float()
+    unembed = toy_2l.W_U.float() - toy_2l.W_U.float().mean(-1, keepdim=True)
+    written = z @ toy_2l.W_O[1, 0].float()
+    effect = torch.stack([written[p] @ unembed[:, tokens[0, p + 1]] for p in range(1, tokens.shape[1] - 1)])
+    assert batched[0] == pytest.approx(effect.mean().item(), rel=1e-4)
+    # salience="z_norm": the mean over positions >= 1 of ||z|| (the old scorer, same numbers)
+    by_norm = ContrastiveScorer(toy_2l, salience="z_norm", batch_size=16).activations(positive[:1], [(1, 0)])
+    assert by_norm[0] == pytest.approx(z[1:].norm(dim=-1).mean().item(), rel=1e-5)
     with pytest.raises(ValueError, match="reduce='median'"):
         ContrastiveScorer(toy_2l, reduce="median")
     with pytest.raises(ValueError, match="batch_size=0"):
         ContrastiveScorer(toy_2l, batch_size=0)
+    with pytest.raises(ValueError, match="salience='bogus'"):
+        ContrastiveScorer(toy_2l, salience="bogus")
+
+
+def test_contrastive_salience_matches_the_events_and_backs_the_induction_explanations(toy_2l):
+    """Planted truth: toy-2l's induction heads are L1H0, L1H1, L1H2. Scored by what chose the
+    events (the default next_token_effect), their heuristic induction explanations get a positive
+    contrastive score; scored by ||z|| (the old scorer) at least one is contradicted (d < 0)."""
+    from interp_lib.explain.config import ExplainConfig
+    from interp_lib.explain.events import sample_windows
+    from interp_lib.explain.heuristic import heuristic_explanations
+
+    torch.set_num_threads(1)
+    windows = sample_windows(toy_2l, "bundled", 16, 32, seed=0)
+    explanations, _ = heuristic_explanations(toy_2l, windows, progress=False)
+    induction = [(1, 0), (1, 1), (1, 2)]
+    for head in induction:
+        assert explanations[head].text.startswith("Induction head"), (head, explanations[head].text)
+    items = [ScoringItem(layer, head, explanations[(layer, head)]) for layer, head in induction]
+
+    default = ExplainConfig().salience
+    assert default == "next_token_effect"
+    scores = {salience: [r.score for r in ContrastiveScorer(toy_2l, salience=salience).score_many(items)]
+              for salience in (default, "z_norm")}
+    assert all(d is not None and d > 1.0 for d in scores[default]), scores     # measured 5.16, 3.68, 3.18
+    assert min(scores["z_norm"]) < 0, scores                                   # measured -0.80, -2.82, +2.00
 
 
 # --------------------------------------------------------------------------------------------

@@ -133,36 +133,53 @@ class ContrastiveScorer:
     """Cohen's d of the head's activation between the explanation's positive and negative texts.
 
     Each text is tokenised with BOS (``model.to_tokens``), cut to the model's context, and its
-    activation is ``reduce`` over positions >= ``min_position`` of ``||z||`` (hook
-    ``blocks.L.attn.hook_z``). ``reduce="mean"`` is the default because ``max`` is dominated by
-    the first few positions, where a head averages few values and ``||z||`` is large whatever
-    the text (measured on toy-2l: with ``max`` the induction heads' d on repeated vs
-    non-repeated text is near 0 or negative; with ``mean`` it is clearly positive for L1H0 and
-    L1H2). ``reduce="max"`` asks whether the head fires anywhere.
+    activation is ``reduce`` over positions >= ``min_position`` of the head's ``salience``, the
+    quantity that chose the events (:func:`interp_lib.explain.events.head_salience`; pass the run's
+    ``ExplainConfig.salience``). ``next_token_effect`` (the default) is the head's direct effect on
+    the logit of the token that actually comes next; the text's last position, which has no next
+    token, is left out (a text needs ``min_position + 2`` tokens). ``z_norm`` (``||z||``) and
+    ``resid_write_norm`` (``||z W_O||``) use every position >= ``min_position``.
+
+    Why the salience matters (measured on toy-2l, the heuristic induction explanation's own
+    examples): by ``||z||`` the verified induction heads L1H0 / L1H1 look *less* active on
+    repeated text (d < 0), so the scorer contradicted explanations that are true; by
+    ``next_token_effect`` all three induction heads are clearly positive.
+
+    ``reduce="mean"`` is the default because ``max`` is dominated by the first few positions,
+    where a head averages few values and ``||z||`` is large whatever the text. ``reduce="max"``
+    asks whether the head fires anywhere.
     """
 
     name = "contrastive"
 
     def __init__(self, model, *, batch_size: int = 16, reduce: str = "mean", min_position: int = 1,
-                 progress: bool = False):
+                 salience: str = "next_token_effect", progress: bool = False):
+        from .events import SALIENCE
+
+
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
         if reduce not in ("mean", "max"):
             raise ValueError(f"reduce={reduce!r}: expected 'mean' or 'max'")
         if isinstance(min_position, bool) or not isinstance(min_position, int) or min_position < 0:
             raise ValueError(f"min_position={min_position!r}: expected an integer >= 0")
-        self.model, self.batch_size, self.reduce = model, batch_size, reduce
+        if salience not in SALIENCE:
+            raise ValueError(f"salience={salience!r}: expected one of {', '.join(SALIENCE)}")
+        self.model, self.batch_size, self.reduce, self.salience = model, batch_size, reduce, salience
         self.min_position, self.progress = min_position, progress
 
     @torch.no_grad()
     def activations(self, texts: Sequence[str], heads: Sequence[tuple[int, int]]) -> list[float | None]:
         """Activation of ``heads[i]`` on ``texts[i]``; None for a text with no position scored."""
+        from .events import head_salience
+
         if len(texts) != len(heads):
             raise ValueError(f"texts has {len(texts)} entries and heads {len(heads)}: expected equal lengths")
         n_ctx = int(self.model.cfg.n_ctx)
         rows = [self.model.to_tokens(str(t))[0, :n_ctx].cpu() for t in texts]
-        layers = sorted({layer for layer, _ in heads})
-        names = {f"blocks.{layer}.attn.hook_z" for layer in layers}
+        # next_token_effect has no value at a text's last position (no next token); with right
+        # padding that position would see the padding as its next token, so it is cut here
+        cut = 1 if self.salience == "next_token_effect" else 0
         out: list[float | None] = [None] * len(texts)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths pad less
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
@@ -170,22 +187,21 @@ class ContrastiveScorer:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="contrastive")
-        device = self.model.cfg.device
         for batch in batches:
+            batch = [i for i in batch if len(rows[i]) - cut > self.min_position]
+            if not batch:
+                continue
             lengths = [len(rows[i]) for i in batch]
-            width = max(lengths)
+            width = max(2, *lengths)  # head_salience takes at least 2 positions
             # Right padding is safe: causal attention never lets a position see later padding.
             tokens = torch.full((len(batch), width), int(rows[batch[0]][0]), dtype=torch.long)
             for j, i in enumerate(batch):
                 tokens[j, : lengths[j]] = rows[i]
-            _, cache = self.model.run_with_cache(tokens.to(device), names_filter=lambda n: n in names)
+            wanted = [(int(heads[i][0]), int(heads[i][1])) for i in batch]
+            values = head_salience(self.model, tokens, sorted(set(wanted)), self.salience)
             for j, i in enumerate(batch):
-                layer, head = heads[i]
-                if lengths[j] <= self.min_position:
-                    continue
-                z = cache[f"blocks.{layer}.attn.hook_z"][j, self.min_position: lengths[j], head]
-                norms = z.float().norm(dim=-1)
-                out[i] = float(norms.mean() if self.reduce == "mean" else norms.max())
+                scored = values[wanted[j]][j, self.min_position: lengths[j] - cut].float()
+                out[i] = float(scored.mean() if self.reduce == "mean" else scored.max())
         return out
 
     def score_many(self, items: Sequence[ScoringItem]) -> list[ScoreResult]:
@@ -211,7 +227,7 @@ class ContrastiveScorer:
             d, failure = cohens_d(pos, neg)
             results.append(ScoreResult(
                 self.name, d, n=len(pos) + len(neg), failure=failure,
-                details={"positive": pos, "negative": neg, "reduce": self.reduce,
+                details={"positive": pos, "negative": neg, "reduce": self.reduce, "salience": self.salience,
                          "mean_positive": float(np.mean(pos)) if pos else None,
                          "mean_negative": float(np.mean(neg)) if neg else None,
                          "skipped_texts": skipped[index]}))
