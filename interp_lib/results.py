@@ -81,6 +81,13 @@ HEADLINES: dict[str, tuple[str, Sequence[str | tuple[str, ...]]]] = {
         "{heads_explained:.0f} of {heads:.0f} heads explained; the largest causal effect of a "
         "head is {max_causal_effect:.3f}.",
     ]),
+    "09_claims": ("Published claims under test", [
+        "Of nine published claims, {n_supported:.0f} supported, {n_not_supported:.0f} not supported "
+        "and {n_not_testable:.0f} not testable on this model (the verdict table is in the notebook).",
+        "Resampling whole sequences widens the next-token ECE interval {ece_ci_width_ratio_cluster_vs_token:.2f}x "
+        "over resampling tokens; debiased L2 calibration error {ece_debiased_l2:.4f} vs binned "
+        "{ece_binned_l2:.4f}.",
+    ]),
     "08_head_taxonomy": ("Head taxonomy", [
         "{families:.0f} families covering {coverage:.0%} of the heads; text and behaviour "
         "clusterings agree with ARI {text_vs_behaviour_ari:.2f}.",
