@@ -184,11 +184,64 @@ def test_dry_run_counts_calls_and_sends_nothing(tmp_path, model, capsys):
         run = run_explainer(config, tmp_path / "run", model=model, progress=False)
         assert server.n_requests == 0
     printed = capsys.readouterr().out
-    match = re.search(r"dry run: (\d+) LLM calls \(explain 8, scoring (\d+), refinement ~(\d+)\), estimated \$(\S+)", printed)
+    match = re.search(r"dry run: (\d+) LLM calls \(explain 8, scoring (\d+), refinement ~(\d+), "
+                      r"taxonomy ~(\d+)\), estimated \$(\S+)", printed)
     assert match, printed
-    total, scoring, refining = (int(match.group(i)) for i in (1, 2, 3))
-    assert scoring > 8 and refining > 8 and total == 8 + scoring + refining and float(match.group(4)) > 0
+    total, scoring, refining, taxonomy = (int(match.group(i)) for i in (1, 2, 3, 4))
+    assert scoring > 8 and refining > 8 and taxonomy == 8 // 3  # at most one family name per 3 heads
+    assert total == 8 + scoring + refining + taxonomy and float(match.group(5)) > 0
     assert run.records == [] and not (tmp_path / "run" / "records.json").exists()
+
+
+def _labelled_responder(body: dict) -> str:
+    """``responder``, with each explanation and revision naming its head in ``attends_from``
+    (part of every scoring prompt), as a real explainer's answers differ between heads: two
+    heads' scoring requests never coincide. Every text is the same, revised or not, so the
+    taxonomy makes them one family."""
+    answer = responder(body)
+    system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
+    if system in (EXPLAIN_SYSTEM, REFINE_SYSTEM):
+        data = json.loads(answer)
+        data["attends_from"] = f"every token (head {re.search(r'head (L[0-9]+H[0-9]+)', user).group(1)})"
+        if system == REFINE_SYSTEM:  # the text stays, kept or not: one family either way
+            data["explanation"] = data["explanation"].replace(" (revised)", "")
+            data["attends_to"] += " (revised)"
+        answer = json.dumps(data)
+    return answer
+
+
+def test_dry_run_predicts_the_requests_a_real_run_sends(tmp_path, model):
+    """The dry run's request count equals what the real run then sends, stage by stage: every
+    head gets a parseable explanation and revision, refinement has one round (its scorer is
+    simulation, the first LLM scorer, on the feedback and the held-out events) and the two
+    heads' identical texts make one family, named by one request (min_cluster_size=2).
+    Simulation and detection both run, so a refinement estimated with the wrong scorer's
+    request count (or on the held-out events only) is caught; here a feedback event shares its
+    context with a held-out one, which the real run's cache answers (the dry run must count it
+    once). No retries, no faults: every request is sent once."""
+    config = dict(SMALL, heads="L0H2,L1H0", windows=12, refine_rounds=1, min_cluster_size=2,
+                  scorers="contrastive,simulation,detection", explainer="test-model", embedding="tfidf")
+    with LocalOpenAIServer(_labelled_responder) as server:
+        dry = run_explainer(ExplainConfig(**config, base_url=server.url, dry_run=True), tmp_path / "dry",
+                            model=model, progress=False)
+        assert server.n_requests == 0
+        predicted = dry.usage["dry_run"]
+        run = run_explainer(ExplainConfig(**config, base_url=server.url, max_retries=0), tmp_path / "real",
+                            model=model, progress=False)
+        kinds = [{EXPLAIN_SYSTEM: "explain", REFINE_SYSTEM: "refine", SIMULATE_SYSTEM: "simulation",
+                  DETECT_SYSTEM: "detection"}.get(b["messages"][0]["content"], "other") for b in server.requests]
+        assert server.n_requests == len(server.requests)  # every request was a chat completion
+    assert all(r.explanation is not None for r in run.records)
+    assert all(len(r.refinement) == 1 and r.refinement[0].score is not None for r in run.records)
+    assert not run.unfinished
+    assert predicted["explain_calls"] == kinds.count("explain") == 2
+    assert predicted["taxonomy_calls"] == kinds.count("other") == 1
+    # per stage: score = (simulation + detection) x (LLM explanation + baseline) on the held-out
+    # events; refinement = 1 round x (2 revisions + simulation on the feedback and held-out events)
+    assert predicted["score_calls"] + predicted["refine_calls"] == \
+        kinds.count("simulation") + kinds.count("detection") + kinds.count("refine")
+    assert kinds.count("refine") == 2 and predicted["refine_calls"] > 2 + 2 * 2
+    assert predicted["calls"] == server.n_requests
 
 
 def test_spending_cap_stops_cleanly_and_says_so(tmp_path, model):

@@ -374,7 +374,8 @@ def _run_locked(config: ExplainConfig, out: Path, wanted: list[str], skipped: se
     if config.dry_run:
         if llm is None:
             raise ValueError("dry_run=True needs an explainer (an LLM): the heuristic run sends nothing")
-        return _dry_run(config, out, llm, sim_client, explain, heads, heuristic, split, model)
+        return _dry_run(config, out, llm, sim_client, explain, heads, heuristic, split, model,
+                        wanted)
     answers = stage("explain", explain, explain_params)
 
     # 4. score
@@ -572,41 +573,106 @@ def load_stage(out: str | Path, name: str) -> Any:
 
 
 
-def _dry_run(config, out, llm, sim_client, explain, heads, heuristic, split, model) -> ExplainRun:
-    """Count every LLM call of the run and estimate its cost; send nothing, store nothing.
+def _dry_run(config, out, llm, sim_client, explain, heads, heuristic, split, model,
+             wanted: Sequence[str] | None = None) -> ExplainRun:
+    """Count every LLM request of the run and estimate its cost; send nothing, store nothing.
 
-    The explain requests are the real ones. The scoring requests are built with the heuristic
-    explanations standing in for the LLM's (same events, similar length), for the LLM
-    explanation and its heuristic baseline; refinement is estimated as one revision per head
-    and round plus the re-scoring of its held-out events.
+    Counted stage by stage, as the real run sends them (``wanted``: the stages the run would
+    run; default all):
+
+    * explain: the real requests (one per head whose answer is not cached).
+    * score: each LLM scorer's requests on every head's held-out events for the heuristic
+      baseline (the real requests) and for the LLM's explanation, built with a stand-in (the
+      heuristic text marked with the head's label): a scorer's request count depends on the
+      events, not on the text (simulation sends one request per event, detection one per
+      ``n_per_prompt`` usable events).
+    * refine, with the scorer refinement uses (the first LLM scorer in ``config.scorers``):
+      ``rounds x (heads + its requests on the feedback events + on the held-out events)``. The
+      first explanation's held-out score is answered by the cache the score stage filled (sent
+      once more only when the score stage is not run), and so is a feedback event with the same
+      context as a held-out one.
+    * taxonomy: one family-name request per family (at most heads // min_cluster_size; none
+      when there are fewer heads than that) and, with ``embedding="openai"``, one embeddings
+      request per 256 texts.
+
+    The count is exact when every head gets a parseable explanation and revision, refinement
+    has one round, and the taxonomy finds as many families as it can; otherwise it is an upper
+    bound (a head left unexplained is not scored, a revision that is unparseable or repeats a
+    rejected one is not scored, a head whose explanation changed is re-scored on its feedback
+    events only between rounds, fewer families ask fewer names, and identical requests --
+    the same text and context for two heads -- are sent once).
     """
-    from .scoring import DetectionScorer, ScoringItem, SimulationScorer, score_explanations
+    from .client import EMBED_BATCH, _estimate_prompt_tokens
+    from .scoring import DetectionScorer, ScoringItem, SimulationScorer
+    from .taxonomy import LABEL_PROMPT
 
+    wanted = list(STAGES) if wanted is None else list(wanted)
     explain()
     explain_calls, explain_cost = llm.usage.dry_run_calls, llm.usage.dry_run_cost_usd
-    scorers = [SimulationScorer(sim_client) if name == "simulation" else DetectionScorer(sim_client, seed=config.seed)
-               for name in config.scorers if name in LLM_SCORERS]
-    items = [ScoringItem(h[0], h[1], heuristic[h], split[h][1]) for h in heads]
-    before_calls = sim_client.usage.dry_run_calls if sim_client is not llm else explain_calls
-    before_cost = sim_client.usage.dry_run_cost_usd if sim_client is not llm else explain_cost
-    if scorers:
-        score_explanations(scorers, items)
-    score_calls = 2 * (sim_client.usage.dry_run_calls - before_calls)   # LLM explanation + baseline
-    score_cost = 2 * (sim_client.usage.dry_run_cost_usd - before_cost)
+
+    def scorer_for(name):
+        return SimulationScorer(sim_client) if name == "simulation" else DetectionScorer(sim_client, seed=config.seed)
+
+    # The LLM's explanations are not known yet: one stand-in per head, the heuristic text marked
+    # with the head's label, so that (as with real explanations, which differ between heads) no
+    # two heads' requests coincide and get counted once
+    stand_ins = {h: dataclasses.replace(heuristic[h], text=f"{heuristic[h].text} (L{h[0]}H{h[1]})")
+                 for h in heads}
+
+    def measured(name: str, parts: Sequence[int], explanations: Mapping) -> tuple[int, float]:
+        """(requests, USD) the scorer ``name`` sends for ``explanations`` (one per head) on the
+        split parts ``parts`` (0: the events shown to the explainer, 1: the held-out events),
+        in one batch: an event in both parts (the same context) is one request, as in the real
+        run, where the cache answers the second. The dry-run client stores nothing, so each
+        measurement counts every request not cached."""
+        calls, cost = sim_client.usage.dry_run_calls, sim_client.usage.dry_run_cost_usd
+        scorer_for(name).score_many([ScoringItem(h[0], h[1], explanations[h], split[h][part])
+                                     for part in parts for h in heads])
+        return sim_client.usage.dry_run_calls - calls, sim_client.usage.dry_run_cost_usd - cost
+
+    llm_scorers = [name for name in config.scorers if name in LLM_SCORERS] if heads else []
+    score_calls, score_cost = 0, 0.0
+    if "score" in wanted:  # the LLM explanation and its heuristic baseline, on the held-out events
+        for name in llm_scorers:
+            for explanations in (stand_ins, heuristic):
+                calls, cost = measured(name, [1], explanations)
+                score_calls, score_cost = score_calls + calls, score_cost + cost
     refine_calls, refine_cost = 0, 0.0
-    if scorers and config.refine_rounds and heads:
-        # one explanation scored by one scorer on one head's held-out events
-        unit_calls = score_calls / (2 * len(scorers) * len(heads))
-        unit_cost = score_cost / (2 * len(scorers) * len(heads))
-        # per head and round: the revision request + scoring on the shown (feedback) and held-out events
-        refine_calls = int(round(config.refine_rounds * len(heads) * (1 + 2 * unit_calls)))
-        refine_cost = config.refine_rounds * (explain_cost + 2 * len(heads) * unit_cost)
-    total_calls = explain_calls + score_calls + refine_calls
-    total_cost = explain_cost + score_cost + refine_cost
+    if "refine" in wanted and llm_scorers and config.refine_rounds:
+        name = llm_scorers[0]  # the scorer refinement uses
+        # the first explanation's held-out score comes from the cache the score stage filled;
+        # its feedback requests (those not already among them) are sent
+        held_calls, held_cost = measured(name, [1], stand_ins)
+        both_calls, both_cost = measured(name, [0, 1], stand_ins)
+        feedback_calls, feedback_cost = both_calls - held_calls, both_cost - held_cost
+        rounds = config.refine_rounds
+        # per round: one revision per head + its held-out score; the feedback events are scored
+        # once before the first round and again, between rounds, for the heads that changed
+        refine_calls = rounds * (len(heads) + feedback_calls + held_calls)
+        refine_cost = rounds * (explain_cost + feedback_cost + held_cost)
+        if "score" not in wanted:  # the first explanation's held-out score is not in the cache
+            refine_calls += held_calls
+            refine_cost += held_cost
+    taxonomy_calls, taxonomy_cost = 0, 0.0
+    n_texts = len(heads)
+    if "taxonomy" in wanted and 2 <= n_texts and config.min_cluster_size <= n_texts:
+        families = n_texts // config.min_cluster_size
+        members = "\n".join(f"- {heuristic[h].text}" for h in heads[:12])
+        prompt = [{"role": "user", "content": LABEL_PROMPT.format(members=members)}]
+        taxonomy_calls = families
+        taxonomy_cost = families * llm.cost(_estimate_prompt_tokens(prompt), 32)
+        if config.embedding == "openai":
+            taxonomy_calls += -(-n_texts // EMBED_BATCH)
+            tokens = sum(len(heuristic[h].text) // 4 + 1 for h in heads)
+            taxonomy_cost += llm.cost(tokens, 0, model="text-embedding-3-small")
+    total_calls = explain_calls + score_calls + refine_calls + taxonomy_calls
+    total_cost = explain_cost + score_cost + refine_cost + taxonomy_cost
     _say(f"dry run: {total_calls} LLM calls (explain {explain_calls}, scoring {score_calls}, "
-         f"refinement ~{refine_calls}), estimated ${total_cost:.4f} "
-         f"(explain ${explain_cost:.4f}, scoring ${score_cost:.4f}, refinement ~${refine_cost:.4f}); "
-         "nothing was sent: rerun without --dry-run to spend")
+         f"refinement ~{refine_calls}, taxonomy ~{taxonomy_calls}), estimated ${total_cost:.4f} "
+         f"(explain ${explain_cost:.4f}, scoring ${score_cost:.4f}, refinement ~${refine_cost:.4f}, "
+         f"taxonomy ~${taxonomy_cost:.4f}); at most this many: fewer when a head gets no usable "
+         "explanation or revision; nothing was sent: rerun without --dry-run to spend")
     usage = {"dry_run": {"calls": total_calls, "estimated_cost_usd": total_cost, "explain_calls": explain_calls,
-                         "score_calls": score_calls, "refine_calls": refine_calls}}
+                         "score_calls": score_calls, "refine_calls": refine_calls,
+                         "taxonomy_calls": taxonomy_calls}}
     return ExplainRun([], Path(out), config, ["dry_run"], usage=usage)
