@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "attribution", "calibration", "checkpoint", "cli", "data", "explain", "heads", "models",
+    "attribution", "calibration", "checkpoint", "cli", "data", "display", "explain", "heads", "models",
     "notebook", "patching", "paths", "plots", "probing", "runner", "selective", "versions",
 }
 

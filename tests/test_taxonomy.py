@@ -373,8 +373,11 @@ def test_build_taxonomy_round_trip_and_figures(st_embed, tmp_path):
     expected_traces = taxonomy.metrics["n_families"] + int((taxonomy.labels < 0).any())
     assert len(figure.data) == expected_traces
     assert sum(len(trace.x) for trace in figure.data) == n
-    hover = " ".join(t for trace in figure.data for t in trace.text)
+    hover = " ".join(t for trace in figure.data for t in trace.hovertext)
     assert "It processes various tokens." in hover and "missing" in hover
+    # each dot is labelled with its head
+    assert all(trace.mode == "markers+text" and trace.textposition == "top center" for trace in figure.data)
+    assert sorted(t for trace in figure.data for t in trace.text) == sorted(taxonomy.keys)
     if (taxonomy.labels < 0).any():
         assert figure.data[0].marker.color == figures.UNCLUSTERED_COLOUR
     heat = figures.family_layer_heatmap(taxonomy)

@@ -27,7 +27,7 @@ class ExplainConfig:
     top_k: int = field(default=20, metadata={"help": "top salient events kept per head"})
     n_random: int = field(default=10, metadata={"help": "random events kept per head (for scoring)"})
     n_quantile: int = field(default=10, metadata={"help": "events spread over the activation quantiles per head"})
-    salience: str = field(default="next_token_effect", metadata={"help": "event salience, also what the contrastive scorer measures: next_token_effect (the head's direct effect on the logit of the actual next token, (z W_O) . centred W_U[:, next]), z_norm (||z||) or resid_write_norm (||z W_O||)"})
+    salience: str = field(default="next_token_effect", metadata={"help": "event salience: next_token_effect (the head's direct effect on the logit of the actual next token, (z W_O) . centred W_U[:, next]), z_norm (||z||) or resid_write_norm (||z W_O||)"})
     explainer: str | None = field(default=None, metadata={"help": "explainer LLM (e.g. gpt-4o-mini); unset = heuristic explainer, no LLM"})
     simulator: str | None = field(default=None, metadata={"help": "simulator / detector LLM (default: the explainer)"})
     base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible endpoint (default: OpenAI's); the key comes from $INTERP_LIB_API_KEY, or for OpenAI $OPENAI_API_KEY / the Colab secret"})

@@ -39,8 +39,9 @@ def _hover(row: pd.Series, fields: Sequence[str]) -> str:
 
 def taxonomy_map(taxonomy: Taxonomy, hover: Sequence[str] = HOVER_FIELDS, title: str | None = None,
                  max_legend_label: int = 40):
-    """2-D map of the explanations, one trace per family (unclustered grey, drawn first);
-    hovering a point shows ``hover`` fields of :attr:`Taxonomy.heads`."""
+    """2-D map of the explanations, one trace per family (unclustered grey, drawn first); each
+    dot is labelled with its head (the taxonomy key, e.g. ``L1H0``) and hovering it shows
+    ``hover`` fields of :attr:`Taxonomy.heads`."""
     import plotly.graph_objects as go
     from plotly.colors import qualitative
 
@@ -61,10 +62,12 @@ def taxonomy_map(taxonomy: Taxonomy, hover: Sequence[str] = HOVER_FIELDS, title:
             label = label if len(label) <= max_legend_label else label[:max_legend_label - 1] + "…"
             name, colour = f"{family}: {label} ({len(part)})", palette[family % len(palette)]
         figure.add_trace(go.Scatter(
-            x=part["x"], y=part["y"], mode="markers", name=name,
+            x=part["x"], y=part["y"], mode="markers+text", name=name,
             marker={"color": colour, "size": 9, "line": {"width": 0.5, "color": "white"}},
-            text=[_hover(row, hover) for _, row in part.iterrows()],
-            hovertemplate="%{text}<extra></extra>", customdata=part["key"]))
+            text=[str(key) for key in part["key"]], textposition="top center",
+            textfont={"size": 9, "color": colour},
+            hovertext=[_hover(row, hover) for _, row in part.iterrows()],
+            hovertemplate="%{hovertext}<extra></extra>", customdata=part["key"]))
     method = taxonomy.config.get("projection", {}).get("method", "umap").upper()
     figure.update_layout(title=title or f"Head families ({taxonomy.metrics['n_families']} families, "
                          f"coverage {taxonomy.metrics['coverage']:.0%})",
