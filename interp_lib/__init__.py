@@ -12,8 +12,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "attribution", "calibration", "checkpoint", "cli", "data", "display", "explain", "heads", "models",
-    "notebook", "patching", "paths", "plots", "probing", "runner", "selective", "versions",
+    "attribution", "calibration", "checkpoint", "claims", "cli", "cluster", "data", "display", "explain",
+    "heads", "models", "notebook", "patching", "paths", "plots", "probing", "results", "runner",
+    "selective", "stats", "versions",
 }
 
 __all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "ModelLoadError", "load_model", "select_device",
