@@ -79,6 +79,10 @@ def test_offline_run_names_the_known_heads_and_reruns_from_checkpoints(tmp_path,
     assert by_label["L0H2"].explanation.text.startswith("Previous-token head")
     assert all(r.explanation.source == "heuristic" and r.causal_effect is not None for r in records)
     assert any(r.scores.get("contrastive") and r.scores["contrastive"].score is not None for r in records)
+    # events and contrastive scores use one salience (default next_token_effect): the verified
+    # induction heads' induction explanations are backed by their scores
+    contrastive = {label: by_label[label].scores["contrastive"].score for label in ("L1H0", "L1H1", "L1H2")}
+    assert all(score is not None and score > 0 for score in contrastive.values()), contrastive
     assert not any(k in r.scores for r in records for k in ("simulation", "detection"))
     assert set(meta["skipped_scorers"]) == {"simulation", "detection"}
     report = (out / "report.md").read_text()
@@ -92,6 +96,15 @@ def test_offline_run_names_the_known_heads_and_reruns_from_checkpoints(tmp_path,
     assert "running" not in printed and printed.count("loaded") >= 8
     again, _ = load_records(out / "records.json")
     assert [r.to_dict() for r in again] == [r.to_dict() for r in records]
+
+    # --salience reaches the scorer too: by ||z|| an induction head resting on BOS is scored
+    # against its own explanation (scorer-level: L1H1 d = -2.82), and the stages are recomputed
+    assert cli_main(args[:2] + [str(tmp_path / "z_norm")] + args[3:] + ["--salience", "z_norm",
+                                                                        "--skip", "causal", "taxonomy"]) == 0
+    capsys.readouterr()
+    by_z = {r.label: r for r in load_records(tmp_path / "z_norm" / "records.json")[0]}
+    z_scores = {label: by_z[label].scores["contrastive"].score for label in ("L1H0", "L1H1", "L1H2")}
+    assert min(v for v in z_scores.values() if v is not None) < 0, z_scores
 
     # leaving scoring out changes what is clustered: the taxonomy is recomputed, not reused
     assert cli_main(args + ["--skip", "score"]) == 0

@@ -386,7 +386,7 @@ def _run_locked(config: ExplainConfig, out: Path, wanted: list[str], skipped: se
         chosen, reasons = [], {}
         for name in config.scorers:
             if name == "contrastive":
-                chosen.append(ContrastiveScorer(model, batch_size=config.batch_size))
+                chosen.append(ContrastiveScorer(model, batch_size=config.batch_size, salience=config.salience))
             elif sim_client is None:
                 reasons[name] = "no LLM endpoint configured (explainer unset)"
             elif name == "simulation":
