@@ -399,6 +399,24 @@ class BootstrapCI:
         return f"{self.estimate:.4g} [{self.lower:.4g}, {self.upper:.4g}] ({100 * (1 - self.alpha):.0f}% CI{by})"
 
 
+def _check_n_boot(n_boot: Any) -> int:
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 2:
+        raise ValueError(f"n_boot={n_boot!r}: expected an integer >= 2")
+    return int(n_boot)
+
+
+def _sample_arrays(arrays: Sequence[Any]) -> list[np.ndarray]:
+    if not arrays:
+        raise ValueError("arrays: expected at least one array to resample")
+    data = [_to_numpy(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+    for i, a in enumerate(data):
+        if a.ndim == 0:
+            raise ValueError(f"arrays[{i}] is a scalar; expected an array with samples along axis 0")
+        _check_nonempty(a, f"arrays[{i}]")
+        _check_same_length(data[0], "arrays[0]", a, f"arrays[{i}]")
+    return data
+
+
 def bootstrap_ci(metric_fn: Callable[..., float], *arrays: ArrayLike, n_boot: int = 1000,
                  alpha: float = 0.05, seed: int = 0, groups: ArrayLike | None = None,
                  resample: Literal["auto", "cluster", "token"] = "auto",
@@ -433,16 +451,10 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: ArrayLike, n_boot: in
         raise ValueError(f"metric_fn={metric_fn!r}: expected a callable metric(*arrays) -> float")
     if not arrays:
         raise ValueError("arrays: expected at least one array to resample")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 2:
-        raise ValueError(f"n_boot={n_boot!r}: expected an integer >= 2")
+    n_boot = _check_n_boot(n_boot)
     if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
         raise ValueError(f"alpha={alpha!r}: expected a number in (0, 1)")
-    data = [_to_numpy(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
-    for i, a in enumerate(data):
-        if a.ndim == 0:
-            raise ValueError(f"arrays[{i}] is a scalar; expected an array with samples along axis 0")
-        _check_nonempty(a, f"arrays[{i}]")
-        _check_same_length(data[0], "arrays[0]", a, f"arrays[{i}]")
+    data = _sample_arrays(arrays)
     estimate = float(metric_fn(*data))
     rng = np.random.default_rng(seed)
     n = len(data[0])

@@ -29,8 +29,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .calibration import (ArrayLike, BootstrapCI, _check_nonempty, _check_same_length, _float_array, _to_numpy,
-                          _unit_interval, confidence_and_correct)
+from .calibration import (ArrayLike, BootstrapCI, _check_n_boot, _check_nonempty, _check_same_length, _float_array,
+                          _sample_arrays, _to_numpy, _unit_interval, confidence_and_correct)
 
 __all__ = [
     "BootstrapCI", "PermutationResult", "SeedSummary", "benjamini_hochberg", "binned_calibration_error",
@@ -50,24 +50,6 @@ def _check_alpha(alpha: Any) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise ValueError(f"alpha={alpha!r}: expected a number in (0, 1)")
     return float(alpha)
-
-
-def _check_n_boot(n_boot: Any) -> int:
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 2:
-        raise ValueError(f"n_boot={n_boot!r}: expected an integer >= 2")
-    return int(n_boot)
-
-
-def _sample_arrays(arrays: Sequence[Any]) -> list[np.ndarray]:
-    if not arrays:
-        raise ValueError("arrays: expected at least one array to resample")
-    data = [_to_numpy(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
-    for i, a in enumerate(data):
-        if a.ndim == 0:
-            raise ValueError(f"arrays[{i}] is a scalar; expected an array with samples along axis 0")
-        _check_nonempty(a, f"arrays[{i}]")
-        _check_same_length(data[0], "arrays[0]", a, f"arrays[{i}]")
-    return data
 
 
 def cluster_bootstrap(metric_fn: Callable[..., float], *arrays: ArrayLike, groups: ArrayLike,
