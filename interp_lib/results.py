@@ -191,11 +191,10 @@ def write_results_page(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]
                        path: str | os.PathLike | None = None) -> Path:
     """Write :func:`results_page` to ``path`` (default ``results.md`` in the first run folder)
     atomically."""
+    from .runner import _atomic_write_text
+
     first = run_dirs if isinstance(run_dirs, (str, os.PathLike)) else run_dirs[0]
     target = Path(path) if path is not None else Path(first) / "results.md"
     text = results_page(run_dirs)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
+    _atomic_write_text(target, text)  # makes the folder too
     return target
