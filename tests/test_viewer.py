@@ -17,8 +17,7 @@ from interp_lib.explain.viewer import (DATA_ELEMENT_ID, SCORER_INFO, RatingWidge
                                        viewer_run_id, write_viewer)
 
 MALICIOUS = "</script><img src=x onerror=alert(1)>"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
+from chromium import headless_chromium  # noqa: E402  (tests/chromium.py)
 
 
 def _event(layer: int, head: int, tokens: list[str], position: int, attended, window: int = 0) -> Event:
@@ -288,26 +287,11 @@ def test_rating_widget_saves_the_page_format(tmp_path):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    if missing:
-        pytest.skip(f"headless Chromium tests need {' and '.join(missing)} (Debian packages "
-                    "chromium and chromium-driver; CI installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     downloads = tmp_path_factory.mktemp("downloads")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", f"--user-data-dir={tmp_path_factory.mktemp('chrome-profile')}"):
-        options.add_argument(arg)
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False,
-                                              "download.directory_upgrade": True,
-                                              "safebrowsing.enabled": False})
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver = headless_chromium(tmp_path_factory.mktemp("chrome-profile"), prefs={
+        "download.default_directory": str(downloads), "download.prompt_for_download": False,
+        "download.directory_upgrade": True, "safebrowsing.enabled": False},
+        capabilities={"goog:loggingPrefs": {"browser": "ALL"}})
     driver.set_page_load_timeout(30)
     driver.downloads = downloads
     yield driver
