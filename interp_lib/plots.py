@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .units import head_label
+
 OFFLINE_RENDERER = "interp_lib"
 """Name of the offline renderer in ``plotly.io.renderers`` (see :func:`register_offline_renderer`)."""
 
@@ -142,7 +144,7 @@ def attention_view(model, text: str | torch.Tensor, layer: int, heads: Sequence[
         raise ValueError(f"heads={heads!r}: expected head indices in [0, {model.cfg.n_heads - 1}]")
     return cv.attention.attention_heads(
         attention=pattern[head_ids], tokens=str_tokens,
-        attention_head_names=[f"L{layer}H{h}" for h in head_ids])
+        attention_head_names=[head_label(layer, h) for h in head_ids])
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,7 +477,7 @@ def composition_heatmap(scores, title: str | None = None):
     if scores.ndim != 4:
         raise ValueError(f"scores has shape {tuple(scores.shape)}: expected [layer, head, layer, head]")
     n_layers, n_heads = scores.shape[:2]
-    labels = [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
+    labels = [head_label(l, h) for l in range(n_layers) for h in range(n_heads)]
     grid = scores.reshape(n_layers * n_heads, n_layers * n_heads)
     return _heatmap(grid, x=labels, y=labels, title=title or "composition scores", xaxis="target (later head)",
                     yaxis="source (earlier head)", colorscale="Blues", value="composition score")
