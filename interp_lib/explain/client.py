@@ -31,6 +31,15 @@ halves the CPU per request and lets a body that is not JSON be retried) and retu
   flight finish, so the total may overshoot by at most ``concurrency`` responses); the rest return
   ``failure="budget cap reached ($X)"`` and ``stopped_reason`` is set;
 * a dry run that sends nothing and prints ``dry run: N calls (M cached), estimated $X``;
+* optionally (``batch=True``) OpenAI's Batch API: the requests of one ``chat_many`` that are not
+  cached go up as one JSON-lines file (``POST /files``, ``POST /batches``), the batch is polled
+  every ``batch_poll_interval`` seconds and its answers are read back, priced at
+  ``BATCH_DISCOUNT`` of the standard price and cached like any other answer. The batch id is kept
+  under ``cache_dir/batches/`` until its answers are cached, so a killed run collects the same
+  batch instead of paying twice. Lines the batch could not answer are sent directly (with
+  retries); an endpoint without the Batch API (404 / 405 on upload) gets every request directly,
+  with a warning; a batch still running after ``batch_timeout`` seconds leaves its requests
+  failed with a message saying a rerun collects it;
 * a circuit breaker: after ``breaker_threshold`` consecutive attempts that say the endpoint
   itself is unusable (connection errors, bodies that are not JSON, bodies over the size limit),
   or one 401 / 403 (a rejected key), nothing more is sent, the remaining requests fail at once, and ``chat_many`` /
@@ -87,6 +96,9 @@ CACHE_FORMAT = 1
 COLAB_SECRET_NAME = "OPENAI_API_KEY"
 EMBED_BATCH = 256
 BREAKER_THRESHOLD = 5
+BATCH_DISCOUNT = 0.5  # OpenAI's Batch API bills half the standard price
+BATCH_ENDPOINT = "/v1/chat/completions"
+_BATCH_DONE = ("completed", "failed", "expired", "cancelled")
 _BODY_LIMIT: "contextvars.ContextVar[int | None]" = contextvars.ContextVar(
     "interp_lib_response_limit", default=None)
 _ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -199,6 +211,14 @@ class UsageStats:
 class EndpointError(RuntimeError):
     """The endpoint itself is unusable (refused connections, 401 / 403, answers that are not
     JSON or too large): one line naming the URL (without credentials) and the cause."""
+
+
+class _BatchUnavailable(Exception):
+    """A Batch API call that failed for good (``status``: its HTTP status, if any)."""
+
+    def __init__(self, message: str, status: int | None):
+        super().__init__(message)
+        self.status = status
 
 
 class ResponseTooLargeError(Exception):
@@ -488,7 +508,8 @@ class LLMClient:
                  retry_after_max: float = 120.0, cache_dir: str | Path | None = None, prices: dict | None = None,
                  max_cost_usd: float | None = None, dry_run: bool = False,
                  progress: bool = True, seed: int = 0, breaker_threshold: int = BREAKER_THRESHOLD,
-                 max_response_bytes: int | None = None):
+                 max_response_bytes: int | None = None, batch: bool = False,
+                 batch_poll_interval: float = 30.0, batch_timeout: float = 26 * 3600.0):
         if not isinstance(model, str) or not model:
             raise ValueError(f"model={model!r}: expected a non-empty model name")
         if base_url is not None and (not isinstance(base_url, str)
@@ -537,6 +558,9 @@ class LLMClient:
         self.backoff_max = _float("backoff_max", backoff_max)
         self.retry_after_max = _float("retry_after_max", retry_after_max)
         self.max_cost_usd = None if max_cost_usd is None else _float("max_cost_usd", max_cost_usd)
+        self.batch = bool(batch)
+        self.batch_poll_interval = _float("batch_poll_interval", batch_poll_interval, positive=True)
+        self.batch_timeout = _float("batch_timeout", batch_timeout, positive=True)
         self.prices = dict(DEFAULT_PRICES)
         for name, pair in (prices or {}).items():
             if (not isinstance(pair, (tuple, list)) or len(pair) != 2
@@ -797,8 +821,10 @@ class LLMClient:
                 params["top_logprobs"] = request.top_logprobs
         return params
 
-    def _result_from_body(self, data: Any, request: ChatRequest, attempts: int) -> ChatResult | None:
-        """A ChatResult from a parsed body, or None when the body is not a chat completion."""
+    def _result_from_body(self, data: Any, request: ChatRequest, attempts: int,
+                          price_factor: float = 1.0) -> ChatResult | None:
+        """A ChatResult from a parsed body, or None when the body is not a chat completion.
+        ``price_factor`` scales its cost (``BATCH_DISCOUNT`` for an answer of the Batch API)."""
         try:
             choice = data["choices"][0]
             message = choice.get("message") or {}
@@ -817,7 +843,7 @@ class LLMClient:
         with self._lock:
             self.usage.prompt_tokens += prompt_tokens
             self.usage.completion_tokens += completion_tokens
-            self.usage.cost_usd += self.cost(prompt_tokens, completion_tokens)
+            self.usage.cost_usd += self.cost(prompt_tokens, completion_tokens) * price_factor
         failure = None
         if finish_reason == "length":
             failure = "truncated (finish_reason=length)"
@@ -926,7 +952,146 @@ class LLMClient:
             seen.add(key)
             calls += 1
             usd += self.cost(_estimate_prompt_tokens(request.messages), request.max_tokens)
-        return calls, usd
+        return calls, usd * (BATCH_DISCOUNT if self.batch else 1.0)
+
+    # -- Batch API -------------------------------------------------------------------------------
+    def _batch_state_path(self, keys: Sequence[str]) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:32]
+        return self.cache_dir / "batches" / f"{digest}.json"
+
+    async def _batch_call(self, what: str, call) -> Any:
+        """One Batch API call (a coroutine factory returning the JSON body text), retried like a
+        chat request on transient failures; raises _BatchUnavailable with the reason otherwise."""
+        retries = 0
+        while True:
+            outcome = await self._attempt(call)
+            self._note_outcome(outcome)
+            if outcome.reason is None:
+                return outcome.data
+            if not outcome.retry or retries >= self.max_retries:
+                raise _BatchUnavailable(f"{what}: {outcome.reason}", outcome.status)
+            await asyncio.sleep(self._backoff(retries, outcome.retry_after))
+            retries += 1
+            with self._lock:
+                self.usage.retries += 1
+
+    async def _run_batch(self, client, items: Sequence[tuple[str, ChatRequest]], bar,
+                         weights: Sequence[int]) -> dict[str, ChatResult]:
+        """Answer ``items`` ((cache key, request)) through the Batch API; returns the answers it
+        got (cached as they arrive). Keys it leaves out are sent directly by the caller."""
+        keys = [key for key, _ in items]
+        by_key = dict(items)
+        weight = dict(zip(keys, weights))
+        if self.max_cost_usd is not None:
+            _, estimate = self.estimate_cost([request for _, request in items])
+            if self.usage.cost_usd + estimate > self.max_cost_usd:
+                log.warning("a batch of %d requests could cost up to $%.4f, beyond the cap of $%.2f: "
+                            "sending them one by one so the cap binds", len(items), estimate,
+                            self.max_cost_usd)
+                return {}
+        state_path = self._batch_state_path(keys)
+        state = None
+        if state_path is not None and state_path.exists():
+            try:
+                state = json.loads(state_path.read_text())
+                log.info("collecting batch %s submitted by an earlier run", state["batch_id"])
+            except (OSError, ValueError, KeyError, TypeError):
+                state = None
+        try:
+            if state is None:
+                lines = "".join(json.dumps({"custom_id": key, "method": "POST", "url": BATCH_ENDPOINT,
+                                            "body": self._chat_params(by_key[key], set())}) + "\n"
+                                for key in keys)
+                uploaded = await self._batch_call("upload of the batch file", lambda: self._upload(client, lines))
+                created = await self._batch_call("creation of the batch", lambda: client.post(
+                    "/batches", cast_to=str, body={"input_file_id": uploaded["id"], "endpoint": BATCH_ENDPOINT,
+                                                      "completion_window": "24h"}))
+                state = {"batch_id": created["id"], "input_file_id": uploaded["id"], "n": len(keys),
+                         "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                if state_path is not None:
+                    from ..checkpoint import _atomic_write
+
+                    text = json.dumps(state).encode()
+                    state_path.parent.mkdir(parents=True, exist_ok=True)
+                    _atomic_write(state_path, lambda f: f.write(text))
+            batch = await self._poll_batch(client, state["batch_id"], bar)
+        except _BatchUnavailable as exc:
+            if exc.status in (404, 405):
+                log.warning("%s has no Batch API (%s): sending the %d requests directly", self.base_url, exc,
+                            len(items))
+                return {}
+            raise EndpointError(f"Batch API at {self.base_url}: {exc}") from None
+        if batch is None:  # still running: a rerun collects it (its id is kept)
+            failure = (f"batch {state['batch_id']} still running after {self.batch_timeout:g} s; rerun to "
+                       "collect its answers (nothing is sent twice)")
+            return {key: ChatResult(ok=False, failure=failure) for key in keys}
+        results: dict[str, ChatResult] = {}
+        for name in ("output_file_id", "error_file_id"):
+            file_id = batch.get(name)
+            if not file_id:
+                continue
+            token = _BODY_LIMIT.set(sum(self._body_limit(by_key[k].max_tokens, by_key[k].logprobs,
+                                                         by_key[k].top_logprobs) for k in keys))
+            try:
+                content = await self._batch_call(f"download of {name}", lambda: self._download(client, file_id))
+            finally:
+                _BODY_LIMIT.reset(token)
+            for line in content["text"].splitlines():
+                try:
+                    entry = json.loads(line)
+                    key, response = entry["custom_id"], entry.get("response") or {}
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if key not in by_key or response.get("status_code") != 200:
+                    continue
+                result = self._result_from_body(response.get("body"), by_key[key], attempts=1,
+                                                price_factor=BATCH_DISCOUNT)
+                if result is None:
+                    continue
+                results[key] = result
+                if result.ok and self.cache is not None:
+                    try:
+                        await asyncio.to_thread(self._cache_store, key, by_key[key], result)
+                    except OSError as exc:
+                        log.warning("could not write cache entry for %s (%s)", key[:12], exc)
+                bar.update(weight[key])
+        if batch.get("status") != "completed":
+            log.warning("batch %s ended %s: %d of %d answers read; the rest are sent directly",
+                        state["batch_id"], batch.get("status"), len(results), len(keys))
+        elif len(results) < len(keys):
+            log.info("batch %s: %d lines without an answer are sent directly", state["batch_id"],
+                     len(keys) - len(results))
+        if state_path is not None:
+            state_path.unlink(missing_ok=True)
+        return results
+
+    async def _upload(self, client, lines: str) -> str:
+        uploaded = await client.files.create(file=("requests.jsonl", lines.encode(), "application/jsonl"),
+                                             purpose="batch")
+        return json.dumps(uploaded.model_dump())
+
+    async def _download(self, client, file_id: str) -> str:
+        response = await client.files.content(file_id)
+        return json.dumps({"text": response.text})
+
+    async def _poll_batch(self, client, batch_id: str, bar) -> dict | None:
+        """The finished batch object, or None when ``batch_timeout`` passed first."""
+        import time
+
+        start = time.monotonic()
+        while True:
+            batch = await self._batch_call(f"status of batch {batch_id}", lambda: client.get(
+                f"/batches/{batch_id}", cast_to=str))
+            counts = batch.get("request_counts") or {}
+            bar.set_postfix_str(f"batch {batch.get('status')}: {counts.get('completed', 0)}/"
+                                f"{counts.get('total', '?')}", refresh=True)
+            if batch.get("status") in _BATCH_DONE:
+                return batch
+            if time.monotonic() - start > self.batch_timeout:
+                return None
+            await asyncio.sleep(self.batch_poll_interval)
 
     async def achat_many(self, requests: Sequence[ChatRequest], desc: str = "LLM") -> list[ChatResult]:
         """Send the requests (cache first, concurrently, with retries); results in order."""
@@ -945,6 +1110,7 @@ class LLMClient:
         if self.dry_run:
             usd = sum(self.cost(_estimate_prompt_tokens(requests[groups[k][0]].messages),
                                 requests[groups[k][0]].max_tokens) for k in to_send)
+            usd *= BATCH_DISCOUNT if self.batch else 1.0
             with self._lock:
                 self.usage.dry_run_calls += len(to_send)
                 self.usage.dry_run_cost_usd += usd
@@ -964,6 +1130,16 @@ class LLMClient:
         if to_send:
             client = self._make_openai()
             sem = asyncio.Semaphore(self.concurrency)
+            if self.batch:
+                try:
+                    by_batch = await self._run_batch(client, [(k, requests[groups[k][0]]) for k in to_send], bar,
+                                                     [len(groups[k]) for k in to_send])
+                except BaseException:
+                    bar.close()
+                    await client.close()
+                    raise
+                sent.update(by_batch)
+                to_send = [key for key in to_send if key not in sent]
 
             async def run(key: str) -> None:
                 request = requests[groups[key][0]]

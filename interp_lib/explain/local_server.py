@@ -4,7 +4,11 @@ Tests, notebooks and benchmarks point ``LLMClient`` (or the ``openai`` package i
 ``server.url`` and get real HTTP: ``POST /v1/chat/completions`` (``response_format``,
 ``logprobs`` / ``top_logprobs``, ``max_tokens``, a ``usage`` block), ``POST /v1/embeddings``
 (deterministic hashed bag-of-words vectors, so similar texts get similar vectors) and
-``GET /v1/models``.
+``GET /v1/models``, and OpenAI's Batch API (``POST /v1/files`` with ``purpose=batch``, ``POST
+/v1/batches``, ``GET /v1/batches/{id}``, ``GET /v1/files/{id}/content``): a batch answers its
+lines after ``batch_delay`` seconds (``in_progress`` until then), each line through the same
+chat handler; faults drawn for a line make that line an error (status 500 in the error file), and
+``"truncated"`` cuts it as for a direct request. ``batch_lines`` records every line's body.
 
 Faults are drawn per request from a seeded RNG with probability ``fault_rate`` (or taken in order
 from ``fault_sequence`` first):
@@ -158,7 +162,8 @@ class LocalOpenAIServer:
                  seed: int = 0, logprobs: bool = True, embed_dim: int = 64,
                  require_api_key: str | None = None, fault_sequence: Sequence[str | None] = (),
                  reject_params: Sequence[str] = (), model_name: str = "local-model",
-                 oversized_bytes: int = 64 << 20, ignore_max_tokens: bool = False):
+                 oversized_bytes: int = 64 << 20, ignore_max_tokens: bool = False,
+                 batch_delay: float = 0.0, batch_api: bool = True):
         if not 0.0 <= float(fault_rate) <= 1.0:
             raise ValueError(f"fault_rate={fault_rate!r}: expected a probability in [0, 1]")
         bad = [f for f in [*faults, *(f for f in fault_sequence if f is not None)]
@@ -182,6 +187,7 @@ class LocalOpenAIServer:
         self.reject_params, self.model_name = tuple(reject_params), model_name
         self.oversized_bytes = int(oversized_bytes)
         self.ignore_max_tokens = bool(ignore_max_tokens)  # answer in full, like a broken endpoint
+        self.batch_delay, self.batch_api = float(batch_delay), bool(batch_api)
         # Only a digest of the required key is kept, so the server holds no copy of the secret.
         self._key_digest = (None if require_api_key is None
                             else hashlib.sha256(require_api_key.encode()).digest())
@@ -203,6 +209,9 @@ class LocalOpenAIServer:
             self.max_in_flight = 0
             self._rng = random.Random(self.seed)
             self._fault_sequence = []
+            self.files: dict[str, dict] = {}
+            self.batches: dict[str, dict] = {}
+            self.batch_lines: list[dict] = []
 
     def _draw_fault(self, endpoint: str) -> str | None:
         with self._lock:
@@ -283,6 +292,9 @@ class LocalOpenAIServer:
         if self.latency:
             time.sleep(self.latency)
         body: Any = None
+        route = path.split("?", 1)[0].rstrip("/")
+        if self.batch_api and (route == "/v1/files" or route.startswith(("/v1/files/", "/v1/batches"))):
+            return self._batch_route(method, route, headers, raw)
         if method == "POST":
             try:
                 body = json.loads(raw or b"null")
@@ -296,7 +308,6 @@ class LocalOpenAIServer:
             sent = auth[7:] if auth.lower().startswith("bearer ") else ""
             if hashlib.sha256(sent.encode()).digest() != self._key_digest:
                 return _error_reply(401, "Incorrect API key provided.", "invalid_api_key")
-        route = path.split("?", 1)[0].rstrip("/")
         if method == "GET" and route == "/v1/models":
             return _json_reply(200, {"object": "list", "data": [
                 {"id": self.model_name, "object": "model", "created": 0, "owned_by": "local"}]})
@@ -385,6 +396,101 @@ class LocalOpenAIServer:
             "model": body.get("model") or self.model_name, "choices": [choice],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
                       "total_tokens": prompt_tokens + len(tokens)}})
+
+    # -- Batch API -------------------------------------------------------------------------------
+    def _batch_route(self, method: str, route: str, headers: dict[str, str], raw: bytes) -> _Reply:
+        if self._key_digest is not None:
+            auth = headers.get("authorization", "")
+            sent = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if hashlib.sha256(sent.encode()).digest() != self._key_digest:
+                return _error_reply(401, "Incorrect API key provided.", "invalid_api_key")
+        parts = route.split("/")[2:]  # ["files"], ["files", id, "content"], ["batches"], ["batches", id]
+        if method == "POST" and parts == ["files"]:
+            return self._upload(headers.get("content-type", ""), raw)
+        if method == "GET" and len(parts) == 3 and parts[0] == "files" and parts[2] == "content":
+            with self._lock:
+                stored = self.files.get(parts[1])
+            if stored is None:
+                return _error_reply(404, f"no file {parts[1]!r}", "not_found")
+            return _Reply(200, stored["data"], {"Content-Type": "application/octet-stream"})
+        if method == "POST" and parts == ["batches"]:
+            try:
+                body = json.loads(raw or b"null")
+            except ValueError:
+                body = None
+            if not isinstance(body, dict) or body.get("endpoint") != "/v1/chat/completions":
+                return _error_reply(400, "expected {input_file_id, endpoint: '/v1/chat/completions', "
+                                         "completion_window}")
+            with self._lock:
+                stored = self.files.get(str(body.get("input_file_id")))
+                if stored is None:
+                    return _error_reply(404, f"no file {body.get('input_file_id')!r}", "not_found")
+                batch_id = f"batch_{len(self.batches):06d}"
+                batch = {"id": batch_id, "object": "batch", "endpoint": body["endpoint"], "errors": None,
+                         "input_file_id": body["input_file_id"], "completion_window": body.get("completion_window"),
+                         "status": "in_progress", "output_file_id": None, "error_file_id": None,
+                         "created_at": int(time.time()), "request_counts": {"total": 0, "completed": 0, "failed": 0}}
+                self.batches[batch_id] = batch
+            threading.Thread(target=self._process_batch, args=(batch_id, stored["data"]), daemon=True).start()
+            return _json_reply(200, dict(batch))
+        if method == "GET" and len(parts) == 2 and parts[0] == "batches":
+            with self._lock:
+                batch = self.batches.get(parts[1])
+                batch = None if batch is None else json.loads(json.dumps(batch))
+            if batch is None:
+                return _error_reply(404, f"no batch {parts[1]!r}", "not_found")
+            return _json_reply(200, batch)
+        return _error_reply(404, f"no route for {method} {route}", "not_found")
+
+    def _upload(self, content_type: str, raw: bytes) -> _Reply:
+        from email.parser import BytesParser
+        from email.policy import HTTP
+
+        if not content_type.startswith("multipart/form-data"):
+            return _error_reply(400, "expected a multipart/form-data upload")
+        message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+        fields: dict[str, tuple[str | None, bytes]] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            fields[str(name)] = (part.get_filename(), part.get_payload(decode=True) or b"")
+        if "file" not in fields or fields.get("purpose", (None, b""))[1].decode() != "batch":
+            return _error_reply(400, "expected fields 'file' and purpose='batch'")
+        filename, data = fields["file"]
+        with self._lock:
+            file_id = f"file-{len(self.files):06d}"
+            self.files[file_id] = {"data": data, "purpose": "batch"}
+        return _json_reply(200, {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                                 "filename": filename or "upload.jsonl", "purpose": "batch", "status": "processed"})
+
+    def _process_batch(self, batch_id: str, data: bytes) -> None:
+        time.sleep(self.batch_delay)
+        output, errors, n_done, n_failed = [], [], 0, 0
+        for line in data.decode().splitlines():
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            body = entry.get("body") or {}
+            with self._lock:
+                self.batch_lines.append(body)
+            fault = self._draw_fault("chat")
+            if fault is not None and fault != "truncated":
+                reply = _error_reply(500, f"Internal server error (injected {fault}).", "server_error")
+            else:
+                reply = self._chat(body, truncate=fault == "truncated")
+            record = {"id": f"batch_req_{n_done + n_failed}", "custom_id": entry.get("custom_id"),
+                      "response": {"status_code": reply.status, "body": json.loads(reply.body)}, "error": None}
+            (output if reply.status == 200 else errors).append(json.dumps(record))
+            n_done += reply.status == 200
+            n_failed += reply.status != 200
+        with self._lock:
+            batch = self.batches[batch_id]
+            for name, lines in (("output_file_id", output), ("error_file_id", errors)):
+                if lines:
+                    file_id = f"file-{len(self.files):06d}"
+                    self.files[file_id] = {"data": ("\n".join(lines) + "\n").encode(), "purpose": "batch_output"}
+                    batch[name] = file_id
+            batch["request_counts"] = {"total": n_done + n_failed, "completed": n_done, "failed": n_failed}
+            batch["status"] = "completed"
 
     def _embeddings(self, body: dict) -> _Reply:
         inputs = body.get("input")
