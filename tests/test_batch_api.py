@@ -113,6 +113,8 @@ def test_dry_run_prices_a_batch_at_half(make_server, capsys):
     assert batched.usage.dry_run_cost_usd == pytest.approx(BATCH_DISCOUNT * plain.usage.dry_run_cost_usd)
     assert plain.estimate_cost(batch_list)[1] * BATCH_DISCOUNT == pytest.approx(batched.estimate_cost(batch_list)[1])
     assert server.log == []
+    assert batched.usage.dry_run_prompt_tokens == plain.usage.dry_run_prompt_tokens > 0
+    assert plain.usage.dry_run_completion_tokens == 5 * 40
 
 
 def test_bad_batch_settings_are_named():

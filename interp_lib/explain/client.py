@@ -194,6 +194,8 @@ class UsageStats:
     cost_usd: float = 0.0
     dry_run_calls: int = 0       # calls a dry run would have sent
     dry_run_cost_usd: float = 0.0  # their estimated cost (upper bound, see estimate_cost)
+    dry_run_prompt_tokens: int = 0      # their estimated prompt tokens (chars / 4 + 4 per message)
+    dry_run_completion_tokens: int = 0  # their completion tokens, each at its full max_tokens
 
     def summary(self) -> str:
         text = (f"{self.requests_sent} requests sent ({self.retries} retries), "
@@ -201,7 +203,8 @@ class UsageStats:
                 f"{self.prompt_tokens} prompt + {self.completion_tokens} completion tokens, "
                 f"${self.cost_usd:.4f}")
         if self.dry_run_calls:
-            text += f"; dry run: {self.dry_run_calls} calls, estimated ${self.dry_run_cost_usd:.4f}"
+            text += (f"; dry run: {self.dry_run_calls} calls, ~{self.dry_run_prompt_tokens} prompt + "
+                     f"{self.dry_run_completion_tokens} completion tokens, estimated ${self.dry_run_cost_usd:.4f}")
         return text
 
 
@@ -1114,6 +1117,9 @@ class LLMClient:
             with self._lock:
                 self.usage.dry_run_calls += len(to_send)
                 self.usage.dry_run_cost_usd += usd
+                self.usage.dry_run_prompt_tokens += sum(_estimate_prompt_tokens(requests[groups[k][0]].messages)
+                                                        for k in to_send)
+                self.usage.dry_run_completion_tokens += sum(requests[groups[k][0]].max_tokens for k in to_send)
                 self.usage.cache_hits += n_cached
             print(f"dry run: {len(to_send)} calls ({n_cached} cached), estimated ${usd:.4f}")
             for key, indices in groups.items():
