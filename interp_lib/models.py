@@ -577,3 +577,53 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
     install_kv_cache_bridge(bridge)
     check_kv_cache(bridge)
     return bridge
+
+
+# --------------------------------------------------------------------------------------------
+# What every analysis reads off a model: checked token ids and the next-token loss
+# --------------------------------------------------------------------------------------------
+
+def check_tokens(model, tokens, name: str = "tokens", min_seqs: int = 1, min_pos: int = 1) -> torch.Tensor:
+    """``tokens`` as ``[batch, pos]`` int64 ids on the model's device, or a one-line ValueError
+    naming ``name``, the value and what was expected.
+
+    A text is tokenised (``model.to_tokens``); ``[pos]`` ids become one sequence. The ids must be
+    integers in ``[0, d_vocab)``, at most ``n_ctx`` positions (nothing is truncated silently), at
+    least ``min_seqs`` sequences and ``min_pos`` positions (a next-token loss needs 2)."""
+    if tokens is None:
+        raise ValueError(f"{name} is None: expected a [batch, pos] tensor of token ids")
+    if isinstance(tokens, str):
+        tokens = model.to_tokens(tokens)
+    try:
+        tokens = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{name}={type(tokens).__name__}: expected token ids [batch, pos] ({error})") from None
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or 0 in tokens.shape:
+        raise ValueError(f"{name} has shape {tuple(tokens.shape)}: expected [batch, pos] token ids")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"{name} has dtype {tokens.dtype}: expected integer token ids (e.g. from model.to_tokens)")
+    if tokens.shape[0] < min_seqs:
+        raise ValueError(f"{name} has {tokens.shape[0]} sequences: expected at least {min_seqs}")
+    if tokens.shape[1] < min_pos:
+        raise ValueError(f"{name} has shape {tuple(tokens.shape)}: expected [batch, pos] with pos >= {min_pos}")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= model.cfg.d_vocab:
+        raise ValueError(f"{name} holds ids outside [0, {model.cfg.d_vocab - 1}] (found {low}..{high}): expected "
+                         f"ids of the model's vocabulary of {model.cfg.d_vocab} tokens")
+    if model.cfg.n_ctx and tokens.shape[1] > model.cfg.n_ctx:
+        raise ValueError(f"{name} has {tokens.shape[1]} positions: the model's context is {model.cfg.n_ctx} "
+                         "tokens (nothing is truncated silently)")
+    return tokens.long().to(model.cfg.device)
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``[batch, pos-1]`` next-token cross entropy: position ``p``'s logits predict token ``p + 1``.
+    The log-softmax runs in float32 whatever the model's dtype, so half-precision models do not
+    lose the small differences ablations are measured by."""
+    if logits.ndim != 3 or tokens.ndim != 2 or logits.shape[:2] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)}: expected "
+                         "[batch, pos, d_vocab] logits of [batch, pos] tokens")
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -logprobs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]

@@ -55,6 +55,7 @@ import contextlib
 import copy
 import itertools
 import math
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -66,7 +67,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .heads import _parse_head
+from .models import check_tokens, next_token_loss
+from .units import Neuron, Unit, parse_units, unit_count
 from .versions import summary
 
 MetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor | float]
@@ -78,21 +80,28 @@ MetricFn = Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor | float]
 
 @dataclass(frozen=True)
 class Component:
-    """A patchable activation: where its hook is and how its axes map to a sweep's axes.
+    """An activation source: where its hook is, its axes, and how to read its units.
 
     ``act_axes`` names the activation's dimensions after the batch dimension; a sweep axis
     indexes the activation dimension of the same name (``layer`` picks the hook instead).
+    ``unit_axis`` is the dimension that indexes the source's units (``head`` for the per-head
+    activations, ``neuron`` for the MLP's post-activation, ``d_model`` for a whole-layer
+    stream); it is always the dimension right after ``pos`` (index 2 of the activation with its
+    batch dimension), so ``act[:, :, i]`` is unit ``i`` at every position.
     """
 
     name: str
-    act_name: str                           # TransformerLens short name: "z", "resid_pre", ...
+    act_name: str                           # TransformerLens short name: "z", "resid_pre", "post", ...
     act_axes: tuple[str, ...]
     axes_by_position: tuple[str, ...]
     axes_all_positions: tuple[str, ...]
+    unit_axis: str | None = None
 
     def hook_name(self, layer: int) -> str:
-        inside_attn = self.act_name in ("z", "q", "k", "v", "pattern")
-        return f"blocks.{layer}.{'attn.' if inside_attn else ''}hook_{self.act_name}"
+        """``blocks.{layer}.attn.hook_z``, ``blocks.{layer}.mlp.hook_post``, ``blocks.{layer}.hook_resid_pre``, ..."""
+        inside = "attn." if self.act_name in ("z", "q", "k", "v", "pattern") else \
+            "mlp." if self.act_name in ("pre", "post") else ""
+        return f"blocks.{layer}.{inside}hook_{self.act_name}"
 
     def axes(self, by_position: bool) -> tuple[str, ...]:
         return self.axes_by_position if by_position else self.axes_all_positions
@@ -102,25 +111,44 @@ class Component:
         """The activation axis whose index is the first position a patch can change."""
         return "dest_pos" if "dest_pos" in self.act_axes else "pos"
 
+    def read_units(self, act: Tensor) -> Float[Tensor, "batch pos unit"]:
+        """One number per unit and position: the activation itself where a unit is a scalar
+        (a neuron, one ``d_model`` dimension), its L2 norm over the remaining axes where it is a
+        vector (a head's ``z`` over ``d_head``)."""
+        if self.unit_axis is None or self.act_axes[:2] != ("pos", self.unit_axis):
+            raise ValueError(f"component {self.name!r} has no [pos, unit] layout (axes {self.act_axes})")
+        if act.ndim != len(self.act_axes) + 1:
+            raise ValueError(f"{self.name} activation has shape {tuple(act.shape)}: expected [batch, "
+                             f"{', '.join(self.act_axes)}]")
+        return act if act.ndim == 3 else act.flatten(3).norm(dim=-1)
+
 
 _RESID = ("pos", "d_model")
 _HEAD = ("pos", "head", "d_head")
 _PATTERN = ("head", "dest_pos", "src_pos")
 
+
+def _stream(name: str) -> Component:
+    return Component(name, name, _RESID, ("layer", "pos"), ("layer",), "d_model")
+
+
+def _head(name: str, act_name: str) -> Component:
+    return Component(name, act_name, _HEAD, ("layer", "pos", "head"), ("layer", "head"), "head")
+
+
+#: The activation sources, by name: every patching sweep, ablation and unit effect reads its hook
+#: name, axes and unit layout from here. Under grouped-query attention ``attn_head_k`` / ``_v``
+#: have one head per key / value head (:func:`n_kv_heads`).
 COMPONENTS: dict[str, Component] = {c.name: c for c in (
-    Component("resid_pre", "resid_pre", _RESID, ("layer", "pos"), ("layer",)),
-    Component("resid_mid", "resid_mid", _RESID, ("layer", "pos"), ("layer",)),
-    Component("resid_post", "resid_post", _RESID, ("layer", "pos"), ("layer",)),
-    Component("attn_out", "attn_out", _RESID, ("layer", "pos"), ("layer",)),
-    Component("mlp_out", "mlp_out", _RESID, ("layer", "pos"), ("layer",)),
-    Component("attn_head_out", "z", _HEAD, ("layer", "pos", "head"), ("layer", "head")),
-    Component("attn_head_q", "q", _HEAD, ("layer", "pos", "head"), ("layer", "head")),
-    Component("attn_head_k", "k", _HEAD, ("layer", "pos", "head"), ("layer", "head")),
-    Component("attn_head_v", "v", _HEAD, ("layer", "pos", "head"), ("layer", "head")),
+    *(_stream(name) for name in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")),
+    _head("attn_head_out", "z"), _head("attn_head_q", "q"), _head("attn_head_k", "k"), _head("attn_head_v", "v"),
     Component("attn_head_pattern", "pattern", _PATTERN, ("layer", "head", "dest_pos"), ("layer", "head")),
+    Component("mlp_post", "post", ("pos", "neuron"), ("layer", "pos", "neuron"), ("layer", "neuron"), "neuron"),
 )}
 ALIASES = {"z": "attn_head_out", "q": "attn_head_q", "k": "attn_head_k", "v": "attn_head_v",
-           "pattern": "attn_head_pattern"}
+           "pattern": "attn_head_pattern", "post": "mlp_post"}
+#: The source each kind of :mod:`interp_lib.units` unit lives in (its ``index`` on ``unit_axis``).
+UNIT_COMPONENTS = {"head": "attn_head_out", "neuron": "mlp_post"}
 
 
 def get_component(component: str | Component) -> Component:
@@ -138,33 +166,14 @@ def get_component(component: str | Component) -> Component:
 # Input validation
 # --------------------------------------------------------------------------------------------
 
-def _check_tokens(model, tokens, name: str) -> Int[Tensor, "batch pos"]:
-    if tokens is None:
-        raise ValueError(f"{name} is None: expected a [batch, pos] tensor of token ids")
-    if isinstance(tokens, str):
-        tokens = model.to_tokens(tokens)
-    tokens = torch.as_tensor(tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2 or 0 in tokens.shape:
-        raise ValueError(f"{name} has shape {tuple(tokens.shape)}: expected [batch, pos] token ids")
-    if tokens.is_floating_point() or tokens.dtype == torch.bool:
-        raise ValueError(f"{name} has dtype {tokens.dtype}: expected integer token ids")
-    if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
-        raise ValueError(f"{name} holds ids outside [0, {model.cfg.d_vocab - 1}] (the model's vocabulary)")
-    if tokens.shape[1] > model.cfg.n_ctx:
-        raise ValueError(f"{name} has {tokens.shape[1]} positions; the model's context is {model.cfg.n_ctx}")
-    return tokens.to(model.cfg.device)
-
-
 def _check_eval(model) -> None:
     if getattr(model, "training", False):
         raise ValueError("model is in training mode (dropout would make every patch noisy): call model.eval()")
 
 
 def _check_pair(model, clean_tokens, corrupted_tokens) -> tuple[Tensor, Tensor]:
-    corrupted = _check_tokens(model, corrupted_tokens, "corrupted_tokens")
-    clean = _check_tokens(model, clean_tokens, "clean_tokens")
+    corrupted = check_tokens(model, corrupted_tokens, "corrupted_tokens")
+    clean = check_tokens(model, clean_tokens, "clean_tokens")
     if clean.shape != corrupted.shape:
         raise ValueError(f"clean_tokens has shape {tuple(clean.shape)} but corrupted_tokens has shape "
                          f"{tuple(corrupted.shape)}: patching needs prompts of the same batch size and length "
@@ -180,6 +189,8 @@ def n_kv_heads(model) -> int:
 def _axis_size(model, axis: str, n_pos: int, comp: Component | None = None) -> int:
     if axis == "head" and comp is not None and comp.act_name in ("k", "v"):
         return n_kv_heads(model)   # hook_k / hook_v hold one entry per key / value head
+    if axis == "neuron":
+        return unit_count(model, "neuron")[1]
     return {"layer": model.cfg.n_layers, "head": model.cfg.n_heads, "pos": n_pos,
             "dest_pos": n_pos, "src_pos": n_pos}[axis]
 
@@ -208,7 +219,7 @@ def _sweep_axes(model, comp: Component, by_position: bool, n_pos: int, layers, p
         raise ValueError("positions= given with by_position=False: an all-positions sweep patches every position")
     if "head" not in axes and heads is not None:
         raise ValueError(f"heads= given for component {comp.name!r}, which has no head axis")
-    values = [_check_selection(chosen[a], a, _axis_size(model, a, n_pos, comp),
+    values = [_check_selection(chosen.get(a), a, _axis_size(model, a, n_pos, comp),
                                "positions" if a in ("pos", "dest_pos") else f"{a}s") for a in axes]
     return axes, values
 
@@ -590,7 +601,7 @@ def patch_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], source: Mappi
     """
     comp = get_component(component)
     _check_eval(model)
-    corrupted = _check_tokens(model, corrupted_tokens, "corrupted_tokens")
+    corrupted = check_tokens(model, corrupted_tokens, "corrupted_tokens")
     batch, n_pos = corrupted.shape
     axes, values = _sweep_axes(model, comp, by_position, n_pos, layers, positions, heads)
     hook_names = {layer: comp.hook_name(layer) for layer in values[0]}
@@ -700,7 +711,7 @@ def _prepare_sweep(model, clean_tokens, corrupted_tokens, component, by_position
     if clean_cache is None:
         clean, corrupted = _check_pair(model, clean_tokens, corrupted_tokens)
     else:
-        corrupted = _check_tokens(model, corrupted_tokens, "corrupted_tokens")
+        corrupted = check_tokens(model, corrupted_tokens, "corrupted_tokens")
         clean = corrupted if clean_tokens is None else _check_pair(model, clean_tokens, corrupted_tokens)[0]
     axes, values = _sweep_axes(model, comp, by_position, corrupted.shape[1], layers, positions, heads)
     names = [comp.hook_name(layer) for layer in values[0]]
@@ -937,43 +948,115 @@ def normalized_logit_diff_metric(clean_logits, corrupted_logits, answer, wrong, 
 
 
 # --------------------------------------------------------------------------------------------
-# Ablation: zero / mean / resample, as a sweep (same engine) or of chosen heads and layers
+# Ablation: zero / mean / resample, defined once, as a sweep (same engine), of chosen units
+# together (hooks), or of each unit alone at its events (unit_ablation_effects)
 # --------------------------------------------------------------------------------------------
 
 ABLATIONS = ("zero", "mean", "resample")
 
 
-def _ablation_values(model, tokens: Tensor, names: Sequence[str], method: str, reference_tokens=None,
-                     seed: int = 0) -> dict[str, Tensor]:
-    """Replacement activations per hook, shaped like the activations of ``tokens``."""
+def _check_method(method: str) -> str:
     if method not in ABLATIONS:
         raise ValueError(f"method={method!r}: expected one of {', '.join(ABLATIONS)}")
-    own = _source_cache(model, tokens, names)
+    return method
+
+
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
+    return int(batch_size)
+
+
+@torch.no_grad()
+def mean_activations(model, tokens, hook_names: Iterable[str], batch_size: int = 16
+                     ) -> dict[str, Float[Tensor, "1 pos ..."]]:
+    """The per-position mean over the sequences of ``tokens`` of each hook's activation:
+    ``{hook name: [1, pos, ...]}`` in the activation's dtype, what ``method="mean"`` ablation
+    writes. Streamed ``batch_size`` sequences at a time (sums in float64), one pass for all
+    hooks, so callers that ablate many units compute it once and pass it on as ``means=``."""
+    tokens = check_tokens(model, tokens, "reference_tokens")
+    batch_size = _check_batch_size(batch_size)
+    names = list(dict.fromkeys(hook_names))
+    sums: dict[str, Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+
+    def add(name):
+        def hook(act, hook):
+            total = act.detach().double().sum(0, keepdim=True)
+            sums[name] = total if name not in sums else sums[name] + total
+            dtypes[name] = act.dtype
+        return hook
+
+    for begin in range(0, tokens.shape[0], batch_size):
+        model.run_with_hooks(tokens[begin:begin + batch_size], fwd_hooks=[(n, add(n)) for n in names])
+    missing = [n for n in names if n not in sums]
+    if missing:
+        raise ValueError(f"hook_names {missing} did not fire: expected hook names of this model "
+                         "(e.g. blocks.0.attn.hook_z, blocks.0.mlp.hook_post)")
+    return {n: (sums[n] / tokens.shape[0]).to(dtypes[n]) for n in names}
+
+
+def resample_index(batch: int, n_reference: int | None = None, seed: int = 0) -> Tensor:
+    """Which prompt each of ``batch`` prompts takes its activation from under resample ablation:
+    without reference prompts (``n_reference=None``) a random cyclic shift of the batch itself,
+    so no prompt keeps its own; with them, independent uniform draws from the ``n_reference``."""
+    generator = torch.Generator().manual_seed(seed)
+    if n_reference is None:
+        if batch < 2:
+            raise ValueError("resample ablation needs reference_tokens, or a batch of at least 2 prompts")
+        shift = int(torch.randint(1, batch, (1,), generator=generator))
+        return (torch.arange(batch) + shift) % batch
+    return torch.randint(0, n_reference, (batch,), generator=generator)
+
+
+def ablation_replacement(method: str, act: Tensor, *, mean: Tensor | None = None,
+                         resampled: Tensor | None = None) -> Tensor:
+    """The one ablation definition: what replaces ``act`` (``[batch, pos, ...]``) under ``method``.
+
+    ``zero``: zeros. ``mean``: ``mean`` (``[1, pos, ...]``, :func:`mean_activations`), the mean
+    over reference prompts kept separately for every position, since position shapes what a
+    unit does (position 0 / BOS is the clearest case) and a mean over positions would write a
+    value the unit never takes there. ``resample``: ``resampled``, the activation of other
+    prompts at the same positions (:func:`resample_index`).
+    """
+    _check_method(method)
     if method == "zero":
-        return {n: torch.zeros_like(a) for n, a in own.items()}
-    reference = own if reference_tokens is None else _source_cache(
-        model, _check_tokens(model, reference_tokens, "reference_tokens"), names)
-    batch = tokens.shape[0]
-    out = {}
-    for name, act in own.items():
-        ref = reference[name]
-        if ref.shape[1:] != act.shape[1:]:
-            raise ValueError(f"reference_tokens give {name} of shape {tuple(ref.shape)}; the ablated prompts give "
-                             f"{tuple(act.shape)}: reference prompts must have the same length")
-        if method == "mean":
-            out[name] = ref.mean(0, keepdim=True).expand_as(act).clone()
-        else:
-            generator = torch.Generator().manual_seed(seed)
-            if reference_tokens is None:
-                if batch < 2:
-                    raise ValueError("resample ablation needs reference_tokens, or a batch of at least 2 prompts")
-                # Each prompt takes another prompt's activation: a random cyclic shift of the batch.
-                shift = int(torch.randint(1, batch, (1,), generator=generator))
-                index = (torch.arange(batch) + shift) % batch
-            else:
-                index = torch.randint(0, ref.shape[0], (batch,), generator=generator)
-            out[name] = ref[index.to(ref.device)].clone()
-    return out
+        return torch.zeros_like(act)
+    value, what = (mean, "mean") if method == "mean" else (resampled, "resampled")
+    if value is None:
+        raise ValueError(f"method={method!r} needs the {what} activations")
+    expected = (1 if method == "mean" else act.shape[0], *act.shape[1:])
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{what} activations have shape {tuple(value.shape)}; the ablated prompts give "
+                         f"{tuple(act.shape)}: reference prompts must have the same length")
+    return value.to(device=act.device, dtype=act.dtype).expand_as(act)
+
+
+def _ablation_sources(model, tokens: Tensor, names: Sequence[str], method: str, reference_tokens=None,
+                      seed: int = 0, means: Mapping[str, Tensor] | None = None, batch_size: int = 16
+                      ) -> dict[str, dict[str, Tensor]]:
+    """Per hook, the keyword arguments of :func:`ablation_replacement` for ablating ``tokens``."""
+    _check_method(method)
+    if method == "zero":
+        return {n: {} for n in names}
+    reference = tokens if reference_tokens is None else check_tokens(model, reference_tokens, "reference_tokens")
+    if method == "mean":
+        given = dict(means or {})
+        todo = [n for n in names if n not in given]
+        if todo:
+            given.update(mean_activations(model, reference, todo, batch_size))
+        return {n: {"mean": given[n]} for n in names}
+    index = resample_index(tokens.shape[0], None if reference_tokens is None else reference.shape[0], seed)
+    resampled = _source_cache(model, reference[index.to(reference.device)], names)
+    return {n: {"resampled": resampled[n]} for n in names}
+
+
+def _ablation_values(model, tokens: Tensor, names: Sequence[str], method: str, reference_tokens=None,
+                     seed: int = 0, means: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Replacement activations per hook, shaped like the activations of ``tokens`` (a sweep's source)."""
+    sources = _ablation_sources(model, tokens, names, method, reference_tokens, seed, means)
+    own = _source_cache(model, tokens, names)
+    return {n: ablation_replacement(method, own[n], **sources[n]).clone() for n in names}
 
 
 def ablation_sweep(model, tokens, metric: MetricFn, component: str = "attn_head_out", method: str = "zero",
@@ -985,11 +1068,11 @@ def ablation_sweep(model, tokens, metric: MetricFn, component: str = "attn_head_
 
     ``method``: ``zero`` (replace by 0), ``mean`` (by the mean over ``reference_tokens``, default
     ``tokens``, per position), ``resample`` (by the activation on another prompt: from
-    ``reference_tokens`` drawn with ``seed``, or a shuffled copy of the batch). Same layout and
-    engine as :func:`activation_patch`.
+    ``reference_tokens`` drawn with ``seed``, or a shuffled copy of the batch); see
+    :func:`ablation_replacement`. Same layout and engine as :func:`activation_patch`.
     """
     comp = get_component(component)
-    tokens = _check_tokens(model, tokens, "tokens")
+    tokens = check_tokens(model, tokens, "tokens")
     axes, values = _sweep_axes(model, comp, by_position, tokens.shape[1], layers, positions, heads)
     names = [comp.hook_name(layer) for layer in values[0]]
     source = _ablation_values(model, tokens, names, method, reference_tokens, seed)
@@ -1000,43 +1083,142 @@ def ablation_sweep(model, tokens, metric: MetricFn, component: str = "attn_head_
     return result
 
 
+def unit_source(unit: Unit) -> tuple[Component, str, int]:
+    """Where a :mod:`interp_lib.units` unit lives: its source, hook name and index on the unit axis
+    (``Head(1, 3)`` -> attn_head_out, ``blocks.1.attn.hook_z``, 3)."""
+    comp = COMPONENTS[UNIT_COMPONENTS[unit.kind]]
+    return comp, comp.hook_name(unit[0]), int(unit[1])
+
+
+def _as_unit(model, value, argument: str) -> Unit:
+    """A Head / Neuron (a label's letter decides; a plain pair is a head), checked against the model."""
+    label = value.strip().upper().rstrip("0123456789") if isinstance(value, str) else ""
+    kind = "neuron" if isinstance(value, Neuron) or label.endswith("N") else "head"
+    return parse_units([value], *unit_count(model, kind), kind, name=argument)[0]
+
+
+def _ablation_hook(method: str, index: list[int] | None, source: Mapping[str, Tensor]):
+    """A forward hook writing :func:`ablation_replacement` into units ``index`` of the unit axis
+    (``None``: the whole activation), in place (see :func:`_patch_hook` for why)."""
+    def hook(act, hook):
+        replacement = ablation_replacement(method, act, **source)
+        if index is None:
+            act.copy_(replacement)
+        else:
+            act[:, :, index] = replacement[:, :, index]
+        return act
+    return hook
+
+
 def ablation_hooks(model, tokens, heads=(), attn_layers=(), mlp_layers=(), method: str = "zero",
-                   reference_tokens=None, seed: int = 0) -> list:
-    """Forward hooks that ablate the given heads (``"L1H3"`` or ``(1, 3)``) and attention / MLP
-    layers jointly, at every position; for ``model.hooks(fwd_hooks=...)`` / ``run_with_hooks``."""
-    tokens = _check_tokens(model, tokens, "tokens")
-    head_list = [_parse_head(h, model.cfg.n_layers, model.cfg.n_heads) for h in heads]
+                   reference_tokens=None, seed: int = 0, *, neurons=(), means: Mapping[str, Tensor] | None = None
+                   ) -> list:
+    """Forward hooks that ablate the given heads (``"L1H3"``, ``Head(1, 3)`` or ``(1, 3)``), MLP
+    neurons (``"L0N17"`` / ``Neuron(0, 17)``) and whole attention / MLP layers jointly, at every
+    position; for ``model.hooks(fwd_hooks=...)`` / ``run_with_hooks`` on ``tokens``.
+
+    ``means``: per-position means from :func:`mean_activations` (``method="mean"``), so callers
+    ablating many units in turn average the reference prompts once; hooks without one are averaged
+    over ``reference_tokens`` (default ``tokens``)."""
+    tokens = check_tokens(model, tokens, "tokens")
+    units = [_as_unit(model, h, "heads") for h in heads] + \
+        [_as_unit(model, n if isinstance(n, (str, Neuron)) else Neuron(*n), "neurons") for n in neurons]
     for argument, layer_list in (("attn_layers", attn_layers), ("mlp_layers", mlp_layers)):
         bad = [l for l in layer_list if not 0 <= int(l) < model.cfg.n_layers]
         if bad:
             raise ValueError(f"{argument}={list(layer_list)!r}: layers must be in [0, {model.cfg.n_layers - 1}]")
-    targets: dict[str, list] = {}
-    for layer, head in head_list:
-        targets.setdefault(f"blocks.{layer}.attn.hook_z", []).append(head)
+    targets: dict[str, list | None] = {}
+    for unit in units:
+        _, name, index = unit_source(unit)
+        targets.setdefault(name, []).append(index)
     for layer in attn_layers:
-        targets[f"blocks.{int(layer)}.hook_attn_out"] = None
+        targets[COMPONENTS["attn_out"].hook_name(int(layer))] = None
     for layer in mlp_layers:
-        targets[f"blocks.{int(layer)}.hook_mlp_out"] = None
-    values = _ablation_values(model, tokens, list(targets), method, reference_tokens, seed)
-
-    def make(name, head_index):
-        def hook(act, hook):
-            if act.shape != values[name].shape:
-                raise ValueError(f"ablation hooks were built for inputs of shape {tuple(tokens.shape)}")
-            if head_index is None:
-                act.copy_(values[name])
-            else:
-                act[:, :, head_index] = values[name][:, :, head_index]
-            return act
-        return hook
-
-    return [(name, make(name, heads_here)) for name, heads_here in targets.items()]
+        targets[COMPONENTS["mlp_out"].hook_name(int(layer))] = None
+    sources = _ablation_sources(model, tokens, list(targets), method, reference_tokens, seed, means)
+    return [(name, _ablation_hook(method, index, sources[name])) for name, index in targets.items()]
 
 
 @torch.no_grad()
 def run_with_ablation(model, tokens, heads=(), attn_layers=(), mlp_layers=(), method: str = "zero",
-                      reference_tokens=None, seed: int = 0) -> Float[Tensor, "batch pos d_vocab"]:
-    """Logits of ``tokens`` with the given heads / layers ablated together (see :func:`ablation_hooks`)."""
-    tokens = _check_tokens(model, tokens, "tokens")
-    hooks = ablation_hooks(model, tokens, heads, attn_layers, mlp_layers, method, reference_tokens, seed)
+                      reference_tokens=None, seed: int = 0, *, neurons=()) -> Float[Tensor, "batch pos d_vocab"]:
+    """Logits of ``tokens`` with the given heads / neurons / layers ablated together (see :func:`ablation_hooks`)."""
+    tokens = check_tokens(model, tokens, "tokens")
+    hooks = ablation_hooks(model, tokens, heads, attn_layers, mlp_layers, method, reference_tokens, seed,
+                           neurons=neurons)
     return model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+
+@torch.no_grad()
+def unit_ablation_effects(model, windows, events_by_unit: Mapping, *, method: str = "zero", batch_size: int = 16,
+                          progress: bool = True, reference_tokens=None, seed: int = 0
+                          ) -> dict[Unit, dict[str, float]]:
+    """Ablate each unit alone and measure the change in next-token loss at its events.
+
+    ``events_by_unit`` maps a unit (``Head`` / ``Neuron`` / label; a plain ``(layer, head)`` pair is
+    a head) to events with ``.window`` (a row of ``windows``), ``.position`` and ``.kind``. For
+    each unit, the windows its events live in are run with the unit ablated (:func:`ablation_hooks`'
+    definition: ``zero``, ``mean`` per position over ``reference_tokens``, default ``windows``,
+    averaged once per hook; ``resample`` from the windows cyclically shifted with ``seed``, or
+    from ``reference_tokens``); the effect is the mean of ablated - clean loss of predicting the
+    token after each event position, over its ``top`` events and, as a baseline, its ``random``
+    ones. Events at the last position (which predicts nothing) are left out.
+
+    Returns ``{unit: {"top": mean delta, "random": mean delta, "n_top": ..., "n_random": ...}}``
+    (a mean only where there are events of that kind).
+    """
+    from tqdm.auto import tqdm
+
+    _check_method(method)
+    _check_eval(model)
+    batch_size = _check_batch_size(batch_size)
+    windows = check_tokens(model, windows, "windows", min_pos=2)
+    n_windows, n_pos = windows.shape
+    if not isinstance(events_by_unit, Mapping):
+        raise ValueError(f"events_by_unit={type(events_by_unit).__name__}: expected a mapping unit -> events")
+    units = {_as_unit(model, key, "events_by_unit"): events for key, events in events_by_unit.items()}
+    for unit, events in units.items():
+        bad = [e for e in events if not (0 <= int(e.window) < n_windows and 0 <= int(e.position) < n_pos)]
+        if bad:
+            raise ValueError(f"events_by_unit[{unit.label}] has an event at window {bad[0].window}, position "
+                             f"{bad[0].position}: windows has {n_windows} rows of {n_pos} positions")
+    names = sorted({unit_source(unit)[1] for unit in units})
+    reference = windows if reference_tokens is None else check_tokens(model, reference_tokens, "reference_tokens")
+    means = mean_activations(model, reference, names, batch_size) if method == "mean" and names else {}
+    resample_from = resample_index(n_windows, None if reference_tokens is None else reference.shape[0], seed) \
+        if method == "resample" else None
+
+    def losses(rows: Tensor, hooks=()) -> Tensor:
+        out = []
+        for chunk in rows.split(batch_size):
+            tokens = windows[chunk]
+            run_hooks = [(name, make(chunk)) for name, make in hooks]
+            logits = model.run_with_hooks(tokens, fwd_hooks=run_hooks) if run_hooks else model(tokens)
+            out.append(next_token_loss(logits, tokens))
+        return torch.cat(out)
+
+    clean = losses(torch.arange(n_windows, device=windows.device))             # [window, pos-1]
+    results: dict[Unit, dict[str, float]] = {}
+    for unit, events in tqdm(list(units.items()), desc="unit ablation", disable=not progress, file=sys.stdout):
+        groups = {kind: [(int(e.window), int(e.position)) for e in events if e.kind == kind and e.position < n_pos - 1]
+                  for kind in ("top", "random")}
+        needed = sorted({w for pairs in groups.values() for w, _ in pairs})
+        entry: dict[str, float] = {}
+        if needed:
+            _, name, index = unit_source(unit)
+
+            def make(chunk, name=name, index=index):
+                source = {"mean": means[name]} if method == "mean" else {}
+                if method == "resample":
+                    rows = resample_from[chunk.cpu()].to(reference.device)
+                    source = {"resampled": _source_cache(model, reference[rows], [name])[name]}
+                return _ablation_hook(method, [index], source)
+
+            position = {w: i for i, w in enumerate(needed)}
+            ablated = losses(torch.tensor(needed, device=windows.device), [(name, make)])
+            for kind, pairs in groups.items():
+                if pairs:
+                    entry[kind] = float(np.mean([float(ablated[position[w], p] - clean[w, p]) for w, p in pairs]))
+                entry[f"n_{kind}"] = len(pairs)
+        results[unit] = entry
+    return results
