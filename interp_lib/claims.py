@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
+from .units import head_label
 
 Verdict = Literal["supported", "not supported", "not testable"]
 VERDICTS = ("supported", "not supported", "not testable")
@@ -535,15 +536,15 @@ def claim5_few_heads(clean_loss, top_loss, all_loss, groups=None, null_fractions
                    null_mean=None if null_fractions is None else float(np.mean(null_fractions)))
 
 
-def _per_sequence_loss(model, tokens, heads=(), method: str = "mean") -> np.ndarray:
+def _per_sequence_loss(model, tokens, heads=(), method: str = "mean", means=None) -> np.ndarray:
     import torch
 
+    from .models import next_token_loss
     from .patching import run_with_ablation
 
     with torch.no_grad():
-        logits = run_with_ablation(model, tokens, heads=heads, method=method) if heads else model(tokens)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2),
-                                                tokens[:, 1:].to(logits.device), reduction="none")
+        logits = run_with_ablation(model, tokens, heads=heads, method=method, means=means) if heads else model(tokens)
+        nll = next_token_loss(logits, tokens)
     return nll.mean(1).cpu().double().numpy()
 
 
@@ -555,7 +556,8 @@ def measure_few_heads(model, fit_tokens, eval_tokens, k: int | None = None, n_pe
     ablated, and the share for ``n_perm`` random sets of as many heads."""
     import torch
 
-    from .patching import ablation_sweep
+    from .models import next_token_loss
+    from .patching import ablation_sweep, mean_activations
 
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     total = n_layers * n_heads
@@ -568,21 +570,23 @@ def measure_few_heads(model, fit_tokens, eval_tokens, k: int | None = None, n_pe
         k = max(1, round(8 * total / 144)) if k is None else int(k)
 
         def mean_loss(logits):
-            return torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2),
-                                                     fit_tokens[:, 1:]).detach()
+            return next_token_loss(logits, fit_tokens).mean().detach()
 
         effects = ablation_sweep(model, fit_tokens, mean_loss, component="attn_head_out", method=method,
                                  by_position=False)
         order = torch.argsort(effects.flatten(), descending=True)[:k].tolist()
         top = [(i // n_heads, i % n_heads) for i in order]
     every = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    # per-position means of every layer's z over eval_tokens, once for the 2 + n_perm ablations
+    means = mean_activations(model, eval_tokens, [f"blocks.{l}.attn.hook_z" for l in range(n_layers)],
+                             batch_size=len(eval_tokens)) if method == "mean" else None
     clean = _per_sequence_loss(model, eval_tokens)
-    all_ablated = _per_sequence_loss(model, eval_tokens, every, method)
-    top_ablated = _per_sequence_loss(model, eval_tokens, top, method)
+    all_ablated = _per_sequence_loss(model, eval_tokens, every, method, means)
+    top_ablated = _per_sequence_loss(model, eval_tokens, top, method, means)
     null = []
     if k < total:
-        score = lambda heads: _fraction_of_loss(clean, _per_sequence_loss(model, eval_tokens, heads, method),  # noqa: E731
-                                                all_ablated)
+        score = lambda heads: _fraction_of_loss(  # noqa: E731
+            clean, _per_sequence_loss(model, eval_tokens, heads, method, means), all_ablated)
         null = stats.random_unit_baseline(score, every, top, n_perm=n_perm, seed=seed, progress=progress).null.tolist()
     return {"clean_loss": clean, "top_loss": top_ablated, "all_loss": all_ablated, "null_fractions": null,
             "top_heads": top, "k": k, "n_heads_total": total}
@@ -757,7 +761,7 @@ def claim8_induction_detection(model_name: str, detected: Sequence, truth: Seque
                                                   "verified induction-head table", detected=[list(h[:2]) for h in detected])
     scores = precision_recall_f1(detected, truth)
     source = "published GPT-2 small list" if _is_gpt2(model_name) else f"{model_name}'s verified table"
-    found = [f"L{int(h[0])}H{int(h[1])}" for h in detected]
+    found = [head_label(h[0], h[1]) for h in detected]
     supported = bool(found) and scores["precision"] >= good and scores["recall"] >= good
     reason = (f"detected {', '.join(found) or 'none'} vs {source} "
               f"{', '.join(f'L{a}H{b}' for a, b in truth) or '(empty)'}: precision {scores['precision']:.2f}, "

@@ -38,14 +38,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .models import next_token_loss
+from .patching import ablation_hooks, mean_activations
 from .paths import data_dir
+from .units import Head, head_label, parse_units
 
 KINDS = ("induction", "previous_token", "duplicate_token")
 DEFAULT_REPEAT_LENGTHS = (11, 23, 47, 61)
 DEFAULT_OFFSETS = (0, 7)
 THRESHOLD_RULES = ("robust_z", "mean_std", "largest_gap")
 
-Head = tuple[int, int]
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,22 +78,8 @@ def _check_n(value, name: str) -> int:
 
 
 def _parse_head(head, n_layers: int, n_heads: int) -> Head:
-    given = head
-    if isinstance(head, str):
-        import re
-
-        match = re.fullmatch(r"L(\d+)H(\d+)", head.strip())
-        if not match:
-            raise ValueError(f"head={given!r}: expected a label like 'L1H0' or a (layer, head) pair")
-        head = (int(match[1]), int(match[2]))
-    try:
-        layer, index = (int(x) for x in head)
-    except (TypeError, ValueError):
-        raise ValueError(f"head={given!r}: expected a label like 'L1H0' or a (layer, head) pair") from None
-    if not (0 <= layer < n_layers and 0 <= index < n_heads):
-        raise ValueError(f"head={given!r} out of range: expected layer in [0, {n_layers - 1}] and head in "
-                         f"[0, {n_heads - 1}]")
-    return layer, index
+    """One head (label, pair or :class:`~interp_lib.units.Head`) checked against the model's range."""
+    return parse_units([head], n_layers, n_heads, "head", name="head")[0]
 
 
 def resolve_repeat_lengths(model, repeat_lengths: Sequence[int] | None = None,
@@ -136,10 +124,6 @@ def resolve_repeat_lengths(model, repeat_lengths: Sequence[int] | None = None,
                       f"{n_ctx} positions with offsets {list(offs)}: {', '.join(changes)}; using {lengths}",
                       UserWarning, stacklevel=_caller_stacklevel())
     return tuple(lengths)
-
-
-def head_label(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
 
 
 def _caller_stacklevel() -> int:
@@ -552,38 +536,20 @@ def precision_recall_f1(detected: Iterable, truth: Iterable) -> dict[str, float]
 # Ablation: the in-context-learning loss drop on repeated sequences
 # --------------------------------------------------------------------------------------------
 
-def _ablation_hook(heads_here: list[int], replacement: Tensor | None):
-    def hook(z, hook):
-        out = z.clone()
-        for head in heads_here:
-            out[:, :, head] = 0.0 if replacement is None else replacement[:, :, head].to(out.dtype)
-        return out
-    return hook
-
-
 @torch.no_grad()
 def icl_loss_drop(model, heads: Iterable = (), length: int = 47, n_sequences: int = 32, seed: int = 0,
-                  method: str = "zero") -> dict[str, float]:
+                  method: str = "zero", *, means: dict | None = None) -> dict[str, float]:
     """Loss on the first and second copy of ``BOS + S + S`` (``S`` random, length ``length``)
-    with ``heads`` ablated together (``"zero"`` or ``"mean"`` over the batch, per position), and
-    the in-context drop ``loss_first - loss_second``."""
-    if method not in ("zero", "mean"):
-        raise ValueError(f"method={method!r}: expected 'zero' or 'mean'")
+    with ``heads`` ablated together (:func:`interp_lib.patching.ablation_hooks`: ``"zero"``,
+    ``"mean"`` over the batch per position, or ``"resample"``), and the in-context drop
+    ``loss_first - loss_second``. ``means``: precomputed per-position means
+    (:func:`interp_lib.patching.mean_activations` of the same batch)."""
     length = _check_n(length, "length")
     heads = [_parse_head(h, model.cfg.n_layers, model.cfg.n_heads) for h in heads]
     tokens = repeat_probe_tokens(model, length, 0, _check_n(n_sequences, "n_sequences"), seed).to(model.cfg.device)
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        by_layer.setdefault(layer, []).append(head)
-    means = {}
-    if method == "mean" and by_layer:
-        names = {f"blocks.{layer}.attn.hook_z" for layer in by_layer}
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-        means = {layer: cache[f"blocks.{layer}.attn.hook_z"].mean(0, keepdim=True).clone() for layer in by_layer}
-    hooks = [(f"blocks.{layer}.attn.hook_z", _ablation_hook(hs, means.get(layer)))
-             for layer, hs in by_layer.items()]
+    hooks = ablation_hooks(model, tokens, heads=heads, method=method, means=means)
     logits = model.run_with_hooks(tokens, fwd_hooks=hooks) if hooks else model(tokens)
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
+    nll = next_token_loss(logits, tokens)
     first, second = nll[:, :length].mean().item(), nll[:, length:].mean().item()
     return {"loss_first": first, "loss_second": second, "drop": first - second}
 
@@ -597,10 +563,14 @@ def ablation_effects(model, heads: Iterable, length: int = 47, n_sequences: int 
     """
     heads = [_parse_head(h, model.cfg.n_layers, model.cfg.n_heads) for h in heads]
     clean = icl_loss_drop(model, (), length, n_sequences, seed, method)["drop"]
+    means = None
+    if method == "mean" and heads:  # one pass for every group below
+        tokens = repeat_probe_tokens(model, _check_n(length, "length"), 0, _check_n(n_sequences, "n_sequences"), seed)
+        means = mean_activations(model, tokens, sorted({Head(*h).hook_name for h in heads}), batch_size=len(tokens))
     rows = []
     groups = [[h] for h in heads] + ([heads] if len(heads) > 1 else [])
     for group in groups:
-        result = icl_loss_drop(model, group, length, n_sequences, seed, method)
+        result = icl_loss_drop(model, group, length, n_sequences, seed, method, means=means)
         rows.append({"head": "+".join(head_label(*h) for h in group), "n_heads": len(group),
                      "loss_first": result["loss_first"], "loss_second": result["loss_second"],
                      "drop": result["drop"], "clean_drop": clean,

@@ -497,6 +497,7 @@ class _Sweep:
     metric: MetricFn
     patches_per_batch: int | None
     memory_limit_mb: float
+    input_hooks: Callable[[int], list] | None = None
 
     def evaluate(self, todo: Tensor, starts: Tensor, reads: list[int] | None, kv_cache) -> Tensor:
         """The metric for every cell in ``todo`` (others keep the baseline), each run from its
@@ -530,6 +531,8 @@ class _Sweep:
                                                 _slice_query(comp, self.source[name], start), n)))
             keep = torch.tensor([p - start for p in logit_pos], device=corrupted.device)
             hooks.append(("unembed.hook_in", lambda act, hook: act.index_select(1, keep)))
+            if self.input_hooks is not None:
+                hooks.extend(self.input_hooks(start))
             logits = model.run_with_hooks(tokens, past_key_values=past, fwd_hooks=hooks)
             logits = logits.reshape(batch, n, len(logit_pos), vocab)
             if batched_metric is not None:
@@ -584,7 +587,7 @@ def patch_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], source: Mappi
                 metric: MetricFn, component: str | Component = "attn_head_out", by_position: bool = True,
                 layers=None, positions=None, heads=None, patches_per_batch: int | None = None,
                 memory_limit_mb: float = 1024.0, skip_noop: bool = True, shortcuts: bool = True,
-                verify: bool | None = None) -> Tensor:
+                verify: bool | None = None, input_hooks: Callable[[int], list] | None = None) -> Tensor:
     """The engine: ``metric`` of the corrupted run with each index of the sweep patched from ``source``.
 
     ``source`` maps each needed hook name (``blocks.{l}.attn.hook_z``, ...) to an activation of
@@ -598,6 +601,11 @@ def patch_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], source: Mappi
     also recomputes a few cells the plain way; if any differs, a
     :class:`ShortcutMismatchWarning` names the installed versions, the whole sweep is recomputed
     plainly and the plain path is used for that model and component from then on.
+
+    ``input_hooks(start)``: forward hooks that corrupt the run itself (e.g. noise added to the
+    token embeddings in causal tracing), applied to the corrupted run and to every patched pass;
+    ``start`` is the first position a pass computes (a suffix pass on the KV cache holds positions
+    ``start..`` only), so the hooks slice what they add accordingly.
     """
     comp = get_component(component)
     _check_eval(model)
@@ -616,7 +624,7 @@ def patch_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], source: Mappi
         corrupted_acts: dict[str, Tensor] = {}
         baseline_logits, kv_cache = model.run_with_hooks(
             corrupted, return_type="logits_and_cache", use_cache=shortcuts,
-            fwd_hooks=_save_hooks(hook_names.values(), corrupted_acts))
+            fwd_hooks=_save_hooks(hook_names.values(), corrupted_acts) + list(input_hooks(0) if input_hooks else []))
         baseline = _as_scalar(metric(baseline_logits), "on the corrupted logits")
         if math.isnan(baseline):
             raise ValueError("metric returned NaN on the corrupted run's logits")
@@ -626,7 +634,7 @@ def patch_sweep(model, corrupted_tokens: Int[Tensor, "batch pos"], source: Mappi
                                  f"activation has shape {tuple(corrupted_acts[name].shape)}")
         cells = torch.tensor(list(itertools.product(*values)), dtype=torch.long)
         sweep = _Sweep(model, comp, axes, cells, hook_names, source, corrupted, baseline_logits, baseline,
-                       metric, patches_per_batch, memory_limit_mb)
+                       metric, patches_per_batch, memory_limit_mb, input_hooks)
         if not shortcuts:
             return sweep.plain().reshape([len(v) for v in values]).float()
 
@@ -1141,11 +1149,12 @@ def ablation_hooks(model, tokens, heads=(), attn_layers=(), mlp_layers=(), metho
 
 @torch.no_grad()
 def run_with_ablation(model, tokens, heads=(), attn_layers=(), mlp_layers=(), method: str = "zero",
-                      reference_tokens=None, seed: int = 0, *, neurons=()) -> Float[Tensor, "batch pos d_vocab"]:
+                      reference_tokens=None, seed: int = 0, *, neurons=(), means: Mapping[str, Tensor] | None = None
+                      ) -> Float[Tensor, "batch pos d_vocab"]:
     """Logits of ``tokens`` with the given heads / neurons / layers ablated together (see :func:`ablation_hooks`)."""
     tokens = check_tokens(model, tokens, "tokens")
     hooks = ablation_hooks(model, tokens, heads, attn_layers, mlp_layers, method, reference_tokens, seed,
-                           neurons=neurons)
+                           neurons=neurons, means=means)
     return model.run_with_hooks(tokens, fwd_hooks=hooks)
 
 

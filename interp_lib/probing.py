@@ -26,6 +26,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .units import Head, head_label
+
 PROBES = ("linear", "mlp")
 TASKS = ("classification", "regression")
 POSITION_TARGETS = ("absolute", "relative_bucket", "log_bucket", "regression")
@@ -485,7 +487,7 @@ def head_position_scores(model, tokens, kind: str = "random", seed: int = 0, min
         for head in range(model.cfg.n_heads):
             s = float(score[layer, head])
             label = "position" if s >= position_threshold else "content" if s <= content_threshold else "hybrid"
-            rows.append({"layer": layer, "head": head, "name": f"L{layer}H{head}", "position_score": s,
+            rows.append({"layer": layer, "head": head, "name": head_label(layer, head), "position_score": s,
                          "mean_offset": float(mean_offset[layer, head]), "bos_attention": float(bos[layer, head]),
                          "label": label})
     return pd.DataFrame(rows)
@@ -501,12 +503,13 @@ def head_ablation_importance(model, tokens, layer: int | None = None, probe: str
     """Accuracy drop of a *fixed* absolute-position probe on stream ``layer`` (default: the last)
     when one head (in a block before that stream) is ablated on the held-out sequences.
 
-    The probe is trained on clean activations of the train sequences; ablation (``zero`` or
-    ``mean`` over the batch, via :func:`interp_lib.patching.ablation_hooks`) only changes the
-    test activations, so ``drop = clean_accuracy - ablated_accuracy`` measures how much the
-    probe relies on what the head writes.
+    The probe is trained on clean activations of the train sequences; ablation (``zero``, or
+    ``mean`` per position over all held-out sequences, via
+    :func:`interp_lib.patching.ablation_hooks`) only changes the test activations, so
+    ``drop = clean_accuracy - ablated_accuracy`` measures how much the probe relies on what the
+    head writes.
     """
-    from .patching import ablation_hooks
+    from .patching import ablation_hooks, mean_activations
 
     tokens = _check_tokens(model, tokens, min_seqs=2)
     layer = model.cfg.n_layers if layer is None else layer
@@ -523,13 +526,17 @@ def head_ablation_importance(model, tokens, layer: int | None = None, probe: str
     test_labels = labels[test_rows]
     rows_all = np.arange(len(test_rows))
     clean = _score(fitted, *_flat(acts[test_rows], test_labels, rows_all), "classification")["accuracy"]
+    # the means over all held-out sequences, once (not per batch, not per head)
+    means = mean_activations(model, test_tokens, [Head(l, 0).hook_name for l in range(stream)], batch_size) \
+        if method == "mean" else None
     rows = []
     for l in range(stream):
         for h in range(model.cfg.n_heads):
-            hooks = lambda batch, l=l, h=h: ablation_hooks(model, batch, heads=[(l, h)], method=method)  # noqa: E731
+            hooks = lambda batch, l=l, h=h: ablation_hooks(model, batch, heads=[(l, h)], method=method,  # noqa: E731
+                                                           means=means)
             ablated = collect_activations(model, test_tokens, [stream], batch_size, fwd_hooks=hooks)[stream]
             accuracy = _score(fitted, *_flat(ablated, test_labels, rows_all), "classification")["accuracy"]
-            rows.append({"layer": l, "head": h, "name": f"L{l}H{h}", "clean_accuracy": clean,
+            rows.append({"layer": l, "head": h, "name": head_label(l, h), "clean_accuracy": clean,
                          "ablated_accuracy": accuracy, "drop": clean - accuracy})
     return pd.DataFrame(rows)
 
@@ -761,37 +768,37 @@ def causal_trace(model, tokens, target=None, position: int = -1, corrupt_positio
         _position(p, n_pos, "corrupt_positions") for p in corrupt_positions]
     if not corrupt:
         raise ValueError("corrupt_positions=[]: expected at least one position to corrupt")
-    streams = list(range(model.cfg.n_layers + 1))
-    names = [stream_hook(model, s) for s in streams]
-    logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names or n == "hook_embed")
-    target = _target_id(model, logits[0, position], target)
-    clean_prob = float(logits[0, position].softmax(-1)[target])
-    embed = cache["hook_embed"]
+    from .patching import _source_cache, patch_sweep
+
+    n_layers = model.cfg.n_layers
+    streams = list(range(n_layers + 1))
+    clean_logits = model(tokens)
+    target = _target_id(model, clean_logits[0, position], target)
+    clean_prob = float(clean_logits[0, position].float().softmax(-1)[target])
+    embed = _source_cache(model, tokens, ["hook_embed"])["hook_embed"]
     generator = torch.Generator().manual_seed(seed)
     noise = torch.zeros_like(embed)
     noise[0, corrupt] = (torch.randn(len(corrupt), embed.shape[-1], generator=generator)
                          * noise_scale * float(model.W_E.std())).to(embed)
 
-    def corrupt_hook(act, hook):
-        act += noise.to(act.dtype)  # in place, same noise for every copy in the batch
-        return act
-
-    corrupted = model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", corrupt_hook)])
-    corrupted_prob = float(corrupted[0, position].softmax(-1)[target])
-    scores = torch.zeros(len(streams), n_pos)
-    full = torch.zeros(len(streams))
-    for s, name in zip(streams, names):
-        clean = cache[name][0]
-        batch = torch.cat([tokens.expand(n_pos, -1), tokens])  # copy p restores position p; last: all
-
-        def restore(act, hook, clean=clean):
-            index = torch.arange(n_pos)
-            act[index, index] = clean.to(act.dtype)
-            act[n_pos] = clean.to(act.dtype)
+    def corrupt_hooks(start: int) -> list:
+        def hook(act, hook):
+            act += noise[:, start:].to(act.dtype)  # in place, the same noise for every patched copy
             return act
+        return [("hook_embed", hook)]
 
-        out = model.run_with_hooks(batch, fwd_hooks=[("hook_embed", corrupt_hook), (name, restore)])
-        probs = out[:, position].softmax(-1)[:, target].float().cpu()
-        scores[s], full[s] = probs[:n_pos], probs[n_pos]
+    def metric(logits):
+        return logits[0, position].float().softmax(-1)[target]
+
+    metric.reads_positions = (position,)
+    metric.batched = lambda read: read[:, 0, 0].float().softmax(-1)[:, target]
+    corrupted_prob = float(metric(model.run_with_hooks(tokens, fwd_hooks=corrupt_hooks(0))))
+    # restore the clean stream: resid_pre of every block, then the last block's resid_post
+    source = _source_cache(model, tokens, [stream_hook(model, s) for s in streams])
+    sweeps = {by_position: torch.cat([
+        patch_sweep(model, tokens, source, metric, component, by_position, layers=layers, verify=True,
+                    input_hooks=corrupt_hooks) for component, layers in (("resid_pre", None), ("resid_post", [-1]))])
+        for by_position in (True, False)}
+    scores, full = sweeps[True].float().cpu(), sweeps[False].float().cpu()
     return CausalTrace(scores, full, clean_prob, corrupted_prob, target, position, corrupt,
                        [stream_label(model, s) for s in streams])

@@ -210,3 +210,26 @@ def test_next_token_loss_and_token_checks(toy_lm):
             check_tokens(toy_lm, bad)
     with pytest.raises(ValueError, match="windows has 3 sequences: expected at least 4"):
         check_tokens(toy_lm, tokens, "windows", min_seqs=4)
+
+
+def test_icl_loss_drop_mean_ablation_is_the_per_position_mean(toy_2l):
+    from interp_lib import heads as H
+
+    tokens = H.repeat_probe_tokens(toy_2l, 11, 0, 6, 0)
+    with torch.no_grad():
+        _, cache = toy_2l.run_with_cache(tokens, names_filter="blocks.1.attn.hook_z")
+        mean = cache["blocks.1.attn.hook_z"].mean(0)                           # [pos, head, d_head]
+
+        def hook(z, hook):
+            z[:, :, [0, 2]] = mean[:, [0, 2]]
+            return z
+
+        logits = toy_2l.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_z", hook)])
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+    got = H.icl_loss_drop(toy_2l, ["L1H0", (1, 2)], length=11, n_sequences=6, method="mean")
+    assert got["loss_first"] == pytest.approx(float(nll[:, :11].mean()), abs=1e-5)
+    assert got["loss_second"] == pytest.approx(float(nll[:, 11:].mean()), abs=1e-5)
+    # ablation_effects averages once for all its groups: the same numbers as one call per group
+    frame = H.ablation_effects(toy_2l, [(1, 0), (1, 2)], length=11, n_sequences=6, method="mean")
+    joint = frame.set_index("head").loc["L1H0+L1H2"]
+    assert joint["drop"] == pytest.approx(got["drop"], abs=1e-5)

@@ -129,6 +129,38 @@ def test_causal_tracing_full_restore_gives_clean_prediction(toy_lm, windows):
     assert abs(trace.scores[-1, -1] - trace.clean_prob) < 1e-5
 
 
+def test_causal_trace_equals_plain_restore_hooks(toy_lm, windows):
+    """The patching engine's sweep (KV-cache suffix passes, skipped no-op cells) against one plain
+    forward pass per (stream, position) with the noise and the restore written out here."""
+    tokens = windows[1:2, :10]
+    trace = probing.causal_trace(toy_lm, tokens, noise_scale=2.0, seed=4)
+    embed = toy_lm.run_with_cache(tokens, names_filter="hook_embed")[1]["hook_embed"]
+    noise = torch.zeros_like(embed)
+    noise[0, 1:] = torch.randn(9, embed.shape[-1], generator=torch.Generator().manual_seed(4)) * 2.0 * float(
+        toy_lm.W_E.std().detach())
+    n = toy_lm.cfg.n_layers
+    names = [f"blocks.{s}.hook_resid_pre" for s in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+    with torch.no_grad():
+        _, cache = toy_lm.run_with_cache(tokens, names_filter=lambda name: name in names)
+
+        def prob(name=None, positions=()):
+            def restore(act, hook):
+                act[:, positions] = cache[name][:, positions]
+                return act
+
+            def add_noise(act, hook):
+                return act + noise
+
+            hooks = [("hook_embed", add_noise)] + ([(name, restore)] if name else [])
+            return float(toy_lm.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1].softmax(-1)[trace.target])
+
+        assert trace.corrupted_prob == pytest.approx(prob(), abs=1e-5)
+        for s, name in enumerate(names):
+            assert trace.full_restore[s] == pytest.approx(prob(name, list(range(10))), abs=1e-5)
+            for p in (0, 4, 9):
+                assert trace.scores[s, p] == pytest.approx(prob(name, [p]), abs=1e-5)
+
+
 @pytest.mark.parametrize("call, argument", [
     (lambda m, w: probing.position_probe(m, w, layers=[9]), "layers"),
     (lambda m, w: probing.position_probe(m, w, probe="svm"), "probe"),
