@@ -1,6 +1,26 @@
-"""Activation patching (exact, batched), attribution patching, and zero / mean / resample ablation.
+"""The one intervention engine: a registry of activation sources, activation patching (exact,
+batched), attribution patching, and every zero / mean / resample ablation of the library.
 
-One engine, many components. :func:`activation_patch` runs the corrupted prompt with one
+**Sources.** :data:`COMPONENTS` is the registry of activation sources: each
+:class:`Component` knows its hook name per layer (:meth:`Component.hook_name`), the axes of its
+activation after the batch (``act_axes``), the sweep layouts it supports, and its *unit axis*
+(``head`` for the per-head ``z`` / ``q`` / ``k`` / ``v``, ``neuron`` for ``mlp_post``, the MLP
+post-activation ``blocks.L.mlp.hook_post``, ``d_model`` for the ``resid_*`` / ``attn_out`` /
+``mlp_out`` streams), always the dimension after ``pos``; :meth:`Component.read_units` reads a
+``[batch, pos, unit]`` view (a head's ``z`` norm, a neuron's value). A unit of
+:mod:`interp_lib.units` finds its source through :data:`UNIT_COMPONENTS` /
+:func:`unit_source` (``Head(1, 3)`` -> ``blocks.1.attn.hook_z``, index 3).
+
+**Ablation** is defined once, in :func:`ablation_replacement`: ``zero``; ``mean``, the mean over
+reference prompts *per position* (:func:`mean_activations`, streamed, computed once per hook
+and reusable via ``means=``); ``resample``, another prompt's activation at the same positions
+(:func:`resample_index`). :func:`ablation_sweep` (each index in turn, through the patching
+engine), :func:`ablation_hooks` / :func:`run_with_ablation` (chosen heads, neurons and layers
+together) and :func:`unit_ablation_effects` (each unit alone, loss change at its events: the
+explainer's causal check) all use it, as do ``heads.icl_loss_drop``,
+``probing.head_ablation_importance`` and the claims.
+
+**Patching.** One engine, many components. :func:`activation_patch` runs the corrupted prompt with one
 activation replaced by its value from a *source* run and records ``metric(logits)``, for every
 index of a sweep (layer x position x head, ...). It returns the same layout as TransformerLens'
 ``patching.get_act_patch_*`` for that component, but instead of one forward pass per index it
@@ -42,6 +62,7 @@ component                                              by position              
 ``attn_out`` ``mlp_out``                               ``[layer, pos]``             ``[layer]``
 ``attn_head_out`` (z) ``attn_head_q`` ``_k`` ``_v``    ``[layer, pos, head]``       ``[layer, head]``
 ``attn_head_pattern``                                  ``[layer, head, dest_pos]``  ``[layer, head]``
+``mlp_post`` (MLP neurons)                             ``[layer, pos, neuron]``     ``[layer, neuron]``
 =====================================================  ===========================  ==============
 
 Under grouped-query attention (Llama-family models such as SmolLM2) ``attn_head_k`` and

@@ -233,3 +233,30 @@ def test_icl_loss_drop_mean_ablation_is_the_per_position_mean(toy_2l):
     frame = H.ablation_effects(toy_2l, [(1, 0), (1, 2)], length=11, n_sequences=6, method="mean")
     joint = frame.set_index("head").loc["L1H0+L1H2"]
     assert joint["drop"] == pytest.approx(got["drop"], abs=1e-5)
+
+
+def test_neuron_sweeps_run_on_the_patching_engine(toy_lm):
+    tokens = _windows(toy_lm, n=2, n_pos=6, seed=11)
+    rows, answer = torch.arange(2), tokens[:, -1]
+
+    def metric(logits):  # log-probability of the last token, read at position 4 only
+        return logits[:, 4].log_softmax(-1)[rows, answer].mean()
+
+    metric.reads_positions = (4,)
+    metric.batched = lambda read: read[:, :, 0].log_softmax(-1)[:, rows, answer].mean(-1)
+
+    sweep = P.ablation_sweep(toy_lm, tokens, metric, component="mlp_post", layers=[1], by_position=False)
+    by_position = P.ablation_sweep(toy_lm, tokens, metric, component="post", layers=[1], by_position=True,
+                                   positions=[3])
+    assert sweep.shape == (1, toy_lm.cfg.d_mlp) and by_position.shape == (1, 1, toy_lm.cfg.d_mlp)
+    for neuron, position in ((0, 3), (37, 3), (511, 3)):
+        def zero(act, hook, positions=slice(None)):
+            act[:, positions, neuron] = 0.0
+            return act
+
+        with torch.no_grad():
+            everywhere = metric(toy_lm.run_with_hooks(tokens, fwd_hooks=[("blocks.1.mlp.hook_post", zero)]))
+            one = metric(toy_lm.run_with_hooks(tokens, fwd_hooks=[(
+                "blocks.1.mlp.hook_post", lambda act, hook: zero(act, hook, position))]))
+        assert float(sweep[0, neuron]) == pytest.approx(float(everywhere), abs=1e-4)
+        assert float(by_position[0, 0, neuron]) == pytest.approx(float(one), abs=1e-4)
