@@ -8,30 +8,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-
-def _check_token_ids(model, tokens: Tensor, argument: str) -> None:
-    """ValueError naming ``argument`` unless ``tokens`` holds integer ids the model can read:
-    each in [0, d_vocab) and at most n_ctx positions (nothing is truncated silently)."""
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise ValueError(f"{argument} has dtype {tokens.dtype}: expected integer token ids "
-                         "(e.g. from model.to_tokens)")
-    d_vocab, n_ctx = model.cfg.d_vocab, model.cfg.n_ctx
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab):
-        bad = int(tokens.min()) if int(tokens.min()) < 0 else int(tokens.max())
-        raise ValueError(f"{argument} holds token id {bad}: expected ids in [0, {d_vocab - 1}] "
-                         f"(the model's vocabulary has {d_vocab} tokens)")
-    if n_ctx and tokens.shape[-1] > n_ctx:
-        raise ValueError(f"{argument} has {tokens.shape[-1]} positions: the model's context is "
-                         f"{n_ctx} tokens; shorten it (nothing is truncated silently)")
+from . import models
+from .models import check_tokens
+from .units import head_label
 
 
 def _as_tokens(model, text_or_tokens: str | Int[Tensor, "pos"] | Int[Tensor, "1 pos"]) -> Int[Tensor, "1 pos"]:
     if isinstance(text_or_tokens, str):
         if not text_or_tokens:
             raise ValueError("text_or_tokens='': expected a non-empty text or a token tensor")
-        tokens = model.to_tokens(text_or_tokens, truncate=False)
-        _check_token_ids(model, tokens, "text_or_tokens")
-        return tokens
+        return check_tokens(model, model.to_tokens(text_or_tokens, truncate=False), "text_or_tokens")
     try:
         tokens = torch.as_tensor(text_or_tokens)
     except (TypeError, ValueError, RuntimeError) as error:
@@ -41,8 +27,7 @@ def _as_tokens(model, text_or_tokens: str | Int[Tensor, "pos"] | Int[Tensor, "1 
         tokens = tokens[None]
     if tokens.ndim != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
         raise ValueError(f"text_or_tokens has shape {tuple(tokens.shape)}: expected [pos] or [1, pos]")
-    _check_token_ids(model, tokens, "text_or_tokens")
-    return tokens.to(model.cfg.device)
+    return check_tokens(model, tokens, "text_or_tokens")
 
 
 @torch.no_grad()
@@ -78,20 +63,18 @@ def next_token_loss(model, tokens: Int[Tensor, "batch pos"], batch_size: int = 3
     except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"tokens: expected token ids [batch, pos], got {type(tokens).__name__} "
                          f"({error})") from None
-    if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.shape[0] == 0:
+    if tokens.ndim != 2:  # one sequence is not silently read as a batch of one here
         raise ValueError(f"tokens has shape {tuple(tokens.shape)}: expected [batch, pos] with pos >= 2")
-    _check_token_ids(model, tokens, "tokens")
+    tokens = check_tokens(model, tokens, "tokens", min_pos=2)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
     total_loss, total_correct, count = 0.0, 0, 0
     for start in range(0, len(tokens), batch_size):
-        batch = tokens[start:start + batch_size].to(model.cfg.device)
-        logits = model(batch).float()[:, :-1]
+        batch = tokens[start:start + batch_size]
+        logits = model(batch)
         targets = batch[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                reduction="sum")
-        total_loss += nll.item()
-        total_correct += (logits.argmax(-1) == targets).sum().item()
+        total_loss += models.next_token_loss(logits, batch).sum().item()
+        total_correct += (logits[:, :-1].argmax(-1) == targets).sum().item()
         count += targets.numel()
     return {"loss": total_loss / count, "top1_accuracy": total_correct / count, "n_tokens": count}
 
@@ -103,14 +86,7 @@ def next_token_loss(model, tokens: Int[Tensor, "batch pos"], batch_size: int = 3
 def _tokens_2d(model, text_or_tokens) -> Int[Tensor, "batch pos"]:
     if isinstance(text_or_tokens, str):
         return _as_tokens(model, text_or_tokens)
-    tokens = torch.as_tensor(text_or_tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2 or 0 in tokens.shape or tokens.is_floating_point():
-        raise ValueError(f"tokens has shape {tuple(tokens.shape)}: expected token ids [pos] or [batch, pos]")
-    if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
-        raise ValueError(f"tokens holds ids outside [0, {model.cfg.d_vocab - 1}]")
-    return tokens.to(model.cfg.device)
+    return check_tokens(model, text_or_tokens, "tokens")
 
 
 def _stage_labels(n_layers: int, incl_mid: bool) -> tuple[list[str], list[float], list[str]]:
@@ -269,7 +245,7 @@ def decompose_residual(model, cache, by: str = "layer"
     for layer in range(model.cfg.n_layers):
         layer_heads = heads[layer * n_heads:(layer + 1) * n_heads]
         parts.extend(layer_heads)
-        labels.extend(f"L{layer}H{h}" for h in range(n_heads))
+        labels.extend(head_label(layer, h) for h in range(n_heads))
         # attn_out = sum of head results + b_O: take the bias as the remainder so the parts add up.
         parts.append(cache[f"blocks.{layer}.hook_attn_out"] - layer_heads.sum(0))
         labels.append(f"{layer}_attn_bias")
@@ -370,8 +346,8 @@ def direct_logit_attribution(model, text_or_tokens, answer, wrong=None, position
 def head_grid(contributions: Tensor, labels: list[str], n_layers: int, n_heads: int) -> Tensor:
     """The ``L{l}H{h}`` rows of a ``by="head"`` attribution as a ``[layer, head, ...]`` tensor."""
     index = {label: i for i, label in enumerate(labels)}
-    missing = [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads) if f"L{l}H{h}" not in index]
+    missing = [head_label(l, h) for l in range(n_layers) for h in range(n_heads) if head_label(l, h) not in index]
     if missing:
         raise ValueError(f"labels lack heads {missing[:3]}...: pass a by='head' attribution")
-    rows = [index[f"L{l}H{h}"] for l in range(n_layers) for h in range(n_heads)]
+    rows = [index[head_label(l, h)] for l in range(n_layers) for h in range(n_heads)]
     return contributions[rows].reshape(n_layers, n_heads, *contributions.shape[1:])

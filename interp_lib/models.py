@@ -610,8 +610,8 @@ def check_tokens(model, tokens, name: str = "tokens", min_seqs: int = 1, min_pos
         raise ValueError(f"{name} has shape {tuple(tokens.shape)}: expected [batch, pos] with pos >= {min_pos}")
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= model.cfg.d_vocab:
-        raise ValueError(f"{name} holds ids outside [0, {model.cfg.d_vocab - 1}] (found {low}..{high}): expected "
-                         f"ids of the model's vocabulary of {model.cfg.d_vocab} tokens")
+        raise ValueError(f"{name} holds token id {low if low < 0 else high}: expected ids in "
+                         f"[0, {model.cfg.d_vocab - 1}] (the model's vocabulary has {model.cfg.d_vocab} tokens)")
     if model.cfg.n_ctx and tokens.shape[1] > model.cfg.n_ctx:
         raise ValueError(f"{name} has {tokens.shape[1]} positions: the model's context is {model.cfg.n_ctx} "
                          "tokens (nothing is truncated silently)")

@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .models import check_tokens
 from .units import Head, head_label
 
 PROBES = ("linear", "mlp")
@@ -38,28 +39,6 @@ IGNORE = -1  # label of tokens a probe skips (e.g. BOS)
 # --------------------------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------------------------
-
-def _check_tokens(model, tokens, name: str = "tokens", min_seqs: int = 1) -> Int[Tensor, "batch pos"]:
-    if isinstance(tokens, str):
-        tokens = model.to_tokens(tokens)
-    if not isinstance(tokens, (Tensor, np.ndarray)):
-        raise ValueError(f"{name}={type(tokens).__name__}: expected an integer tensor [batch, pos]")
-    tokens = torch.as_tensor(tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64) or tokens.shape[1] < 2:
-        raise ValueError(f"{name} has shape {tuple(tokens.shape)} and dtype {tokens.dtype}: expected an "
-                         "integer tensor [batch, pos] with pos >= 2")
-    if tokens.shape[0] < min_seqs:
-        raise ValueError(f"{name} has {tokens.shape[0]} sequences: expected at least {min_seqs} "
-                         "(probes are evaluated on held-out sequences)")
-    if int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.d_vocab:
-        raise ValueError(f"{name} holds ids in [{int(tokens.min())}, {int(tokens.max())}]: expected ids in "
-                         f"[0, {model.cfg.d_vocab - 1}]")
-    if tokens.shape[1] > model.cfg.n_ctx:
-        raise ValueError(f"{name} has {tokens.shape[1]} positions: the model's context is {model.cfg.n_ctx}")
-    return tokens.long().to(model.cfg.device)
-
 
 def _check_streams(model, layers) -> list[int]:
     n = model.cfg.n_layers
@@ -106,7 +85,7 @@ def collect_activations(model, tokens, layers=None, batch_size: int = 32,
 
     ``fwd_hooks(batch_tokens)`` may return extra forward hooks (e.g. ablations) for each batch.
     """
-    tokens = _check_tokens(model, tokens)
+    tokens = check_tokens(model, tokens, min_pos=2)
     streams = _check_streams(model, layers)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
@@ -300,7 +279,7 @@ def probe(model, tokens, labels, layers=None, probe: str = "linear", task: str =
     selectivity, chance (majority class of the test labels), n_train, n_test, and for
     regression r2 and mae.
     """
-    tokens = _check_tokens(model, tokens, min_seqs=1 if test_tokens is not None else 2)
+    tokens = check_tokens(model, tokens, min_seqs=1 if test_tokens is not None else 2, min_pos=2)
     labels = _check_labels(labels, tokens)
     streams = _check_streams(model, layers)
     _check_choice("probe", probe, PROBES)
@@ -313,7 +292,7 @@ def probe(model, tokens, labels, layers=None, probe: str = "linear", task: str =
         acts_train = acts_test = collect_activations(model, tokens, streams, batch_size)
         y_train = y_test = labels
     else:
-        test_tokens = _check_tokens(model, test_tokens, "test_tokens")
+        test_tokens = check_tokens(model, test_tokens, "test_tokens", min_pos=2)
         y_test = _check_labels(test_labels, test_tokens, "test_labels")
         train_rows, test_rows = np.arange(len(tokens)), np.arange(len(test_tokens))
         acts_train = collect_activations(model, tokens, streams, batch_size)
@@ -382,11 +361,11 @@ def position_probe(model, tokens, layers=None, probe: str = "linear", target: st
     """Per-stream probe for position (see :func:`probe` and :func:`position_labels`), scored on
     held-out sequences. ``test_tokens`` (other text, same length) makes it cross-domain."""
     _check_choice("target", target, POSITION_TARGETS)
-    tokens = _check_tokens(model, tokens, min_seqs=1 if test_tokens is not None else 2)
+    tokens = check_tokens(model, tokens, min_seqs=1 if test_tokens is not None else 2, min_pos=2)
     labels = position_labels(tokens.shape, target, n_buckets)
     test_labels = None
     if test_tokens is not None:
-        test_tokens = _check_tokens(model, test_tokens, "test_tokens")
+        test_tokens = check_tokens(model, test_tokens, "test_tokens", min_pos=2)
         test_labels = position_labels(test_tokens.shape, target, n_buckets)
     frame = probe_fn(model, tokens, labels, layers, probe, "regression" if target == "regression" else "classification",
                      control, test_fraction, seed, batch_size, test_tokens, test_labels)
@@ -405,8 +384,8 @@ def cross_domain_probe(model, train_tokens, test_tokens, labels_fn: Callable | N
     row per stream with ``in_domain``, ``cross_domain`` and ``gap``.
     """
     labels_fn = labels_fn or (lambda t: position_labels(t.shape))
-    train_tokens = _check_tokens(model, train_tokens, "train_tokens", min_seqs=2)
-    test_tokens = _check_tokens(model, test_tokens, "test_tokens")
+    train_tokens = check_tokens(model, train_tokens, "train_tokens", min_seqs=2, min_pos=2)
+    test_tokens = check_tokens(model, test_tokens, "test_tokens", min_pos=2)
     train_rows, held_rows = split_sequences(len(train_tokens), kwargs.pop("test_fraction", 0.25), seed)
     fit_tokens = train_tokens[torch.as_tensor(train_rows)]
     base = dict(layers=layers, probe=probe, control=None, seed=seed, **kwargs)
@@ -467,7 +446,7 @@ def head_position_scores(model, tokens, kind: str = "random", seed: int = 0, min
     fixed-offset or BOS heads), ``content`` if at most ``content_threshold``, else ``hybrid``.
     ``mean_offset`` is the attention-weighted query - key distance on natural text.
     """
-    tokens = _check_tokens(model, tokens)
+    tokens = check_tokens(model, tokens, min_pos=2)
     _check_choice("kind", kind, ("shuffle", "random"))
     if not isinstance(min_query, int) or not 0 <= min_query < tokens.shape[1]:
         raise ValueError(f"min_query={min_query!r}: expected an integer in [0, {tokens.shape[1] - 1}]")
@@ -511,7 +490,7 @@ def head_ablation_importance(model, tokens, layer: int | None = None, probe: str
     """
     from .patching import ablation_hooks, mean_activations
 
-    tokens = _check_tokens(model, tokens, min_seqs=2)
+    tokens = check_tokens(model, tokens, min_seqs=2, min_pos=2)
     layer = model.cfg.n_layers if layer is None else layer
     (stream,) = _check_streams(model, [layer])
     if stream == 0:
@@ -546,7 +525,7 @@ def head_ablation_importance(model, tokens, layer: int | None = None, probe: str
 # --------------------------------------------------------------------------------------------
 
 def _one_sequence(model, tokens) -> Int[Tensor, "1 pos"]:
-    tokens = _check_tokens(model, tokens)
+    tokens = check_tokens(model, tokens, min_pos=2)
     if tokens.shape[0] != 1:
         raise ValueError(f"tokens has shape {tuple(tokens.shape)}: expected one sequence, [pos] or [1, pos]")
     return tokens

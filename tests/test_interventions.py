@@ -204,7 +204,7 @@ def test_next_token_loss_and_token_checks(toy_lm):
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
     torch.testing.assert_close(next_token_loss(logits, tokens), expected)
     assert check_tokens(toy_lm, tokens[0]).shape == (1, 7)
-    for bad, match in ((tokens.float(), "tokens has dtype"), (tokens + 10_000, "ids outside"),
+    for bad, match in ((tokens.float(), "tokens has dtype"), (tokens + 10_000, r"tokens holds token id \d+: expected ids in \[0, 4095\]"),
                        (tokens[:0], r"shape \(0, 7\)"), (None, "tokens is None")):
         with pytest.raises(ValueError, match=match):
             check_tokens(toy_lm, bad)
