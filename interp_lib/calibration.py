@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+# "auto" model lists: their home is interp_lib.runtime (re-exported here)
+from .runtime import COMPARE_COLAB, COMPARE_OFFLINE, resolve_compare_models
+
 ArrayLike = Union[np.ndarray, Tensor]
 Strategy = Literal["uniform", "quantile"]
 STRATEGIES = ("uniform", "quantile")
@@ -1210,41 +1213,3 @@ def temperature_scaling_report(val: Predictions, test: Predictions, n_bins: int 
                              val_correct=val.correct.copy(), test_confidence=test_raw,
                              test_confidence_scaled=test_scaled, test_correct=np.asarray(correct_after).copy(),
                              n_bins=n_bins, val_group=val.group.copy(), test_group=test.group.copy())
-
-
-#: What ``compare="auto"`` means: the GPT-2 sizes on Colab, the bundled models elsewhere.
-COMPARE_COLAB = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-COMPARE_OFFLINE = ("toy-lm", "toy-2l", "toy-1l")
-
-
-def _model_list(spec: Any, name: str, colab: Sequence[str], offline: Sequence[str]) -> list[str]:
-    """'auto' -> ``colab`` on Colab else ``offline``; 'a,b' or ['a', 'b'] -> that list."""
-    if isinstance(spec, str) and spec.strip().startswith("["):  # a list passed as text (papermill -p)
-        import ast
-
-        try:
-            spec = ast.literal_eval(spec.strip())
-        except (ValueError, SyntaxError) as error:
-            raise ValueError(f"{name}={spec!r}: could not read the list ({error})") from None
-    if isinstance(spec, str):
-        if spec == "auto":
-            from .checkpoint import in_colab
-
-            return list(colab if in_colab() else offline)
-        names = [part.strip() for part in spec.split(",")]
-    elif isinstance(spec, (list, tuple)):
-        names = list(spec)
-    else:
-        raise ValueError(f"{name}={spec!r}: expected 'auto', a comma-separated string or a list of model names")
-    if not names or not all(isinstance(n, (str, os.PathLike)) and os.fspath(n).strip() for n in names):
-        raise ValueError(f"{name}={spec!r}: expected 'auto' or a non-empty list of model names / directories")
-    names = [os.fspath(n).strip() for n in names]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{name}={spec!r} names a model twice; expected distinct models")
-    return names
-
-
-def resolve_compare_models(compare: str | Sequence[str] = "auto") -> list[str]:
-    """The models of the size comparison: ``"auto"`` -> ``gpt2`` ... ``gpt2-xl`` on Colab, the
-    bundled ``toy-lm``, ``toy-2l``, ``toy-1l`` elsewhere; a list (or ``"a,b"``) is used as given."""
-    return _model_list(compare, "compare", COMPARE_COLAB, COMPARE_OFFLINE)

@@ -13,7 +13,8 @@ Layout of a root (Drive on Colab, ``runs/`` locally, ``$INTERP_LIB_RUNS`` when s
 
 Guarantees and limits:
 
-* Writes are atomic: a temp file in the same directory, flushed and fsynced, then ``os.replace``.
+* Writes are atomic (``interp_lib.artifacts.atomic_write``): a temp file in the same directory,
+  flushed and fsynced, then ``os.replace``.
   The stage file is written before the manifest names it, and its name carries the params hash,
   so a process killed at any moment leaves either the old finished state or the new one, never a
   half-written file that is read as finished. A stage file damaged or altered afterwards
@@ -64,18 +65,25 @@ import json
 import math
 import os
 import re
-import socket
 import sys
 import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from . import safe_serialize
+from .artifacts import TEMP_FILE_RE as _TEMP_RE
+from .artifacts import atomic_write, temp_prefix
+from .artifacts import host_name as _host
+from .runtime import DRIVE_HOME, default_root, in_colab  # re-exported: their home is interp_lib.runtime
+
+# The old private names, still imported by interp_lib.explain: use interp_lib.artifacts.
+_atomic_write = atomic_write
+_temp_prefix = temp_prefix
 
 __all__ = ["Checkpointer", "RunLock", "RunFolderBusyError", "default_root", "in_colab",
            "is_secret_key", "params_hash", "MANIFEST_NAME", "REDACTED"]
@@ -85,7 +93,6 @@ MANIFEST_FORMAT = 2
 STAGE_SUFFIX = ".safetensors"
 LOCK_NAME = ".lock"
 REDACTED = "<redacted>"
-DRIVE_HOME = Path("/content/drive/MyDrive")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _MAX_NAME_LEN = 200  # leaves room for "-<hash16>.safetensors" and temp suffixes (255-byte limit)
@@ -94,37 +101,12 @@ _STAGE_FILE_RE = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)-(?P<hash>[0-9a-f]{%d})\.
                             % _HASH_IN_FILE)
 # Stage files of manifest format 1 (pickles): never loaded, removed when their stage is redone.
 _LEGACY_FILE_RE = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)-(?P<hash>[0-9a-f]{%d})\.pt" % _HASH_IN_FILE)
-# Temp files: ".<target>.<host>-<pid>.<random>.tmp" -> the owner can be recognised after a kill.
-_TEMP_RE = re.compile(r"\.(?P<target>.+)\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[^.]+\.tmp")
 _STALE_TEMP_SECONDS = 6 * 3600  # a temp file untouched this long is left over from a dead writer
 
 # Credential-looking key words. "token" must be a whole word so that LM params such as
 # max_tokens, n_tokens or tokenizer stay in the hash; the others may appear inside a word.
 _SECRET_SUBSTRINGS = ("apikey", "secret", "password", "authorization")
 _SECRET_WORDS = {"token"}
-
-
-# ----------------------------------------------------------------------------- environment
-
-
-def in_colab() -> bool:
-    """True inside Google Colab (the module is imported, or the runtime's env var is set)."""
-    return "google.colab" in sys.modules or bool(os.environ.get("COLAB_RELEASE_TAG"))
-
-
-def default_root() -> Path:
-    """Where runs are stored: ``$INTERP_LIB_RUNS``; on Colab with Drive mounted
-    ``/content/drive/MyDrive/interp_lib/runs`` (survives the VM); else ``runs/`` in the source
-    checkout (so a notebook opened from ``notebooks/`` writes there too), else ``./runs``."""
-    override = os.environ.get("INTERP_LIB_RUNS")
-    if override:
-        return Path(override).expanduser().resolve()
-    if in_colab() and DRIVE_HOME.is_dir():
-        return DRIVE_HOME / "interp_lib" / "runs"
-    from .paths import repo_root
-
-    checkout = repo_root()
-    return checkout / "runs" if checkout is not None else Path("runs").resolve()
 
 
 # ----------------------------------------------------------------------------- secrets
@@ -279,51 +261,7 @@ def _canonical_json(value: Any) -> str:
                       allow_nan=False)
 
 
-# ----------------------------------------------------------------------------- atomic files
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
-
-
-def _temp_prefix(target: str) -> str:
-    return f".{target}.{_host()}-{os.getpid()}."
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); best effort elsewhere."""
-    if os.name == "nt":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems (e.g. FUSE mounts) do not support fsync on directories
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> int:
-    """Write ``path`` via a temp file + fsync + ``os.replace``; returns the size in bytes."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-            size = handle.tell()
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt included: never leave the temp file behind
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return size
+# ----------------------------------------------------------------------------- processes, provenance
 
 
 def _pid_alive(pid: int) -> bool:
@@ -444,7 +382,7 @@ class Checkpointer:
         path = self.root / f"{name}-{digest[:_HASH_IN_FILE]}{STAGE_SUFFIX}"
         # Stage file first, manifest second: until the manifest names the new file, a kill
         # leaves the previous finished state intact (the hash in the file name keeps them apart).
-        size = _atomic_write(path, lambda handle: handle.write(data))
+        size = atomic_write(path, lambda handle: handle.write(data))
         manifest = self._read_manifest()
         previous = manifest["stages"].get(name)
         manifest["stages"][name] = {
@@ -540,7 +478,7 @@ class Checkpointer:
         root = self.root
         try:
             root.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(dir=root, prefix=_temp_prefix("write-probe"), suffix=".tmp")
+            fd, probe = tempfile.mkstemp(dir=root, prefix=temp_prefix("write-probe"), suffix=".tmp")
             os.close(fd)
             os.unlink(probe)
         except (FileExistsError, NotADirectoryError) as error:
@@ -582,7 +520,7 @@ class Checkpointer:
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         manifest["format"] = MANIFEST_FORMAT
         text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
-        _atomic_write(self.manifest_path, lambda handle: handle.write(text.encode("utf-8")))
+        atomic_write(self.manifest_path, lambda handle: handle.write(text.encode("utf-8")))
 
     def _finished_entry(self, name: str, digest: str | None) -> dict[str, Any] | None:
         """The manifest entry of ``name`` if its file is present and whole (and, when ``digest``

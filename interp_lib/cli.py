@@ -18,10 +18,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-
-class UsageError(Exception):
-    """Bad command-line input found by a subcommand: ``main`` prints ``error: <message>`` on
-    stderr and returns 2."""
+from .errors import UsageError
 
 
 def _add_run_command(subparsers: argparse._SubParsersAction) -> None:
@@ -130,7 +127,9 @@ def _add_aggregate_command(subparsers: argparse._SubParsersAction) -> None:
 def _aggregate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from pathlib import Path
 
-    from .runner import _atomic_write_text, aggregate_runs, ensure_writable_dir, markdown_table
+    from .artifacts import atomic_write_text, markdown_table
+    from .results import aggregate_runs
+    from .runner import ensure_writable_dir
 
     try:
         metrics, table = aggregate_runs(args.run_dirs, args.confidence)
@@ -140,11 +139,11 @@ def _aggregate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(text, end="")
     if args.out is not None:
         out = ensure_writable_dir(Path(args.out))
-        metrics.to_csv(out / "metrics.csv", index=False)
-        table.to_csv(out / "aggregate.csv", index=False)
+        atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
+        atomic_write_text(out / "aggregate.csv", table.to_csv(index=False))
         title = f"Metrics merged from {len(args.run_dirs)} run folder(s)"
         sources = "".join(f"- {d}\n" for d in args.run_dirs)
-        _atomic_write_text(out / "aggregate.md", f"# {title}\n\n{sources}\n{text}")
+        atomic_write_text(out / "aggregate.md", f"# {title}\n\n{sources}\n{text}")
         print(f"merged {len(metrics)} values from {len(args.run_dirs)} folder(s) into {out} "
               "(metrics.csv, aggregate.csv, aggregate.md)")
     return 0
@@ -349,9 +348,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    # `python -m interp_lib.cli`: run the package's copy of this module, so the UsageError that
-    # subcommands raise is the class main() catches (this file is also loaded as __main__).
-    from interp_lib.cli import main as _main
-
-    sys.exit(_main())
+if __name__ == "__main__":  # `python -m interp_lib.cli`
+    sys.exit(main())

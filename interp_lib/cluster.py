@@ -1,7 +1,7 @@
 """Run a sweep's notebooks on a Ray cluster: ``interp-lib run --executor ray [--address ...]``.
 
 Each (notebook, configuration, seed) of the sweep is one Ray task that declares its resources
-(``num_cpus``, ``num_gpus``) and calls the same ``interp_lib.runner.execute_task`` the local
+(``num_cpus``, ``num_gpus``) and calls the same ``interp_lib.tasks.execute_task`` the local
 executor calls, writing into the run folder, which every worker must reach: a shared directory
 (on one machine, any folder) or an fsspec URL such as ``s3://`` / ``gs://`` (see the runner). The driver keeps run.json and the tables, updated as tasks finish,
 in the order they finish.
@@ -22,7 +22,14 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from .artifacts import atomic_write_json
+from .errors import RunInputError
+from .errors import first_line as _first_line
+from .tasks import attempt_pids, execute_task, kernel_environment
+from .units import Head
 
 RAY_MISSING = ("--executor ray needs Ray, which is not installed: pip install "
                "'interp-lib[cluster]' (ray>=2.60,<3)")
@@ -33,8 +40,6 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        from .runner import RunInputError
-
         raise RunInputError(RAY_MISSING) from None
     return ray
 
@@ -42,15 +47,8 @@ def import_ray() -> Any:
 def _execute_on_worker(task: dict[str, Any], run_dir: str, kernel: str,
                        timeout: int | None) -> dict[str, Any]:
     """The body of one Ray task (runs on a worker)."""
-    from .runner import execute_task, kernel_environment
-
     with kernel_environment():  # kernels import this interp_lib, as with the local executor
         return execute_task(task, run_dir, kernel, timeout, progress=False)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else ""
 
 
 def run_tasks_on_ray(tasks: Sequence[dict[str, Any]], run_dir: str, *, kernel: str,
@@ -68,8 +66,6 @@ def run_tasks_on_ray(tasks: Sequence[dict[str, Any]], run_dir: str, *, kernel: s
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING, configure_logging=True)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            from .runner import RunInputError
-
             where = address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
             raise RunInputError(f"--address {where}: cannot start or join the Ray cluster "
                                 f"({type(exc).__name__}: {_first_line(exc)})") from None
@@ -81,8 +77,6 @@ def run_tasks_on_ray(tasks: Sequence[dict[str, Any]], run_dir: str, *, kernel: s
     if num_cpus > info["cpus"] or num_gpus > info["gpus"]:
         if started_here:
             ray.shutdown()
-        from .runner import RunInputError
-
         raise RunInputError(f"--cpus-per-task {num_cpus} / --gpus-per-task {num_gpus}: the Ray "
                             f"cluster has {info['cpus']:g} CPUs and {info['gpus']:g} GPUs, so no "
                             "task could ever be scheduled")
@@ -121,14 +115,7 @@ def run_tasks_on_ray(tasks: Sequence[dict[str, Any]], run_dir: str, *, kernel: s
 
 
 def _ray_failure(exc: BaseException, task: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    from pathlib import Path
-
-    from .runner import _ATTEMPTS_DIR, _attempts_name, is_url
-
-    count = 0
-    folder = Path(run_dir) / _ATTEMPTS_DIR / _attempts_name(task["output"])
-    if not is_url(run_dir) and folder.is_dir():
-        count = len(list(folder.iterdir()))
+    count = len(attempt_pids(run_dir, task["output"]))
     line = f"{type(exc).__name__}: {_first_line(exc)}"
     return {"status": "failed", "error": line, "seconds": 0.0, "metrics": None, "attempt": count,
             "failure": {"type": type(exc).__name__, "message": str(exc)[:2000]}}
@@ -142,8 +129,6 @@ def shard_heads(heads: Sequence[tuple[int, int]], shards: int) -> list[list[tupl
     """Contiguous ranges of ``heads`` (in their order, layer-major), as even as possible; never
     an empty shard (fewer shards when there are fewer heads)."""
     if shards < 1:
-        from .runner import RunInputError
-
         raise RunInputError(f"--shards: expected a number >= 1, got {shards}")
     heads = list(heads)
     shards = min(shards, len(heads)) or 1
@@ -161,8 +146,6 @@ def _explain_shard(config: dict[str, Any], run_dir: str, shard_dir: str,
     """The body of one shard's Ray task: the pipeline up to the causal check for ``labels``,
     checkpointed in the shard's folder (a rerun resumes it), LLM answers in the run's shared
     cache (``<run>/llm_cache``)."""
-    from pathlib import Path
-
     from .explain.config import ExplainConfig
     from .explain.pipeline import load_stage, make_client, run_explainer
 
@@ -190,13 +173,10 @@ def explain_sharded(config: Any, out: str, *, shards: int, address: str | None =
     Returns ``{"records", "unfinished", "retried", "files"}``; ``unfinished`` maps a shard (or
     stage) to why it did not finish -- its records are missing or partial and a rerun retries.
     """
-    import json
-    from pathlib import Path
-
     from .explain.pipeline import make_client, select_heads
     from .explain.records import HeadRecord
     from .models import load_model
-    from .notebook import resolve_model_name
+    from .runtime import resolve_model_name
 
     ray = import_ray()
     out_path = Path(out).expanduser().resolve()
@@ -206,7 +186,7 @@ def explain_sharded(config: Any, out: str, *, shards: int, address: str | None =
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     ranges = shard_heads(select_heads(model, config.heads), shards)
     del model
-    labels = [[f"L{layer}H{head}" for layer, head in heads] for heads in ranges]
+    labels = [[Head(*head).label for head in heads] for heads in ranges]
     started_here = False
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
@@ -274,7 +254,7 @@ def explain_sharded(config: Any, out: str, *, shards: int, address: str | None =
     meta = {"config": run_config, "usage": usage, "taxonomy": tax_meta,
             "skipped_scorers": skipped_scorers}
     files = write_report(records, out_path, meta=meta, n_layers=n_layers, n_heads=n_heads)
-    (out_path / "config.json").write_text(json.dumps(run_config, indent=1))
-    (out_path / "usage.json").write_text(json.dumps(usage, indent=1))
+    atomic_write_json(out_path / "config.json", run_config, indent=1)
+    atomic_write_json(out_path / "usage.json", usage, indent=1)
     return {"records": records, "unfinished": unfinished, "retried": retried, "files": files,
             "out": out_path}

@@ -13,6 +13,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from .paths import data_dir
+from .runtime import resolve_dataset
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -52,10 +53,7 @@ def load_wikitext(split: str = "validation", name: str = WIKITEXT[1]) -> str:
 def load_texts(dataset: str = "bundled", split: str = "validation") -> str:
     """Text of ``dataset``: 'bundled' (offline corpus), 'wikitext' (hub), or 'auto' (WikiText
     on Colab, the bundled corpus elsewhere)."""
-    if dataset == "auto":
-        from .checkpoint import in_colab
-
-        dataset = "wikitext" if in_colab() else "bundled"
+    dataset = resolve_dataset(dataset)
     if dataset == "bundled":
         return load_corpus(split)
     if dataset == "wikitext":

@@ -1,41 +1,26 @@
-"""Notebook setup shared by the series: Colab detection, Drive, plotly renderer, parameter resolution.
+"""Notebook setup shared by the series: Drive, plotly renderer, seeds, parameter resolution.
 
 The mechanism that lets one notebook analyse GPT-2 on Colab and the bundled model offline,
 without edits: the ``parameters`` cell says ``model_name = "auto"``; ``resolve_model_name``
 turns "auto" into ``INTERP_LIB_MODEL`` if set, else ``gpt2`` on Colab, else the bundled
 ``toy-lm``. papermill / ``interp-lib run --model NAME`` can always pass an explicit name.
+Colab detection and every "auto" resolution live in :mod:`interp_lib.runtime` (re-exported
+here for the notebooks: ``il.notebook.resolve_model_name``, ``il.notebook.resolve_output_dir``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
-from .checkpoint import Checkpointer, default_root, in_colab
-from .models import BUNDLED_MODELS, DEFAULT_MODEL
+from .artifacts import atomic_write_json
+from .checkpoint import Checkpointer
+from .models import BUNDLED_MODELS
+from .runtime import COLAB_MODEL, DRIVE_MOUNT, in_colab, resolve_model_name, resolve_output_dir
 
-COLAB_MODEL = "gpt2"
-DRIVE_MOUNT = "/content/drive"
-
-
-def resolve_model_name(model_name: str = "auto", default: str = DEFAULT_MODEL,
-                       colab_default: str = COLAB_MODEL) -> str:
-    """'auto' -> $INTERP_LIB_MODEL, else ``colab_default`` on Colab, else ``default``."""
-    if not isinstance(model_name, str) or not model_name:
-        raise ValueError(f"model_name={model_name!r}: expected 'auto', a model name or a directory")
-    if model_name != "auto":
-        return model_name
-    return os.environ.get("INTERP_LIB_MODEL") or (colab_default if in_colab() else default)
-
-
-def resolve_output_dir(output_dir: str | os.PathLike = "auto", notebook: str = "notebook") -> Path:
-    """'auto' -> ``<checkpoint root>/<notebook>`` (Drive on Colab, runs/ elsewhere)."""
-    path = default_root() / notebook if os.fspath(output_dir) == "auto" else Path(output_dir)
-    path = path.expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+__all__ = ["setup", "resolve_model_name", "resolve_output_dir", "mount_drive", "set_plotly_renderer",
+           "record_environment", "work_size", "COLAB_MODEL", "DRIVE_MOUNT"]
 
 
 def mount_drive() -> bool:
@@ -104,16 +89,12 @@ def setup(notebook: str, model_name: str = "auto", output_dir: str | os.PathLike
 def record_environment(output_dir: str | os.PathLike, notebook: str) -> dict:
     """Print the versions this notebook runs on (one line), warn when they are outside the tested
     range, and save them as ``<output_dir>/environment/<notebook>.json``."""
-    from .checkpoint import _atomic_write
     from .versions import check_environment, describe, environment
 
     env = environment()
     print(describe(env), file=sys.stdout)
     check_environment()
-    path = Path(output_dir) / "environment" / f"{notebook}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(env, indent=2) + "\n").encode()
-    _atomic_write(path, lambda handle: handle.write(data))
+    atomic_write_json(Path(output_dir) / "environment" / f"{notebook}.json", env, allow_nan=True)
     return env
 
 

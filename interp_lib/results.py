@@ -1,8 +1,13 @@
-"""A results page for a run folder: the series' headline numbers, said in words.
+"""A run's results: its metrics aggregated across seeds, and its results page, the series'
+headline numbers said in words.
+
+``aggregate`` / ``aggregate_runs`` turn the long metrics table (``interp_lib.artifacts.
+load_metrics``) into one row per configuration and metric (n, mean, std, Student-t CI of the
+mean, per-seed values), for one run folder or several merged (shards run anywhere).
 
 ``interp-lib run`` writes ``OUT/results.md`` at the end of every run, and ``interp-lib results
 OUT [--to FILE]`` writes it again from any run folder (or several seeds' worth). Each sentence is
-filled from the metrics the notebooks recorded (``il.runner.record_metrics``), averaged over
+filled from the metrics the notebooks recorded (``il.record_metrics``), averaged over
 seeds with the seed range where there are several; a sentence whose metrics a run did not record
 (the notebook failed, or the model's task differs) is left out, and every recorded metric is
 listed in full below the sentences. Nothing on the page is typed by hand.
@@ -10,13 +15,17 @@ listed in full below the sentences. Nothing on the page is typed by hand.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .artifacts import METRICS_COLUMNS, atomic_write_text, load_metrics, markdown_table, read_run_manifest
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # notebook -> (section title, sentences). A sentence is a format string over the notebook's
 # metric names; it appears only when all of its metrics were recorded. A tuple holds variants,
@@ -95,6 +104,105 @@ HEADLINES: dict[str, tuple[str, Sequence[str | tuple[str, ...]]]] = {
 }
 
 
+def _ci_columns(confidence: float) -> tuple[str, str]:
+    label = f"{confidence * 100:g}".replace(".", "_")
+    return f"ci{label}_low", f"ci{label}_high"
+
+
+def aggregate(metrics: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Summarise metrics across seeds: one row per (notebook, model, params, metric), i.e. per
+    configuration and metric.
+
+    Columns: ``notebook, model, params, metric, n, mean, std`` (sample std, ddof=1),
+    ``ci95_low, ci95_high`` (Student-t interval for the mean at ``confidence``; the names follow
+    it) and one ``seed_<s>`` column per seed with that seed's value. ``std`` and the interval are
+    NaN when ``n < 2``. Rows keep the order of first appearance in ``metrics``. A frame without
+    ``model`` / ``params`` columns (one configuration) is accepted.
+    """
+    import numpy as np
+    import pandas as pd
+    from scipy import stats
+
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence!r}: expected a number in (0, 1)")
+    required = ["seed", "notebook", "metric", "value"]
+    missing = [c for c in required if c not in metrics.columns]
+    if missing:
+        raise ValueError(f"metrics: missing column(s) {missing}; expected {METRICS_COLUMNS} "
+                         "(the layout load_metrics returns)")
+    data = metrics.dropna(subset=["value"]).copy()
+    for column, empty in (("model", None), ("params", "{}")):
+        if column not in data.columns:
+            data[column] = empty
+    # groupby drops missing keys: a model left to the notebook's default is shown as n/a
+    data["model"] = data["model"].astype(object).where(data["model"].notna(), "n/a")
+    keys = ["notebook", "model", "params", "metric"]
+    duplicated = data.duplicated(["model", "params", "seed", "notebook", "metric"])
+    if duplicated.any():
+        first = data[duplicated].iloc[0]
+        raise ValueError(f"metrics: several values for seed {first['seed']}, notebook "
+                         f"{first['notebook']!r}, model {first['model']!r}, params "
+                         f"{first['params']}, metric {first['metric']!r}")
+    low_name, high_name = _ci_columns(confidence)
+    seeds = sorted(data["seed"].dropna().unique().tolist())
+    rows = []
+    for key, group in data.groupby(keys, sort=False):
+        values = group["value"].to_numpy(dtype=float)
+        n = len(values)
+        mean = float(values.mean())
+        std = float(values.std(ddof=1)) if n > 1 else math.nan
+        if n > 1:
+            half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+            low, high = mean - half, mean + half
+        else:
+            low = high = math.nan
+        row = dict(zip(keys, key))
+        row.update({"n": n, "mean": mean, "std": std, low_name: low, high_name: high})
+        by_seed = dict(zip(group["seed"].tolist(), values.tolist()))
+        row.update({f"seed_{s}": by_seed.get(s, np.nan) for s in seeds})
+        rows.append(row)
+    columns = keys + ["n", "mean", "std", low_name, high_name]
+    return pd.DataFrame(rows, columns=columns + [f"seed_{s}" for s in seeds])
+
+
+def aggregate_runs(run_dirs: Sequence[str | os.PathLike], confidence: float = 0.95
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Merge the metrics of several run folders (shards of one sweep, runs made anywhere) and
+    aggregate them per configuration: returns ``(metrics, table)``, ``metrics`` with a ``run``
+    column naming the folder each row came from.
+
+    Raises ValueError naming both folders when two of them hold a value for the same
+    (configuration, seed, notebook, metric), and FileNotFoundError for a missing folder.
+    """
+    import pandas as pd
+
+    if not run_dirs:
+        raise ValueError("run folders: give at least one")
+    resolved = [Path(d).expanduser().resolve() for d in run_dirs]
+    for i, folder in enumerate(resolved):
+        if folder in resolved[:i]:
+            raise ValueError(f"run folders: {run_dirs[i]} is listed twice")
+    frames = []
+    for run_dir in run_dirs:
+        frame = load_metrics(run_dir)
+        frame.insert(0, "run", str(run_dir))
+        frames.append(frame)
+    merged = pd.concat(frames, ignore_index=True)
+    merged["seed"] = merged["seed"].astype("Int64")
+    key = ["model", "params", "seed", "notebook", "metric"]
+    clash = merged[merged.astype({"model": str}).duplicated(key, keep=False)]
+    if not clash.empty:
+        first = clash.iloc[0]
+        same = clash[(clash["notebook"] == first["notebook"]) & (clash["metric"] == first["metric"])
+                     & (clash["seed"] == first["seed"]) & (clash["params"] == first["params"])]
+        where = list(dict.fromkeys(same["run"]))
+        raise ValueError(f"{' and '.join(where)} both hold seed {first['seed']} of notebook "
+                         f"{first['notebook']!r} (model {first['model']}, params "
+                         f"{first['params']}): merge runs of disjoint configurations or seeds")
+    return merged, aggregate(merged.drop(columns="run"), confidence)
+
+
+
 def _fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
@@ -120,8 +228,6 @@ def _sentences(notebook: str, values: Mapping[str, float], spread: Mapping[str, 
 def results_page(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
     """The markdown results page of one run folder, or of several merged (shards of one sweep,
     or notebooks of one series run at different times; see ``interp-lib aggregate``)."""
-    from .runner import aggregate, aggregate_runs, load_metrics, markdown_table
-
     roots = [Path(run_dirs)] if isinstance(run_dirs, (str, os.PathLike)) else [Path(d) for d in run_dirs]
     if len(roots) == 1:
         metrics = load_metrics(roots[0])
@@ -159,9 +265,9 @@ def results_page(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> s
 
 def _run_header(root: Path) -> list[str]:
     """Lines on how a run folder was made: command, start, status, versions, failures."""
-    if not (root / "run.json").is_file():
+    run = read_run_manifest(root)
+    if run is None:
         return [f"Metrics read from `{root.name}`.", ""]
-    run = json.loads((root / "run.json").read_text(encoding="utf-8"))
     command = " ".join(str(a) for a in run.get("argv") or [])
     lines = [f"Generated from the run folder `{root.name}`" + (f" (`{command}`)" if command else "")
              + f", started {run.get('started', '?')}, status {run.get('status', '?')}.", ""]
@@ -191,10 +297,8 @@ def write_results_page(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]
                        path: str | os.PathLike | None = None) -> Path:
     """Write :func:`results_page` to ``path`` (default ``results.md`` in the first run folder)
     atomically."""
-    from .runner import _atomic_write_text
-
     first = run_dirs if isinstance(run_dirs, (str, os.PathLike)) else run_dirs[0]
     target = Path(path) if path is not None else Path(first) / "results.md"
     text = results_page(run_dirs)
-    _atomic_write_text(target, text)  # makes the folder too
+    atomic_write_text(target, text)  # makes the folder too
     return target

@@ -1,14 +1,11 @@
 """Run the notebook series with papermill, as a grid of configurations and seeds, and aggregate
 the headline metrics.
 
-What ``interp-lib run`` and ``interp-lib aggregate`` do, as importable pieces:
+What ``interp-lib run`` does, as importable pieces (metrics are recorded and read by
+``interp_lib.artifacts``: ``record_metrics``, ``load_metrics``; aggregated by
+``interp_lib.results``: ``aggregate``, ``aggregate_runs``; one notebook is executed by
+``interp_lib.tasks.execute_task``; all re-exported here under their old names):
 
-* ``record_metrics`` -- what a notebook's last cell calls to record its headline numbers:
-  ``<output_dir>/metrics/<notebook>.json``, written atomically.
-* ``load_metrics`` / ``aggregate`` / ``aggregate_runs`` -- a run folder's metrics as a long
-  DataFrame in which every row carries its configuration (model, params, seed, notebook,
-  metric, value); the table across seeds per configuration (n, mean, std, Student-t 95% CI,
-  per-seed values); the same over any set of run folders (shards run anywhere).
 * ``plan_grid`` -- the sweep: models (``--model a b``) x parameter values (``-p KEY V1 -p KEY
   V2``: a key repeated with different values is a grid dimension; one value per argument, so
   values holding commas or lists stay unambiguous) x seeds x notebooks. A notebook that does not
@@ -70,368 +67,40 @@ notebooks import the same ``interp_lib`` as the runner, installed or not.
 from __future__ import annotations
 
 import ast
-import contextlib
 import datetime as _dt
 import difflib
 import json
 import math
-import numbers
 import os
 import re
 import secrets
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import Any, Sequence
 
-from .cli import UsageError
+from .artifacts import (METRICS_COLUMNS, RUNNER_PARAMETERS, load_metrics, markdown_table, record_metrics,
+                        write_run_manifest)
+from .artifacts import atomic_write_text as _atomic_write_text
+from .artifacts import params_text as _params_text
+from .errors import RunInputError, UsageError
+from .errors import first_line as _first_line
 from .paths import repo_root
+from .results import aggregate, aggregate_runs
+from .tasks import (_ATTEMPTS_DIR, DEFAULT_KERNEL, attempt_pids, execute_task, failure_detail, is_url,
+                    kernel_environment, url_filesystem)
 
-if TYPE_CHECKING:  # pandas, scipy, papermill and tqdm are imported where used: notebooks
-    import pandas as pd  # import this module only for record_metrics
+__all__ = ["RunConfig", "NotebookPlan", "NotebookTask", "RunInputError", "UsageError", "run_series",
+           "plan_grid", "plan_parameters", "select_notebooks", "find_series", "inspect_notebooks",
+           "record_metrics", "load_metrics", "aggregate", "aggregate_runs", "markdown_table",
+           "execute_task", "kernel_environment", "attempt_pids", "is_url", "url_filesystem",
+           "failure_detail", "METRICS_COLUMNS", "RUNNER_PARAMETERS", "DEFAULT_KERNEL"]
 
 SERIES_GLOB = "[0-9][0-9]_*.ipynb"
 REQUIRED_PARAMETERS = ("model_name", "seed", "output_dir")
-# Parameters the runner sets itself, and the option that sets each.
-RUNNER_PARAMETERS = {"seed": "--seeds", "output_dir": "--out", "model_name": "--model"}
 DEFAULT_OUT = Path("runs") / "series"
-DEFAULT_KERNEL = "python3"
-METRICS_COLUMNS = ["model", "params", "seed", "notebook", "metric", "value"]
-_SEED_DIR = re.compile(r"^seed-(-?\d+)$")
 _MAX_SEED = 2**32 - 1  # numpy's limit; torch accepts it too
-
-
-class RunInputError(UsageError):
-    """Bad input to ``run_series`` (unknown notebook, undeclared parameter, unwritable folder):
-    reported as one ``error: ...`` line and exit status 2, before anything is executed."""
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics: record (inside notebooks), load, aggregate
-# --------------------------------------------------------------------------------------------
-
-def _metric_value(name: str, value: Any) -> float:
-    """``value`` as a finite float (Python, numpy or 0-d torch scalars), else ValueError."""
-    problem = None
-    dtype = str(getattr(value, "dtype", ""))
-    if isinstance(value, (bool, str, bytes)) or dtype in ("bool", "torch.bool"):
-        problem = f"got {type(value).__name__} {value!r}"
-    elif isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
-        problem = f"got complex {value!r}"
-    elif getattr(value, "ndim", 0) != 0:
-        problem = f"got an array of shape {tuple(getattr(value, 'shape', ()))}; pass a scalar"
-    else:
-        try:
-            number = float(value)
-        except (TypeError, ValueError, RuntimeError):
-            problem = f"got {type(value).__name__} {value!r}"
-        else:
-            if math.isfinite(number):
-                return number
-            problem = f"got {number}"
-    raise ValueError(f"metrics[{name!r}]: expected a finite real number, {problem}")
-
-
-def _json_context(key: str, value: Any) -> Any:
-    """A JSON-ready copy of one ``record_metrics`` context value, else ValueError naming it."""
-    def default(obj: Any) -> Any:
-        if isinstance(obj, os.PathLike):
-            return os.fspath(obj)
-        if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:
-            return obj.item()  # numpy / torch scalars
-        raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-    try:
-        return json.loads(json.dumps(value, default=default, allow_nan=True))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"context {key}={value!r}: {exc}") from None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``, so a
-    reader (or a killed session) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file a normal mode
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def record_metrics(metrics: Mapping[str, Any], output_dir: str | os.PathLike, notebook: str,
-                   **context: Any) -> Path:
-    """Record a notebook's headline metrics as ``<output_dir>/metrics/<notebook>.json``.
-
-    The file is ``{"notebook": notebook, "metrics": {name: float}, **context}``; ``context``
-    carries provenance such as ``seed=seed, model=model_name``. ``interp-lib run`` gathers these
-    files across seeds into ``aggregate.csv``.
-
-    Args:
-        metrics: non-empty mapping of metric name -> finite real number (Python, numpy or 0-d
-            torch scalars; converted with ``float``).
-        output_dir: the notebook's output folder (the ``output_dir`` parameter once resolved;
-            ``"auto"`` is resolved here as ``il.notebook.setup`` would).
-        notebook: the notebook's stem, e.g. ``"00_tour"``.
-        **context: JSON-serialisable extras stored next to the metrics.
-
-    Returns:
-        The path written.
-
-    Raises:
-        ValueError: naming the offending key, for an empty mapping, a non-string name or a value
-            that is not a finite real number.
-    """
-    if not isinstance(notebook, str) or not notebook or notebook != Path(notebook).name \
-            or notebook.startswith("."):
-        raise ValueError(f"notebook={notebook!r}: expected the notebook's stem, e.g. '00_tour'")
-    if not isinstance(metrics, Mapping):
-        raise ValueError(f"metrics: expected a dict of name -> number, got {type(metrics).__name__}")
-    if not metrics:
-        raise ValueError("metrics: expected at least one metric, got an empty dict")
-    values: dict[str, float] = {}
-    for name, value in metrics.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"metrics key {name!r}: expected a non-empty string")
-        values[name] = _metric_value(name, value)
-    extras = {key: _json_context(key, value) for key, value in context.items()}
-
-    if os.fspath(output_dir) == "auto":
-        from .notebook import resolve_output_dir  # heavy (torch); only for the unresolved case
-
-        output_dir = resolve_output_dir(output_dir, notebook)
-    path = Path(output_dir).expanduser() / "metrics" / f"{notebook}.json"
-    record = {"notebook": notebook, "metrics": values, **extras}
-    _atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-    return path
-
-
-def _seed_of_dir(folder: Path) -> int | None:
-    match = _SEED_DIR.match(folder.name)
-    return int(match.group(1)) if match else None
-
-
-def _params_text(params: Mapping[str, Any]) -> str:
-    """A configuration's parameters as one canonical JSON text (sorted keys): the ``params``
-    column, equal for equal configurations whatever run folder they come from."""
-    return json.dumps(dict(params), sort_keys=True, default=str)
-
-
-def _read_metrics_file(path: Path) -> dict:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(record.get("metrics"), dict):
-            raise TypeError("'metrics' is not an object")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{path}: not a metrics file written by record_metrics ({exc})") from None
-    return record
-
-
-def _rows_from_run_json(root: Path, run: dict) -> list[tuple]:
-    """Rows of the notebooks that succeeded in a series run, configuration from run.json."""
-    rows = []
-    for entry in run.get("runs", []):
-        if entry.get("status") != "ok" or not entry.get("metrics"):
-            continue
-        path = root / entry["metrics"]
-        if not path.is_file():
-            continue
-        record = _read_metrics_file(path)
-        parameters = entry.get("parameters") or {}
-        model = entry.get("model", parameters.get("model_name"))
-        if model is None and isinstance(record.get("model"), str):
-            model = record["model"]  # the notebook's own default, as it resolved it
-        params = entry.get("params")
-        if params is None:  # run.json written before grids: the parameters minus the runner's
-            params = {k: v for k, v in parameters.items() if k not in RUNNER_PARAMETERS}
-        notebook = entry.get("notebook") or record.get("notebook") or path.stem
-        rows += [(model, _params_text(params), entry.get("seed"), notebook, name, float(value))
-                 for name, value in record["metrics"].items()]
-    return rows
-
-
-def load_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Every metric recorded under a run folder, as a long DataFrame with its configuration:
-    ``model, params`` (canonical JSON of the notebook's ``-p`` parameters), ``seed, notebook,
-    metric, value``, in run order, metrics in the order the notebook recorded them.
-
-    A series folder (one with ``run.json``) gives the notebooks that succeeded, configured as
-    run.json says. Any other folder is read as ``seed-<s>/metrics/*.json`` or a single output
-    folder ``metrics/*.json`` (seed from the folder name or the file's ``seed``, model from the
-    file's ``model``, params ``{}``).
-    """
-    import pandas as pd
-
-    root = Path(run_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"run folder {root} does not exist")
-    rows: list[tuple] = []
-    run_file = root / "run.json"
-    if run_file.is_file():
-        try:
-            run = json.loads(run_file.read_text(encoding="utf-8"))
-            if not isinstance(run, dict):
-                raise TypeError("not an object")
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{run_file}: not a run.json written by interp-lib run ({exc})") from None
-        rows = _rows_from_run_json(root, run)
-    else:
-        folders = [root] if (root / "metrics").is_dir() else []
-        seed_dirs = [d for d in root.glob("seed-*") if d.is_dir() and _seed_of_dir(d) is not None]
-        folders += sorted(seed_dirs, key=_seed_of_dir)
-        for folder in folders:
-            for path in sorted((folder / "metrics").glob("*.json")):
-                if path.name.startswith("."):
-                    continue
-                record = _read_metrics_file(path)
-                seed = _seed_of_dir(folder)
-                if seed is None and isinstance(record.get("seed"), int):
-                    seed = record["seed"]
-                model = record.get("model") if isinstance(record.get("model"), str) else None
-                notebook = record.get("notebook") or path.stem
-                rows += [(model, "{}", seed, notebook, name, float(value))
-                         for name, value in record["metrics"].items()]
-    frame = pd.DataFrame(rows, columns=METRICS_COLUMNS)
-    frame["model"] = frame["model"].astype(object)
-    frame["seed"] = frame["seed"].astype("Int64")
-    frame["value"] = frame["value"].astype(float)
-    if not run_file.is_file():
-        frame = frame.sort_values(["seed", "notebook"], kind="stable")
-    return frame.reset_index(drop=True)
-
-
-def _ci_columns(confidence: float) -> tuple[str, str]:
-    label = f"{confidence * 100:g}".replace(".", "_")
-    return f"ci{label}_low", f"ci{label}_high"
-
-
-def aggregate(metrics: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
-    """Summarise metrics across seeds: one row per (notebook, model, params, metric), i.e. per
-    configuration and metric.
-
-    Columns: ``notebook, model, params, metric, n, mean, std`` (sample std, ddof=1),
-    ``ci95_low, ci95_high`` (Student-t interval for the mean at ``confidence``; the names follow
-    it) and one ``seed_<s>`` column per seed with that seed's value. ``std`` and the interval are
-    NaN when ``n < 2``. Rows keep the order of first appearance in ``metrics``. A frame without
-    ``model`` / ``params`` columns (one configuration) is accepted.
-    """
-    import numpy as np
-    import pandas as pd
-    from scipy import stats
-
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence={confidence!r}: expected a number in (0, 1)")
-    required = ["seed", "notebook", "metric", "value"]
-    missing = [c for c in required if c not in metrics.columns]
-    if missing:
-        raise ValueError(f"metrics: missing column(s) {missing}; expected {METRICS_COLUMNS} "
-                         "(the layout load_metrics returns)")
-    data = metrics.dropna(subset=["value"]).copy()
-    for column, empty in (("model", None), ("params", "{}")):
-        if column not in data.columns:
-            data[column] = empty
-    # groupby drops missing keys: a model left to the notebook's default is shown as n/a
-    data["model"] = data["model"].astype(object).where(data["model"].notna(), "n/a")
-    keys = ["notebook", "model", "params", "metric"]
-    duplicated = data.duplicated(["model", "params", "seed", "notebook", "metric"])
-    if duplicated.any():
-        first = data[duplicated].iloc[0]
-        raise ValueError(f"metrics: several values for seed {first['seed']}, notebook "
-                         f"{first['notebook']!r}, model {first['model']!r}, params "
-                         f"{first['params']}, metric {first['metric']!r}")
-    low_name, high_name = _ci_columns(confidence)
-    seeds = sorted(data["seed"].dropna().unique().tolist())
-    rows = []
-    for key, group in data.groupby(keys, sort=False):
-        values = group["value"].to_numpy(dtype=float)
-        n = len(values)
-        mean = float(values.mean())
-        std = float(values.std(ddof=1)) if n > 1 else math.nan
-        if n > 1:
-            half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
-            low, high = mean - half, mean + half
-        else:
-            low = high = math.nan
-        row = dict(zip(keys, key))
-        row.update({"n": n, "mean": mean, "std": std, low_name: low, high_name: high})
-        by_seed = dict(zip(group["seed"].tolist(), values.tolist()))
-        row.update({f"seed_{s}": by_seed.get(s, np.nan) for s in seeds})
-        rows.append(row)
-    columns = keys + ["n", "mean", "std", low_name, high_name]
-    return pd.DataFrame(rows, columns=columns + [f"seed_{s}" for s in seeds])
-
-
-def aggregate_runs(run_dirs: Sequence[str | os.PathLike], confidence: float = 0.95
-                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Merge the metrics of several run folders (shards of one sweep, runs made anywhere) and
-    aggregate them per configuration: returns ``(metrics, table)``, ``metrics`` with a ``run``
-    column naming the folder each row came from.
-
-    Raises ValueError naming both folders when two of them hold a value for the same
-    (configuration, seed, notebook, metric), and FileNotFoundError for a missing folder.
-    """
-    import pandas as pd
-
-    if not run_dirs:
-        raise ValueError("run folders: give at least one")
-    resolved = [Path(d).expanduser().resolve() for d in run_dirs]
-    for i, folder in enumerate(resolved):
-        if folder in resolved[:i]:
-            raise ValueError(f"run folders: {run_dirs[i]} is listed twice")
-    frames = []
-    for run_dir in run_dirs:
-        frame = load_metrics(run_dir)
-        frame.insert(0, "run", str(run_dir))
-        frames.append(frame)
-    merged = pd.concat(frames, ignore_index=True)
-    merged["seed"] = merged["seed"].astype("Int64")
-    key = ["model", "params", "seed", "notebook", "metric"]
-    clash = merged[merged.astype({"model": str}).duplicated(key, keep=False)]
-    if not clash.empty:
-        first = clash.iloc[0]
-        same = clash[(clash["notebook"] == first["notebook"]) & (clash["metric"] == first["metric"])
-                     & (clash["seed"] == first["seed"]) & (clash["params"] == first["params"])]
-        where = list(dict.fromkeys(same["run"]))
-        raise ValueError(f"{' and '.join(where)} both hold seed {first['seed']} of notebook "
-                         f"{first['notebook']!r} (model {first['model']}, params "
-                         f"{first['params']}): merge runs of disjoint configurations or seeds")
-    return merged, aggregate(merged.drop(columns="run"), confidence)
-
-
-def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4g}") -> str:
-    """A GitHub-flavoured markdown table of ``frame`` (no ``tabulate`` dependency)."""
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return "n/a" if math.isnan(value) else float_format.format(value)
-        if value is None or (not isinstance(value, str) and _is_na(value)):
-            return "n/a"
-        return str(value).replace("|", "\\|")
-
-    header = [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---:" if frame[c].dtype.kind in "iuf" else "---" for c in frame.columns) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
-              for row in frame.itertuples(index=False, name=None)]
-    return "\n".join(lines) + "\n"
-
-
-def _is_na(value: Any) -> bool:
-    try:
-        import pandas as pd
-
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -885,25 +554,6 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def kernel_environment() -> Iterator[None]:
-    """Put the source checkout (if any) first on PYTHONPATH for the kernels papermill starts
-    (they inherit ``os.environ``), so notebooks import this very interp_lib; restored after."""
-    root = repo_root()
-    saved = os.environ.get("PYTHONPATH")
-    if root is not None:
-        parts = [p for p in (saved or "").split(os.pathsep) if p]
-        if str(root) not in parts:
-            os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *parts])
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
-
-
 # --------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------
@@ -912,160 +562,8 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
-def _first_line(exc: BaseException | str, limit: int = 300) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else ""
-    return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
-def _describe_failure(exc: BaseException) -> str:
-    ename = getattr(exc, "ename", None)  # PapermillExecutionError: the notebook's own exception
-    if ename:
-        return f"{ename}: {_first_line(getattr(exc, 'evalue', ''))}".rstrip(": ")
-    return f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": ")
-
-
-def _capped(text: Any, limit: int = 2000) -> str:
-    text = str(text or "")
-    return text if len(text) <= limit else text[:limit - 15] + " ...[truncated]"
-
-
-def failure_detail(exc: BaseException) -> dict[str, Any]:
-    """What run.json keeps of a failed notebook: the exception's type and whole message and,
-    when the notebook itself raised, the failing cell (index as papermill counts it -- the
-    runner replaces it with the index in the notebook as written --, execution count, source)."""
-    ename = getattr(exc, "ename", None)
-    detail: dict[str, Any] = {
-        "type": ename or type(exc).__name__,
-        "message": _capped(getattr(exc, "evalue", None) if ename else str(exc)),
-    }
-    if getattr(exc, "cell_index", None) is not None:
-        detail.update(cell_index=exc.cell_index, execution_count=getattr(exc, "exec_count", None),
-                      cell_source=_capped(getattr(exc, "source", "")))
-    return detail
-
-
-def _source_cell_index(path: Path, source: str) -> int | None:
-    """The index of the failing cell in the notebook as written (papermill's index counts the
-    cells it injects), found by its source; None when it cannot be told."""
-    try:
-        cells = json.loads(path.read_text(encoding="utf-8")).get("cells", [])
-    except (OSError, ValueError, AttributeError):
-        return None
-    texts = ["".join(c.get("source", "")) if isinstance(c.get("source"), list) else c.get("source", "")
-             for c in cells]
-    return texts.index(source) if texts.count(source) == 1 else None
-
 
 _URL_USERINFO_SUB = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@]*@")
-_ATTEMPTS_DIR = ".attempts"
-
-
-def is_url(out: str | os.PathLike) -> bool:
-    """Whether ``out`` is an fsspec URL (``s3://``, ``gs://``, ``file://``, ``memory://``...)."""
-    return isinstance(out, str) and bool(_URL_RE.match(out))
-
-
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
-
-
-def url_filesystem(url: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path) for ``url``; RunInputError naming the package to install when
-    its filesystem is not available."""
-    try:
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(url)
-    except ImportError as exc:
-        raise RunInputError(f"--out {url}: its filesystem is not installed "
-                            f"({_first_line(exc)})") from None
-    except (ValueError, OSError) as exc:
-        raise RunInputError(f"--out {url}: {type(exc).__name__}: {_first_line(exc)}") from None
-    return fs, path
-
-
-def _attempts_name(output: str) -> str:
-    """``<config>/seed-<s>/<stem>``: the attempts folder of the task writing ``output``."""
-    return output[:-len(".ipynb")] if output.endswith(".ipynb") else output
-
-
-def _attempt_marker(run_dir: str, task: dict[str, Any]) -> int:
-    """Leave one marker file per attempt of ``task`` under ``<run>/.attempts/<output>/`` (a
-    retry after a dead worker adds one) and return how many there are: plain files, so it
-    works on a shared folder and on an object store alike."""
-    name = f"{time.time_ns()}-{os.getpid()}-{secrets.token_hex(3)}"
-    if is_url(run_dir):
-        fs, root = url_filesystem(run_dir)
-        folder = f"{root.rstrip('/')}/{_ATTEMPTS_DIR}/{_attempts_name(task['output'])}"
-        fs.makedirs(folder, exist_ok=True)
-        fs.pipe_file(f"{folder}/{name}", b"")
-        return len(fs.ls(folder, detail=False))
-    folder = Path(run_dir) / _ATTEMPTS_DIR / _attempts_name(task["output"])
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).touch()
-    return len(list(folder.iterdir()))
-
-
-def attempt_pids(run_dir: str | os.PathLike, output: str) -> list[int]:
-    """The process ids of a task's attempts, in order (from the attempt markers)."""
-    folder = Path(run_dir) / _ATTEMPTS_DIR / _attempts_name(output)
-    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    return [int(name.split("-")[1]) for name in names]
-
-
-def execute_task(task: dict[str, Any], run_dir: str, kernel: str = DEFAULT_KERNEL,
-                 timeout: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Execute one ``NotebookTask`` (as a dict) into the run folder ``run_dir`` (a path, or an
-    fsspec URL): the same call for every executor, in this process or on a Ray worker. Leaves
-    an attempt marker first (so a retry after a dead worker is counted), removes a stale
-    metrics file, runs papermill. With a URL the notebook runs in a local scratch folder whose
-    contents are uploaded afterwards (there, its checkpoints do not outlive a dead worker).
-    Returns ``{"status", "error", "failure", "seconds", "metrics", "attempt",
-    "metrics_record"}``; a notebook's exception is a ``failed`` result, never raised."""
-    import shutil
-
-    attempt = _attempt_marker(run_dir, task)
-    scratch = tempfile.mkdtemp(prefix="interp-lib-task-") if is_url(run_dir) else None
-    out = Path(scratch or run_dir)
-    folder = out / Path(task["output"]).parent
-    parameters = dict(task["parameters"])
-    if scratch is not None:
-        parameters["output_dir"] = str(folder)
-    metrics_file = folder / "metrics" / f"{task['notebook']}.json"
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    metrics_file.unlink(missing_ok=True)  # a stale file from an earlier run or attempt
-    bar: bool | dict = ({"desc": f"  {task['notebook']}", "leave": False, "position": 1}
-                        if progress else False)
-    started = time.perf_counter()
-    status, error, failure = "ok", None, None
-    try:
-        import papermill
-
-        papermill.execute_notebook(
-            task["path"], str(out / task["output"]), parameters=parameters,
-            kernel_name=kernel, cwd=str(Path(task["path"]).parent), progress_bar=bar,
-            execution_timeout=timeout, log_output=False)
-    except Exception as exc:  # the notebook's error, a dead kernel, a timeout: all recorded
-        status, error, failure = "failed", _describe_failure(exc), failure_detail(exc)
-        if "cell_source" in failure:
-            failure["cell_index"] = _source_cell_index(Path(task["path"]), failure["cell_source"])
-    record = None
-    if metrics_file.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            record = json.loads(metrics_file.read_text(encoding="utf-8"))
-    result = {"status": status, "error": error, "failure": failure,
-              "seconds": round(time.perf_counter() - started, 2),
-              "metrics": str(metrics_file.relative_to(out)) if metrics_file.is_file() else None,
-              "attempt": attempt, "metrics_record": record}
-    if scratch is not None:
-        try:
-            fs, root = url_filesystem(run_dir)
-            remote = f"{root.rstrip('/')}/{Path(task['output']).parent.as_posix()}"
-            fs.makedirs(remote, exist_ok=True)
-            fs.put(str(folder) + "/", remote + "/", recursive=True)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return result
 
 
 class _Run:
@@ -1110,7 +608,7 @@ class _Run:
         }
 
     def save(self) -> None:
-        _atomic_write_text(self.out / "run.json", json.dumps(self.record, indent=2, default=str) + "\n")
+        write_run_manifest(self.out, self.record)
         self.upload("run.json")
 
     def upload(self, *names: str) -> None:
@@ -1157,12 +655,12 @@ def _write_tables(out: Path, run: _Run, seeds: Sequence[int]) -> str:
     summary.md (one of each), from the notebooks that succeeded; both list the failed ones.
     Returns the markdown table written."""
     metrics = load_metrics(out)  # run.json: only the notebooks that succeeded
-    metrics.to_csv(out / "metrics.csv", index=False)
+    _atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
     several_configs = len(run.configs) > 1
     failed = _failed_table(run.failures())
     if len(seeds) >= 2 or several_configs:
         table = aggregate(metrics)
-        table.to_csv(out / "aggregate.csv", index=False)
+        _atomic_write_text(out / "aggregate.csv", table.to_csv(index=False))
         shown = table if several_configs else table.drop(columns=["model", "params"])
         text = markdown_table(shown)
         title = f"Metrics across seeds {', '.join(map(str, seeds))}"

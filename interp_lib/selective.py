@@ -35,6 +35,8 @@ from .calibration import (
     _float_array, _forward_logits, _logits_tensor, _model_device, _probability_matrix, _to_numpy,
     _token_batch,
 )
+# "auto" model lists: their home is interp_lib.runtime (re-exported here)
+from .runtime import ENSEMBLE_COLAB, ENSEMBLE_ENV, ENSEMBLE_OFFLINE, resolve_ensemble_members
 
 __all__ = [
     "AbstentionPolicy", "AbstentionRule", "EnsembleUncertainty", "MahalanobisScorer", "RiskCoverage",
@@ -812,33 +814,3 @@ def abstention_table(policies: Mapping[str, "AbstentionPolicy"], correct: Bool[A
             rows.append({"name": name, "domain": where, "policy": policy.describe(), **result})
     frame = pd.DataFrame(rows)
     return frame if domain is not None else frame.drop(columns="domain")
-
-
-#: What ``ensemble="auto"`` means: GPT-2 with DistilGPT-2 (one tokenizer) on Colab; offline the
-#: bundled models sharing toy-lm's tokenizer (only toy-lm: toy-1l / toy-2l use another one)
-#: plus model directories listed in ``$INTERP_LIB_ENSEMBLE`` (separated by ``os.pathsep``).
-ENSEMBLE_COLAB = ("gpt2", "distilgpt2")
-ENSEMBLE_OFFLINE = ("toy-lm",)
-ENSEMBLE_ENV = "INTERP_LIB_ENSEMBLE"
-
-
-def resolve_ensemble_members(ensemble: str | Sequence[str] = "auto") -> list[str]:
-    """Ensemble members for next-token disagreement (they must share a tokenizer).
-
-    ``"auto"``: ``gpt2`` and ``distilgpt2`` on Colab; elsewhere ``toy-lm`` plus the directories in
-    ``$INTERP_LIB_ENSEMBLE``. Offline that is usually one model: no honest ensemble exists among
-    the bundled models, and callers should skip the ensemble analysis when fewer than two members
-    come back rather than fake one. A list (or ``"a,b"``) is used as given.
-    """
-    import os
-
-    from .calibration import _model_list
-
-    members = _model_list(ensemble, "ensemble", ENSEMBLE_COLAB, ENSEMBLE_OFFLINE)
-    if ensemble == "auto":
-        from .checkpoint import in_colab
-
-        if not in_colab():
-            extra = [p for p in os.environ.get(ENSEMBLE_ENV, "").split(os.pathsep) if p.strip()]
-            members += [p for p in extra if p not in members]
-    return members
