@@ -1,0 +1,115 @@
+"""Results said in words: each sentence follows the numbers it is computed from (planted cases on
+both sides of every verdict), with the real calibration / selective / stats functions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from interp_lib import calibration, findings, selective
+
+
+def predictions(logits: torch.Tensor, labels: np.ndarray, n_groups: int) -> calibration.Predictions:
+    probs = logits.double().softmax(1).numpy()
+    prediction = probs.argmax(1)
+    n = len(labels)
+    return calibration.Predictions(prediction=prediction, confidence=probs.max(1), group=np.arange(n) % n_groups,
+                                   labels=labels, correct=prediction == labels,
+                                   nll=-np.log(probs[np.arange(n), labels]), logits=logits.float())
+
+
+def planted(sharpness: float, n: int = 4000, seed: int = 0) -> calibration.Predictions:
+    """Labels drawn from softmax(z); the model reports softmax(sharpness * z): > 1 over-confident."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 5, generator=gen) * 1.5
+    labels = torch.multinomial(z.softmax(1), 1, generator=gen)[:, 0].numpy()
+    return predictions(z * sharpness, labels, n_groups=200)
+
+
+def test_calibration_sentences_follow_the_numbers():
+    over = calibration.temperature_scaling_report(planted(2.5, seed=0), planted(2.5, seed=1), n_boot=100)
+    text = findings.calibration_at_t1(over)
+    assert "over-confident" in text and f"{over.ece_ci['before'].estimate:.4f}" in text
+    text = findings.temperature_scaling(over)
+    assert over.temperature > 1 and "softens an over-confident model" in text
+    assert "lowers test ECE" in text and "do not overlap" in text  # a large planted effect
+    calibrated = calibration.temperature_scaling_report(planted(1.0, seed=2), planted(1.0, seed=3), n_boot=100)
+    text = findings.temperature_scaling(calibrated)
+    before, after = calibrated.metrics.loc["before", "ece"], calibrated.metrics.loc["after", "ece"]
+    assert ("lowers test ECE" in text) == (after < before)
+    if after < before:
+        assert "overlap, so the cut is within resampling noise" in text
+    under = calibration.temperature_scaling_report(planted(0.4, seed=4), planted(0.4, seed=5), n_boot=100)
+    assert "under-confident" in findings.calibration_at_t1(under)
+    assert "sharpens an under-confident model" in findings.temperature_scaling(under)
+
+
+def test_heldout_loss_and_top_predictions():
+    good = findings.heldout_loss({"loss": 2.0, "top1_accuracy": 0.4, "n_tokens": 1000}, d_vocab=1000)
+    assert f"perplexity {math.exp(2.0):,.1f}" in good and "40.0%" in good
+    bad = findings.heldout_loss({"loss": 7.5, "top1_accuracy": 0.0, "n_tokens": 10}, d_vocab=1000)
+    assert "no better than a uniform guess" in bad
+    frame = pd.DataFrame({"token": [" list", " dict"], "probability": [0.62, 0.1]})
+    text = findings.top_predictions(frame, "returns a")
+    assert "' list'" in text and "a confident guess" in text and "72%" in text
+
+
+def test_cloze_verdicts_use_the_interval():
+    rng = np.random.default_rng(0)
+    for p, expected in ((0.9, "above chance"), (0.05, "below chance"), (0.25, "not distinguishable")):
+        correct = rng.random(400) < p
+        ci = calibration.bootstrap_ci(np.mean, correct, n_boot=200, seed=0)
+        assert expected in findings.cloze_accuracy(ci, chance=0.25)
+
+
+def test_selective_sentences():
+    rng = np.random.default_rng(1)
+    correct = rng.random(3000) < 0.6
+    informative = np.where(correct, rng.uniform(0.5, 1, 3000), rng.uniform(0, 0.7, 3000))
+    noise = rng.random(3000)
+    good = selective.risk_coverage(informative, correct)
+    assert "confidence ranks errors late" in findings.risk_coverage(good, good)
+    assert "leaves the ranking, hence AURC, unchanged" in findings.risk_coverage(good, good)
+    # a score that ranks errors first
+    bad = selective.risk_coverage(1 - informative, correct)
+    assert "does not rank errors late" in findings.risk_coverage(bad, bad)
+    strict = selective.guaranteed_risk_threshold(noise, correct, target_risk=0.01, delta=0.05)
+    assert not strict.feasible and "No confidence threshold guarantees" in findings.guaranteed_risk(strict, None, 0.01)
+    loose = selective.guaranteed_risk_threshold(informative, correct, target_risk=0.2, delta=0.05)
+    test = loose.policy().evaluate(correct, confidence=informative)
+    text = findings.guaranteed_risk(loose, test, 0.2)
+    assert loose.feasible and ("within the target" in text) == (test["risk_predicted"] <= 0.2)
+    table = pd.DataFrame({"auroc": [0.93, 0.41, 0.7]}, index=["mahalanobis", "msp", "energy"])
+    text = findings.ood_detection(table)
+    assert "0.930 (mahalanobis)" in text and "msp ranks the wrong way" in text
+    policies = pd.DataFrame({"name": ["a", "b"], "accuracy_predicted": [0.9, 0.7], "abstention_rate": [0.5, 0.1]})
+    assert "'a' is most accurate (90.0%)" in findings.abstention(policies)
+    assert "Not measured" in findings.ensemble(None, ["toy-lm"])
+    mixed = pd.DataFrame({"name": ["conf", "conf", "both", "both"], "domain": ["prose", "code"] * 2,
+                          "coverage": [0.6, 0.45, 0.58, 0.02]})
+    assert findings.mixed_stream(mixed) == "Kept on prose / code: conf 60% / 45%; both 58% / 2%."
+
+
+def test_claims_sentences():
+    assert "understate" in findings.interval_widths(1.28)
+    assert "about as wide" in findings.interval_widths(1.02)
+    assert "narrower" in findings.interval_widths(0.8)
+    table = pd.DataFrame({"verdict": ["supported", "not supported", "not testable", "supported"]}, index=[1, 2, 3, 4])
+    assert findings.claim_verdicts(table) == ("2 of 4 claims are supported (1, 4), 1 not supported (2) and "
+                                              "1 not testable on this model.")
+
+
+def test_summary_fills_the_results_sentences_and_lists_what_was_not_measured():
+    out = findings.summary("00_tour", {"heldout_loss": 3.0, "top1_accuracy": 0.25, "extra": float("nan")},
+                           model="toy-lm")
+    text = repr(out)
+    assert "Summary: Language modelling (toy-lm)" in text
+    assert "Held-out loss 3.000 nats per token; the top prediction is the next token 25.0% of the time." in text
+    assert "not measured: extra" in text and "heldout_loss" in text
+    markdown = out._repr_markdown_()
+    assert markdown.startswith("### Summary") and "| metric | value |" in markdown
+    assert findings.show("x")._repr_markdown_() == "**What this shows.** x"
