@@ -122,15 +122,20 @@ def logit_lens_logits(model, text_or_tokens, incl_mid: bool = False
     return torch.stack(stages).float(), labels
 
 
+def _one_token_id(model, token, name: str):
+    """A text that is exactly one token -> its id; ids are returned as given."""
+    if not isinstance(token, str):
+        return token
+    found = model.to_tokens(token, prepend_bos=False)[0]
+    if found.numel() != 1:
+        raise ValueError(f"{name}={token!r} is {found.numel()} tokens; pass a single token (or its id)")
+    return int(found[0])
+
+
 def _target_ids(model, target, batch: int, n_pos: int) -> Tensor | None:
     if target is None:
         return None
-    if isinstance(target, str):
-        ids = model.to_tokens(target, prepend_bos=False)[0]
-        if ids.numel() != 1:
-            raise ValueError(f"target={target!r} is {ids.numel()} tokens; pass a single token (or its id)")
-        target = int(ids[0])
-    ids = torch.as_tensor(target)
+    ids = torch.as_tensor(_one_token_id(model, target, "target"))
     if ids.is_floating_point():
         raise ValueError(f"target has dtype {ids.dtype}: expected token ids")
     if ids.ndim == 1 and ids.shape[0] == n_pos:
@@ -299,12 +304,7 @@ def direct_logit_attribution(model, text_or_tokens, answer, wrong=None, position
     def ids(tok, name):
         if tok is None:
             return None
-        if isinstance(tok, str):
-            found = model.to_tokens(tok, prepend_bos=False)[0]
-            if found.numel() != 1:
-                raise ValueError(f"{name}={tok!r} is {found.numel()} tokens; pass a single token (or its id)")
-            tok = int(found[0])
-        out = torch.as_tensor(tok)
+        out = torch.as_tensor(_one_token_id(model, tok, name))
         out = out.expand(batch) if out.ndim == 0 else out
         if out.ndim != 1 or out.shape[0] != batch or out.is_floating_point():
             raise ValueError(f"{name} has shape {tuple(out.shape)}: expected a token, an id or [batch={batch}] ids")

@@ -905,24 +905,25 @@ def patching_agreement(exact: Tensor, approx: Tensor, baseline: float = 0.0, k: 
 # Metrics
 # --------------------------------------------------------------------------------------------
 
+def _per_prompt(value, batch: int, name: str, expected: str, device) -> Tensor:
+    """``value`` (one integer, or one per prompt) as ``[batch]`` integers."""
+    out = torch.as_tensor(value, device=device)
+    if out.ndim == 0:
+        out = out.expand(batch)
+    if out.ndim != 1 or out.shape[0] != batch or out.is_floating_point():
+        raise ValueError(f"{name} has shape {tuple(out.shape)}: expected {expected.format(batch=batch)}")
+    return out.long()
+
+
 def _token_ids(tokens, batch: int, name: str, device) -> Tensor:
-    ids = torch.as_tensor(tokens, device=device)
-    if ids.ndim == 0:
-        ids = ids.expand(batch)
-    if ids.ndim != 1 or ids.shape[0] != batch or ids.is_floating_point():
-        raise ValueError(f"{name} has shape {tuple(ids.shape)}: expected a token id or [batch={batch}] token ids")
-    return ids.long()
+    return _per_prompt(tokens, batch, name, "a token id or [batch={batch}] token ids", device)
 
 
 def _positions(position, batch: int, n_pos: int, device) -> Tensor:
-    pos = torch.as_tensor(position, device=device)
-    if pos.ndim == 0:
-        pos = pos.expand(batch)
-    if pos.ndim != 1 or pos.shape[0] != batch or pos.is_floating_point():
-        raise ValueError(f"position has shape {tuple(pos.shape)}: expected an int or [batch={batch}] ints")
+    pos = _per_prompt(position, batch, "position", "an int or [batch={batch}] ints", device)
     if (pos < -n_pos).any() or (pos >= n_pos).any():
         raise ValueError(f"position={position!r} out of range for {n_pos} positions")
-    return pos.long() % n_pos
+    return pos % n_pos
 
 
 def logit_diff(logits: Float[Tensor, "batch pos d_vocab"], answer, wrong, position=-1) -> Float[Tensor, "batch"]:
