@@ -41,7 +41,7 @@ from torch import Tensor
 from .models import next_token_loss
 from .patching import ablation_hooks, mean_activations
 from .paths import data_dir
-from .units import Head, head_label, parse_units
+from .units import Head, head_label, parse_units, unit_columns
 
 KINDS = ("induction", "previous_token", "duplicate_token")
 DEFAULT_REPEAT_LENGTHS = (11, 23, 47, 61)
@@ -777,7 +777,10 @@ STAT_NAMES = ("bos", "previous_token", "self", "same_token", "induction", "entro
 def attention_statistics(model, length: int = 47, n_sequences: int = 16, seed: int = 0) -> pd.DataFrame:
     """Per head, on ``BOS + S + S`` repeated random tokens (queries in the second copy): mean
     attention to BOS, the previous token, itself, the earlier copy of the same token, the
-    induction target, and the attention entropy normalised by log(#keys). One row per head."""
+    induction target, and the attention entropy normalised by log(#keys). One row per head: the
+    unit columns (``unit``, ``layer``, ``index``, ``kind``; :func:`interp_lib.units.unit_columns`),
+    ``head`` (the label again, under the name ``explain.taxonomy.compare_with_behaviour`` reads),
+    then the statistics."""
     tokens = repeat_probe_tokens(model, length, 0, n_sequences, seed)
     patterns = attention_patterns(model, tokens)  # [layer, batch, head, q, k]
     queries = torch.arange(1 + length, 1 + 2 * length)
@@ -795,7 +798,8 @@ def attention_statistics(model, length: int = 47, n_sequences: int = 16, seed: i
     records = []
     for layer in range(model.cfg.n_layers):
         for head in range(model.cfg.n_heads):
-            records.append({"head": head_label(layer, head), "layer": layer, "head_index": head,
+            unit = Head(layer, head)
+            records.append({**unit_columns(unit), "head": unit.label,
                             **{name: float(stats[name][layer, head]) for name in STAT_NAMES}})
     return pd.DataFrame(records)
 
@@ -847,6 +851,6 @@ def families_table(families: pd.DataFrame) -> pd.DataFrame:
     """One row per family: name, members, mean statistics."""
     grouped = families.groupby("family")
     table = grouped[list(STAT_NAMES)].mean()
-    table.insert(0, "members", grouped["head"].apply(lambda s: ", ".join(s)))
+    table.insert(0, "members", grouped["unit"].apply(lambda s: ", ".join(s)))
     table.insert(0, "family_name", grouped["family_name"].first())
     return table.reset_index()

@@ -27,7 +27,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .models import check_tokens
-from .units import Head, head_label
+from .units import Head, head_label, unit_columns
 
 PROBES = ("linear", "mlp")
 TASKS = ("classification", "regression")
@@ -445,6 +445,10 @@ def head_position_scores(model, tokens, kind: str = "random", seed: int = 0, min
     ``position_threshold`` (the pattern barely moves when the content changes: previous-token,
     fixed-offset or BOS heads), ``content`` if at most ``content_threshold``, else ``hybrid``.
     ``mean_offset`` is the attention-weighted query - key distance on natural text.
+
+    One row per head: the unit columns (``unit``, ``layer``, ``index``, ``kind``), ``head`` /
+    ``name`` (index and label again, the names ``il.plots.head_class_scatter`` reads), then
+    ``position_score``, ``mean_offset``, ``bos_attention``, ``label``.
     """
     tokens = check_tokens(model, tokens, min_pos=2)
     _check_choice("kind", kind, ("shuffle", "random"))
@@ -466,7 +470,8 @@ def head_position_scores(model, tokens, kind: str = "random", seed: int = 0, min
         for head in range(model.cfg.n_heads):
             s = float(score[layer, head])
             label = "position" if s >= position_threshold else "content" if s <= content_threshold else "hybrid"
-            rows.append({"layer": layer, "head": head, "name": head_label(layer, head), "position_score": s,
+            rows.append({**unit_columns(Head(layer, head)), "head": head, "name": head_label(layer, head),
+                         "position_score": s,
                          "mean_offset": float(mean_offset[layer, head]), "bos_attention": float(bos[layer, head]),
                          "label": label})
     return pd.DataFrame(rows)
@@ -486,7 +491,8 @@ def head_ablation_importance(model, tokens, layer: int | None = None, probe: str
     ``mean`` per position over all held-out sequences, via
     :func:`interp_lib.patching.ablation_hooks`) only changes the test activations, so
     ``drop = clean_accuracy - ablated_accuracy`` measures how much the probe relies on what the
-    head writes.
+    head writes. Columns: the unit columns (``unit``, ``layer``, ``index``, ``kind``), ``head`` /
+    ``name`` (as in :func:`head_position_scores`), ``clean_accuracy``, ``ablated_accuracy``, ``drop``.
     """
     from .patching import ablation_hooks, mean_activations
 
@@ -515,7 +521,7 @@ def head_ablation_importance(model, tokens, layer: int | None = None, probe: str
                                                            means=means)
             ablated = collect_activations(model, test_tokens, [stream], batch_size, fwd_hooks=hooks)[stream]
             accuracy = _score(fitted, *_flat(ablated, test_labels, rows_all), "classification")["accuracy"]
-            rows.append({"layer": l, "head": h, "name": head_label(l, h), "clean_accuracy": clean,
+            rows.append({**unit_columns(Head(l, h)), "head": h, "name": head_label(l, h), "clean_accuracy": clean,
                          "ablated_accuracy": accuracy, "drop": clean - accuracy})
     return pd.DataFrame(rows)
 

@@ -322,12 +322,16 @@ def test_qk_and_ov_circuits(toy_2l):
 
 def test_head_families_separate_induction_and_previous_token_heads(toy_2l):
     families = H.head_families(H.attention_statistics(toy_2l, n_sequences=8))
-    by_head = dict(zip(families["head"], families["family_name"]))
+    assert tuple(families.columns[:4]) == il.units.UNIT_COLUMNS and (families["kind"] == "head").all()
+    assert (families["unit"] == [il.units.Head(l, i).label for l, i in zip(families["layer"], families["index"])]).all()
+    by_head = dict(zip(families["unit"], families["family_name"]))
     assert {by_head[f"L1H{h}"] for _, h in TOY_2L_INDUCTION} == {"induction"}
     assert by_head["L0H2"] == "previous_token"
     assert len(families[families["family_name"] == "induction"]) == 3
     table = H.families_table(families)
     assert set(table.columns) >= {"family_name", "members", *H.STAT_NAMES}
+    induction = table[table["family_name"] == "induction"]
+    assert induction["members"].iloc[0] == ", ".join(f"L1H{h}" for _, h in sorted(TOY_2L_INDUCTION))
 
 
 # ------------------------------------------------------------------------ bad inputs

@@ -64,6 +64,8 @@ def test_generic_probe_and_cross_domain(toy_lm, windows):
 def test_head_classes_follow_the_documented_rule(toy_lm, windows):
     frame = probing.head_position_scores(toy_lm, windows[:16])
     assert len(frame) == toy_lm.cfg.n_layers * toy_lm.cfg.n_heads
+    assert tuple(frame.columns[:4]) == il.units.UNIT_COLUMNS
+    assert list(frame["unit"]) == [f"L{l}H{h}" for l in range(toy_lm.cfg.n_layers) for h in range(toy_lm.cfg.n_heads)]
     assert frame["position_score"].between(0, 1).all()
     expected = np.where(frame["position_score"] >= 0.8, "position",
                         np.where(frame["position_score"] <= 0.5, "content", "hybrid"))
@@ -73,6 +75,9 @@ def test_head_classes_follow_the_documented_rule(toy_lm, windows):
 def test_head_ablation_importance_has_one_row_per_earlier_head(toy_lm, windows):
     frame = probing.head_ablation_importance(toy_lm, windows[:32], layer=1)
     assert list(frame["name"]) == [f"L0H{h}" for h in range(toy_lm.cfg.n_heads)]
+    assert tuple(frame.columns[:4]) == il.units.UNIT_COLUMNS
+    assert list(frame["unit"]) == list(frame["name"]) and (frame["index"] == frame["head"]).all()
+    assert (frame["layer"] == 0).all() and (frame["kind"] == "head").all()
     assert np.allclose(frame["drop"], frame["clean_accuracy"] - frame["ablated_accuracy"])
 
 
