@@ -15,10 +15,33 @@ reported as one ``error: ...`` line with exit status 2 (no traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .errors import UsageError
+
+
+@contextlib.contextmanager
+def _usage_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """Bad input found by the library (``kinds`` raised inside) becomes a UsageError: one
+    ``error: ...`` line and exit status 2, no traceback."""
+    try:
+        yield
+    except kinds as error:
+        raise UsageError(str(error)) from None
+
+
+def _add_ray_options(parser: argparse.ArgumentParser, task: str) -> None:
+    """The Ray options ``run`` and ``explain`` share; ``task`` says what one Ray task runs."""
+    parser.add_argument("--address", default=None, metavar="ADDR",
+                        help="with --executor ray: the Ray cluster to join (ray://HOST:10001, "
+                             "HOST:6379, auto); default: $RAY_ADDRESS, else a local cluster. OUT "
+                             "must be a folder every worker can reach")
+    parser.add_argument("--cpus-per-task", type=float, default=1.0, metavar="N",
+                        help=f"with --executor ray: CPUs each {task} declares (default: 1)")
+    parser.add_argument("--gpus-per-task", type=float, default=0.0, metavar="N",
+                        help=f"with --executor ray: GPUs each {task} declares (default: 0)")
 
 
 def _add_run_command(subparsers: argparse._SubParsersAction) -> None:
@@ -68,14 +91,7 @@ def _add_run_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--executor", choices=["local", "ray"], default="local",
                         help="local: one notebook after another (default); ray: one Ray task per "
                              "notebook, configuration and seed (pip install 'interp-lib[cluster]')")
-    parser.add_argument("--address", default=None, metavar="ADDR",
-                        help="Ray cluster to join (ray://HOST:10001, HOST:6379, auto); default: "
-                             "$RAY_ADDRESS, else a local cluster. OUT must be a folder every "
-                             "worker can reach")
-    parser.add_argument("--cpus-per-task", type=float, default=1.0, metavar="N",
-                        help="CPUs each Ray task declares (default: 1)")
-    parser.add_argument("--gpus-per-task", type=float, default=0.0, metavar="N",
-                        help="GPUs each Ray task declares (default: 0)")
+    _add_ray_options(parser, "notebook task")
     parser.add_argument("--max-retries", type=int, default=2, metavar="N",
                         help="re-runs of a Ray task whose worker died (default: 2)")
     parser.add_argument("--notebooks-dir", default=None, metavar="DIR",
@@ -131,10 +147,8 @@ def _aggregate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .results import aggregate_runs
     from .runner import ensure_writable_dir
 
-    try:
+    with _usage_errors(FileNotFoundError, ValueError):
         metrics, table = aggregate_runs(args.run_dirs, args.confidence)
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(str(error)) from None
     text = markdown_table(table)
     print(text, end="")
     if args.out is not None:
@@ -169,10 +183,8 @@ def _add_results_command(subparsers: argparse._SubParsersAction) -> None:
 def _results(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .results import write_results_page
 
-    try:
+    with _usage_errors(FileNotFoundError, ValueError):
         path = write_results_page(args.run_dirs, args.to)
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(str(error)) from None
     print(f"results page written to {path}")
     return 0
 
@@ -234,13 +246,7 @@ def _add_explain_command(subparsers: argparse._SubParsersAction) -> None:
                              "(pip install 'interp-lib[cluster]')")
     parser.add_argument("--shards", type=int, default=2, metavar="N",
                         help="with --executor ray: head ranges run as separate tasks (default: 2)")
-    parser.add_argument("--address", default=None, metavar="ADDR",
-                        help="with --executor ray: the cluster to join (default: $RAY_ADDRESS, "
-                             "else a local cluster); OUT must be reachable from every worker")
-    parser.add_argument("--cpus-per-task", type=float, default=1.0, metavar="N",
-                        help="with --executor ray: CPUs each shard declares (default: 1)")
-    parser.add_argument("--gpus-per-task", type=float, default=0.0, metavar="N",
-                        help="with --executor ray: GPUs each shard declares (default: 0)")
+    _add_ray_options(parser, "shard")
     parser.set_defaults(handler=_explain)
 
 
@@ -253,22 +259,17 @@ def _explain(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .models import ModelLoadError
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExplainConfig)}
-    try:
+    with _usage_errors(ValueError):
         config = ExplainConfig(**values)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
     if not config.uses_llm:
         print("no --explainer given: using the heuristic (no-LLM) explainer; LLM scorers are skipped")
     if args.executor == "ray":
         return _explain_on_ray(args, config)
     if args.address is not None or args.shards != 2:
         raise UsageError("--address / --shards: only used with --executor ray")
-    try:
-        run = run_explainer(config, args.out, stages=args.stages, skip=args.skip, progress=args.progress)
-    except ModelLoadError as error:
-        raise UsageError(str(error)) from None
-    except ValueError as error:  # bad heads / stages / dataset, found after the model loaded
-        raise UsageError(str(error)) from None
+    try:  # ValueError: bad heads / stages / dataset, found after the model loaded
+        with _usage_errors(ModelLoadError, ValueError):
+            run = run_explainer(config, args.out, stages=args.stages, skip=args.skip, progress=args.progress)
     except (EndpointError, RunFolderBusyError) as error:  # nothing of the failed stage is saved
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -293,14 +294,10 @@ def _explain_on_ray(args: argparse.Namespace, config) -> int:
     if args.stages or args.skip or config.dry_run:
         raise UsageError("--executor ray runs every stage: --stages, --skip and --dry-run are "
                          "for --executor local")
-    try:
+    with _usage_errors(ModelLoadError, ValueError):  # ValueError: bad heads, found once the model loaded
         run = explain_sharded(config, args.out, shards=args.shards, address=args.address,
                               cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
                               progress=args.progress)
-    except ModelLoadError as error:
-        raise UsageError(str(error)) from None
-    except ValueError as error:  # bad heads, found once the model loaded
-        raise UsageError(str(error)) from None
     records = run["records"]
     failed = [r.label for r in records if r.explanation is None]
     print(f"explained {len(records) - len(failed)} of {len(records)} heads in "

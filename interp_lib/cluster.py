@@ -20,10 +20,11 @@ local cluster, and shuts down what it started.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .artifacts import atomic_write_json
 from .errors import RunInputError
@@ -44,6 +45,44 @@ def import_ray() -> Any:
     return ray
 
 
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[Any]:
+    """The ``ray`` module, joined to a cluster for the duration: an already initialised Ray as
+    it is; otherwise ``address`` (or ``$RAY_ADDRESS``, or a new local cluster), shut down on
+    exit. RunInputError (one line) when Ray is missing or the cluster cannot be started or
+    joined."""
+    ray = import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING, configure_logging=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
+        raise RunInputError(f"--address {where}: cannot start or join the Ray cluster "
+                            f"({type(exc).__name__}: {_first_line(exc)})") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _as_finished(ray: Any, refs: Sequence[Any]) -> Iterator[tuple[Any, Any, BaseException | None]]:
+    """``(ref, result, None)`` for each of ``refs`` in the order they finish, or ``(ref, None,
+    error)`` for one whose task failed for Ray's reasons (retries spent, cancelled, node lost)."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        for ref in done:
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                yield ref, None, exc
+            else:
+                yield ref, result, None
+
+
 def _execute_on_worker(task: dict[str, Any], run_dir: str, kernel: str,
                        timeout: int | None) -> dict[str, Any]:
     """The body of one Ray task (runs on a worker)."""
@@ -59,58 +98,40 @@ def run_tasks_on_ray(tasks: Sequence[dict[str, Any]], run_dir: str, *, kernel: s
     """Submit every task (``NotebookTask`` as a dict) as a Ray task and call
     ``on_done(index, result)`` as each finishes; ``on_done`` returning True cancels the rest.
     Returns what run.json keeps about the cluster (address, nodes, CPUs, GPUs)."""
-    ray = import_ray()
-    started_here = False
-    if not ray.is_initialized():
+    with ray_session(address) as ray:
+        resources = ray.cluster_resources()
+        info = {"address": ray.get_runtime_context().gcs_address, "nodes": len(ray.nodes()),
+                "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0),
+                "cpus_per_task": num_cpus, "gpus_per_task": num_gpus, "max_retries": max_retries}
+        if num_cpus > info["cpus"] or num_gpus > info["gpus"]:
+            raise RunInputError(f"--cpus-per-task {num_cpus} / --gpus-per-task {num_gpus}: the Ray "
+                                f"cluster has {info['cpus']:g} CPUs and {info['gpus']:g} GPUs, so no "
+                                "task could ever be scheduled")
+        remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
+                            retry_exceptions=False)(_execute_on_worker)
+        index_of: dict[Any, int] = {}
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING, configure_logging=True)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
-            raise RunInputError(f"--address {where}: cannot start or join the Ray cluster "
-                                f"({type(exc).__name__}: {_first_line(exc)})") from None
-        started_here = True
-    resources = ray.cluster_resources()
-    info = {"address": ray.get_runtime_context().gcs_address, "nodes": len(ray.nodes()),
-            "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0),
-            "cpus_per_task": num_cpus, "gpus_per_task": num_gpus, "max_retries": max_retries}
-    if num_cpus > info["cpus"] or num_gpus > info["gpus"]:
-        if started_here:
-            ray.shutdown()
-        raise RunInputError(f"--cpus-per-task {num_cpus} / --gpus-per-task {num_gpus}: the Ray "
-                            f"cluster has {info['cpus']:g} CPUs and {info['gpus']:g} GPUs, so no "
-                            "task could ever be scheduled")
-    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
-                        retry_exceptions=False)(_execute_on_worker)
-    index_of: dict[Any, int] = {}
-    try:
-        for index, task in enumerate(tasks):
-            name = f"{task['notebook']} {task['config'] or ''} seed {task['seed']}".replace("  ", " ")
-            ref = remote.options(name=name).remote(task, run_dir, kernel, timeout)
-            index_of[ref] = index
-            if on_submit is not None:
-                on_submit(index)
-        pending = list(index_of)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
+            for index, task in enumerate(tasks):
+                name = f"{task['notebook']} {task['config'] or ''} seed {task['seed']}".replace("  ", " ")
+                ref = remote.options(name=name).remote(task, run_dir, kernel, timeout)
+                index_of[ref] = index
+                if on_submit is not None:
+                    on_submit(index)
+            finished = set()
+            for ref, result, error in _as_finished(ray, list(index_of)):
+                finished.add(ref)
                 index = index_of[ref]
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayError as exc:  # retries spent, cancelled, node lost
-                    result = _ray_failure(exc, tasks[index], run_dir)
+                if error is not None:
+                    result = _ray_failure(error, tasks[index], run_dir)
                 if on_done(index, result):
-                    for other in pending:
-                        ray.cancel(other)
-                    pending = []
+                    for other in index_of:
+                        if other not in finished:
+                            ray.cancel(other)
                     break
-    except KeyboardInterrupt:
-        for ref in index_of:
-            ray.cancel(ref, force=True)
-        raise
-    finally:
-        if started_here:
-            ray.shutdown()
+        except KeyboardInterrupt:
+            for ref in index_of:
+                ray.cancel(ref, force=True)
+            raise
     return info
 
 
@@ -178,7 +199,7 @@ def explain_sharded(config: Any, out: str, *, shards: int, address: str | None =
     from .models import load_model
     from .runtime import resolve_model_name
 
-    ray = import_ray()
+    import_ray()  # one-line error now, before the model loads, when Ray is not installed
     out_path = Path(out).expanduser().resolve()
     out_path.mkdir(parents=True, exist_ok=True)
     model_name = resolve_model_name(config.model, default="toy-2l")
@@ -187,51 +208,37 @@ def explain_sharded(config: Any, out: str, *, shards: int, address: str | None =
     ranges = shard_heads(select_heads(model, config.heads), shards)
     del model
     labels = [[Head(*head).label for head in heads] for heads in ranges]
-    started_here = False
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
-        started_here = True
-    remote = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=max_retries,
-                        retry_exceptions=False)(_explain_shard)
     config_dict = {**config.to_dict(), "model": model_name}
-    refs = {}
-    for i, shard_labels in enumerate(labels):
-        shard_dir = out_path / "shards" / f"{i + 1}-of-{len(labels)}"
-        name = f"explain {shard_labels[0]}..{shard_labels[-1]}"
-        refs[remote.options(name=name).remote(config_dict, str(out_path), str(shard_dir),
-                                              shard_labels)] = i
     records: list = []
     unfinished: dict[str, str] = {}
     retried: list[str] = []
     usage: dict[str, Any] = {}
     skipped_scorers: dict[str, str] = {}
-    try:
+    with ray_session(address) as ray:
         from tqdm.auto import tqdm
 
+        remote = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=max_retries,
+                            retry_exceptions=False)(_explain_shard)
+        refs = {}
+        for i, shard_labels in enumerate(labels):
+            shard_dir = out_path / "shards" / f"{i + 1}-of-{len(labels)}"
+            name = f"explain {shard_labels[0]}..{shard_labels[-1]}"
+            refs[remote.options(name=name).remote(config_dict, str(out_path), str(shard_dir),
+                                                  shard_labels)] = i
         bar = tqdm(total=len(refs), desc="explain shards", unit="shard", disable=not progress)
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                i = refs[ref]
-                span = f"shard {i + 1}-of-{len(labels)} ({labels[i][0]}..{labels[i][-1]})"
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    unfinished[span] = f"{type(exc).__name__}: {_first_line(exc)}"
-                    bar.update()
-                    continue
-                records += [HeadRecord.from_dict(r) for r in result["records"]]
-                unfinished.update({f"{span}: {k}": v for k, v in result["unfinished"].items()})
-                retried += result["retried"]
-                usage[span] = result["usage"]
-                skipped_scorers.update(result["skipped_scorers"])
-                bar.update()
+        for ref, result, error in _as_finished(ray, list(refs)):
+            i = refs[ref]
+            span = f"shard {i + 1}-of-{len(labels)} ({labels[i][0]}..{labels[i][-1]})"
+            bar.update()
+            if error is not None:
+                unfinished[span] = f"{type(error).__name__}: {_first_line(error)}"
+                continue
+            records += [HeadRecord.from_dict(r) for r in result["records"]]
+            unfinished.update({f"{span}: {k}": v for k, v in result["unfinished"].items()})
+            retried += result["retried"]
+            usage[span] = result["usage"]
+            skipped_scorers.update(result["skipped_scorers"])
         bar.close()
-    finally:
-        if started_here:
-            ray.shutdown()
     records.sort(key=lambda r: (r.layer, r.head))
 
     # the taxonomy and the report over every shard's heads, as the unsharded run writes them

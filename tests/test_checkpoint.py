@@ -484,3 +484,98 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted_run(tmp_path):
     for entry in manifest["stages"].values():
         assert (root / entry["file"]).stat().st_size == entry["bytes"]
     assert _temp_files(root) == []
+
+
+# ----------------------------------------------------------------------------- shared homes: artifacts, runtime
+
+
+def test_atomic_writes_keep_the_old_file_when_killed_midway_and_leave_no_temp(tmp_path):
+    import stat
+
+    from interp_lib import artifacts
+
+    target = tmp_path / "made" / "data.json"  # the folder is created
+    size = artifacts.atomic_write_json(target, {"a": [1, 2.5], "b": "x"})
+    assert size == len(target.read_bytes()) and json.loads(target.read_text()) == {"a": [1, 2.5], "b": "x"}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
+
+    seen = []
+
+    def half_then_killed(handle):
+        handle.write(b'{"a": ')
+        seen.extend(p.name for p in target.parent.iterdir() if p.name != "data.json")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        artifacts.atomic_write(target, half_then_killed)
+    assert json.loads(target.read_text()) == {"a": [1, 2.5], "b": "x"}
+    assert [p.name for p in target.parent.iterdir()] == ["data.json"]
+    # the temp file named its writer, as Checkpointer's clean-up of dead writers expects
+    match = artifacts.TEMP_FILE_RE.fullmatch(seen[0])
+    assert match and match["target"] == "data.json" and int(match["pid"]) == os.getpid()
+
+    with pytest.raises(ValueError):  # JSON has no NaN: refused unless asked for
+        artifacts.atomic_write_json(target, {"x": float("nan")})
+    artifacts.atomic_write_text(target, "é\n")
+    assert target.read_bytes() == "é\n".encode()
+
+
+def test_checkpoint_files_get_an_ordinary_mode(tmp_path):
+    import stat
+
+    ckpt = Checkpointer(tmp_path)
+    ckpt.stage("a", lambda: torch.zeros(3))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in (MANIFEST_NAME, ckpt.manifest["stages"]["a"]["file"]):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
+
+
+def test_jsonable_makes_standard_json():
+    from interp_lib.artifacts import jsonable
+
+    @dataclasses.dataclass
+    class Row:
+        name: str
+        values: tuple
+        extra: dict
+
+    row = Row("L0H1", (np.float32(0.5), torch.tensor(2), float("nan")), {3: np.int64(4), "inf": float("-inf")})
+    expected = {"name": "L0H1", "values": [0.5, 2, None], "extra": {"3": 4, "inf": None}}
+    assert jsonable(row) == expected
+    assert json.loads(json.dumps(jsonable([row]), allow_nan=False)) == [expected]
+
+
+def test_auto_resolution_lives_in_runtime(tmp_path, monkeypatch):
+    import interp_lib as il
+    from interp_lib import runtime
+
+    for name in ("COLAB_RELEASE_TAG", "INTERP_LIB_MODEL", "INTERP_LIB_ENSEMBLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    assert runtime.resolve_model_name("auto") == "toy-lm"  # models.DEFAULT_MODEL
+    assert runtime.resolve_model_name("auto", default="toy-2l") == "toy-2l"
+    assert runtime.resolve_model_name("gpt2-medium") == "gpt2-medium"
+    assert runtime.resolve_dataset("auto") == "bundled" and runtime.resolve_dataset("wikitext") == "wikitext"
+    assert runtime.resolve_compare_models() == ["toy-lm", "toy-2l", "toy-1l"]
+    assert runtime.resolve_ensemble_members() == ["toy-lm"]
+    monkeypatch.setenv("INTERP_LIB_RUNS", str(tmp_path / "runs"))
+    assert runtime.resolve_output_dir("auto", "05_x") == (tmp_path / "runs" / "05_x").resolve()
+    assert (tmp_path / "runs" / "05_x").is_dir()
+    monkeypatch.setenv("INTERP_LIB_MODEL", str(tmp_path / "mine"))
+    assert runtime.resolve_model_name("auto", default="toy-2l") == str(tmp_path / "mine")
+    monkeypatch.delenv("INTERP_LIB_MODEL")
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab-test")
+    assert runtime.resolve_model_name("auto") == "gpt2"
+    assert runtime.resolve_model_name("auto", colab_default="gpt2-xl") == "gpt2-xl"
+    assert runtime.resolve_dataset("auto") == "wikitext"
+    assert runtime.resolve_ensemble_members() == ["gpt2", "distilgpt2"]
+    with pytest.raises(ValueError, match="model_name=''"):
+        runtime.resolve_model_name("")
+    # the old homes hand out the same functions
+    assert il.checkpoint.in_colab is runtime.in_colab and il.checkpoint.default_root is runtime.default_root
+    assert il.notebook.resolve_model_name is runtime.resolve_model_name
+    assert il.calibration.resolve_compare_models is runtime.resolve_compare_models
+    assert il.selective.resolve_ensemble_members is runtime.resolve_ensemble_members

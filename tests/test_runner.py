@@ -441,3 +441,22 @@ def test_out_as_an_fsspec_url(series, tmp_path, capsys):
     assert main(["run", "01", "--notebooks-dir", str(series), "--out", "nosuchfs://x/y"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --out nosuchfs://x/y: ") and len(err.splitlines()) == 1
+
+
+def test_record_metrics_has_one_home_and_run_manifests_round_trip(tmp_path):
+    import interp_lib as il
+    from interp_lib import artifacts
+
+    assert il.record_metrics is il.runner.record_metrics is artifacts.record_metrics
+    assert il.runner.UsageError is il.cli.UsageError is il.errors.UsageError
+    assert artifacts.read_run_manifest(tmp_path) is None
+    record = {"argv": ["interp-lib", "run"], "started": "now", "path": tmp_path, "nan": float("nan")}
+    path = artifacts.write_run_manifest(tmp_path, record)
+    assert path == tmp_path / "run.json"
+    back = artifacts.read_run_manifest(tmp_path)
+    assert back["argv"] == record["argv"] and back["path"] == str(tmp_path) and math.isnan(back["nan"])
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="run.json: not a run.json written by interp-lib run"):
+        artifacts.read_run_manifest(tmp_path)
+    with pytest.raises(ValueError, match="run.json: not a run.json"):
+        load_metrics(tmp_path)
