@@ -207,9 +207,11 @@ def _fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-def _sentences(notebook: str, values: Mapping[str, float], spread: Mapping[str, tuple[float, float]]
-               ) -> list[str]:
-    """The notebook's sentences whose metrics are all present and finite."""
+def headline_sentences(notebook: str, values: Mapping[str, float],
+                       spread: Mapping[str, tuple[float, float]] | None = None) -> list[str]:
+    """The notebook's HEADLINES sentences whose metrics are all present and finite, filled from
+    ``values``; ``spread`` (metric -> (min, max) across seeds) adds the seed range."""
+    spread = spread or {}
     out: list[str] = []
     for entry in HEADLINES.get(notebook, ("", ()))[1]:
         for template in (entry,) if isinstance(entry, str) else entry:
@@ -223,6 +225,9 @@ def _sentences(notebook: str, values: Mapping[str, float], spread: Mapping[str, 
                   if name in spread and spread[name][0] != spread[name][1]]
         out.append(text + (f" (across seeds: {'; '.join(ranges)})" if ranges else ""))
     return out
+
+
+_sentences = headline_sentences  # the old private name, imported by interp_lib.findings
 
 
 def results_page(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
@@ -255,7 +260,7 @@ def results_page(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> s
                     spread[row["metric"]] = (min(vals), max(vals))
             title = HEADLINES.get(notebook, (notebook, ()))[0]
             lines += [f"### {title} ({notebook})", ""]
-            lines += [f"- {s}" for s in _sentences(notebook, values, spread)] or [
+            lines += [f"- {s}" for s in headline_sentences(notebook, values, spread)] or [
                 "- (no headline sentence for these metrics; see the table)"]
             lines += ["", "<details><summary>All metrics</summary>", "",
                       markdown_table(rows[["metric", "n", "mean", "std"]].reset_index(drop=True)),
