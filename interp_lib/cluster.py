@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .artifacts import atomic_write_json
-from .errors import RunInputError
-from .errors import first_line as _first_line
+from .errors import RunInputError, first_line
 from .tasks import attempt_pids, execute_task, kernel_environment
 from .units import Head
 
@@ -61,7 +60,7 @@ def ray_session(address: str | None) -> Iterator[Any]:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
         raise RunInputError(f"--address {where}: cannot start or join the Ray cluster "
-                            f"({type(exc).__name__}: {_first_line(exc)})") from None
+                            f"({type(exc).__name__}: {first_line(exc)})") from None
     try:
         yield ray
     finally:
@@ -137,7 +136,7 @@ def run_tasks_on_ray(tasks: Sequence[dict[str, Any]], run_dir: str, *, kernel: s
 
 def _ray_failure(exc: BaseException, task: dict[str, Any], run_dir: str) -> dict[str, Any]:
     count = len(attempt_pids(run_dir, task["output"]))
-    line = f"{type(exc).__name__}: {_first_line(exc)}"
+    line = f"{type(exc).__name__}: {first_line(exc)}"
     return {"status": "failed", "error": line, "seconds": 0.0, "metrics": None, "attempt": count,
             "failure": {"type": type(exc).__name__, "message": str(exc)[:2000]}}
 
@@ -231,7 +230,7 @@ def explain_sharded(config: Any, out: str, *, shards: int, address: str | None =
             span = f"shard {i + 1}-of-{len(labels)} ({labels[i][0]}..{labels[i][-1]})"
             bar.update()
             if error is not None:
-                unfinished[span] = f"{type(error).__name__}: {_first_line(error)}"
+                unfinished[span] = f"{type(error).__name__}: {first_line(error)}"
                 continue
             records += [HeadRecord.from_dict(r) for r in result["records"]]
             unfinished.update({f"{span}: {k}": v for k, v in result["unfinished"].items()})

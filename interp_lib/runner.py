@@ -80,12 +80,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .artifacts import (METRICS_COLUMNS, RUNNER_PARAMETERS, load_metrics, markdown_table, record_metrics,
-                        write_run_manifest)
-from .artifacts import atomic_write_text as _atomic_write_text
-from .artifacts import params_text as _params_text
-from .errors import RunInputError, UsageError
-from .errors import first_line as _first_line
+from .artifacts import (METRICS_COLUMNS, RUNNER_PARAMETERS, atomic_write_text, load_metrics, markdown_table,
+                        params_text, record_metrics, write_run_manifest)
+from .errors import RunInputError, UsageError, first_line
 from .paths import repo_root
 from .results import aggregate, aggregate_runs
 from .tasks import (_ATTEMPTS_DIR, DEFAULT_KERNEL, attempt_pids, execute_task, failure_detail, is_url,
@@ -252,7 +249,7 @@ def inspect_notebooks(paths: Sequence[Path]) -> list[NotebookPlan]:
             declared = papermill.inspect_notebook(str(path))
         except Exception as exc:  # nbformat / JSON errors of many kinds: name the file
             raise RunInputError(f"cannot read notebook {path}: {type(exc).__name__}: "
-                                f"{_first_line(exc)}") from None
+                                f"{first_line(exc)}") from None
         for name, spec in _cell_assignments(path).items():
             declared.setdefault(name, spec)
         missing = [name for name in REQUIRED_PARAMETERS if name not in declared]
@@ -501,7 +498,7 @@ def plan_grid(plans: Sequence[NotebookPlan], params: Sequence[tuple[str, str]],
                 for plan in plans:
                     extra = per_notebook[plan.stem]
                     nb_params = {k: v for k, v in extra.items() if k != "model_name"}
-                    identity = (plan.stem, model, _params_text(nb_params), seed)
+                    identity = (plan.stem, model, params_text(nb_params), seed)
                     if identity in seen:
                         continue
                     seen.add(identity)
@@ -627,7 +624,7 @@ class _Run:
         entry = self.record["runs"][index]
         if self.remote is not None and result.get("metrics") and result.get("metrics_record"):
             # the worker uploaded its files; the tables are built from this staged copy
-            _atomic_write_text(self.out / result["metrics"], json.dumps(result["metrics_record"]))
+            atomic_write_text(self.out / result["metrics"], json.dumps(result["metrics_record"]))
         entry.update(status=result["status"], error=result["error"], failure=result["failure"],
                      seconds=result["seconds"], metrics=result["metrics"],
                      attempts=result.get("attempt", 1))
@@ -655,12 +652,12 @@ def _write_tables(out: Path, run: _Run, seeds: Sequence[int]) -> str:
     summary.md (one of each), from the notebooks that succeeded; both list the failed ones.
     Returns the markdown table written."""
     metrics = load_metrics(out)  # run.json: only the notebooks that succeeded
-    _atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
+    atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
     several_configs = len(run.configs) > 1
     failed = _failed_table(run.failures())
     if len(seeds) >= 2 or several_configs:
         table = aggregate(metrics)
-        _atomic_write_text(out / "aggregate.csv", table.to_csv(index=False))
+        atomic_write_text(out / "aggregate.csv", table.to_csv(index=False))
         shown = table if several_configs else table.drop(columns=["model", "params"])
         text = markdown_table(shown)
         title = f"Metrics across seeds {', '.join(map(str, seeds))}"
@@ -668,10 +665,10 @@ def _write_tables(out: Path, run: _Run, seeds: Sequence[int]) -> str:
             title += f" and {len(run.configs)} configurations"
         note = ("mean, sample std (ddof=1) and Student-t 95% CI of the mean over seeds, per "
                 "configuration; failed notebooks are left out.\n")
-        _atomic_write_text(out / "aggregate.md", f"# {title}\n\n{note}\n{text}{failed}")
+        atomic_write_text(out / "aggregate.md", f"# {title}\n\n{note}\n{text}{failed}")
     else:
         text = markdown_table(metrics[["notebook", "metric", "value"]])
-        _atomic_write_text(out / "summary.md", f"# Metrics, seed {seeds[0]}\n\n{text}{failed}")
+        atomic_write_text(out / "summary.md", f"# Metrics, seed {seeds[0]}\n\n{text}{failed}")
     if metrics.empty:
         text = "(no metrics recorded by a notebook that succeeded)\n"
     return text
@@ -748,7 +745,7 @@ def _check_writable_url(url: str) -> None:
         fs.rm(probe)
     except Exception as exc:  # every filesystem raises its own kinds
         raise RunInputError(f"output folder {url} is not writable: {type(exc).__name__}: "
-                            f"{_first_line(exc)}") from None
+                            f"{first_line(exc)}") from None
 
 
 def _run_locked(config: RunConfig, argv: Sequence[str] | None, out: Path,

@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import RunInputError
-from .errors import first_line as _first_line
+from .errors import RunInputError, first_line
 from .paths import repo_root
 
 __all__ = ["DEFAULT_KERNEL", "execute_task", "kernel_environment", "failure_detail", "is_url",
@@ -56,8 +55,8 @@ def kernel_environment() -> Iterator[None]:
 def _describe_failure(exc: BaseException) -> str:
     ename = getattr(exc, "ename", None)  # PapermillExecutionError: the notebook's own exception
     if ename:
-        return f"{ename}: {_first_line(getattr(exc, 'evalue', ''))}".rstrip(": ")
-    return f"{type(exc).__name__}: {_first_line(exc)}".rstrip(": ")
+        return f"{ename}: {first_line(getattr(exc, 'evalue', ''))}".rstrip(": ")
+    return f"{type(exc).__name__}: {first_line(exc)}".rstrip(": ")
 
 
 def _capped(text: Any, limit: int = 2000) -> str:
@@ -111,9 +110,9 @@ def url_filesystem(url: str) -> tuple[Any, str]:
         fs, path = fsspec.core.url_to_fs(url)
     except ImportError as exc:
         raise RunInputError(f"--out {url}: its filesystem is not installed "
-                            f"({_first_line(exc)})") from None
+                            f"({first_line(exc)})") from None
     except (ValueError, OSError) as exc:
-        raise RunInputError(f"--out {url}: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise RunInputError(f"--out {url}: {type(exc).__name__}: {first_line(exc)}") from None
     return fs, path
 
 
