@@ -1180,6 +1180,38 @@ def run_with_ablation(model, tokens, heads=(), attn_layers=(), mlp_layers=(), me
     return model.run_with_hooks(tokens, fwd_hooks=hooks)
 
 
+EVENT_KINDS = ("top", "random")
+
+
+def _event_positions(model, events_by_unit, n_windows: int, n_pos: int) -> dict[Unit, dict[str, list]]:
+    """``{unit: {"top": [(window, position), ...], "random": [...]}}``, checked; positions that
+    predict nothing (the last) are left out."""
+    if not isinstance(events_by_unit, Mapping):
+        raise ValueError(f"events_by_unit={type(events_by_unit).__name__}: expected a mapping unit -> events")
+    out = {}
+    for key, events in events_by_unit.items():
+        unit = _as_unit(model, key, "events_by_unit")
+        bad = [e for e in events if not (0 <= int(e.window) < n_windows and 0 <= int(e.position) < n_pos)]
+        if bad:
+            raise ValueError(f"events_by_unit[{unit.label}] has an event at window {bad[0].window}, position "
+                             f"{bad[0].position}: windows has {n_windows} rows of {n_pos} positions")
+        out[unit] = {kind: [(int(e.window), int(e.position)) for e in events
+                            if e.kind == kind and e.position < n_pos - 1] for kind in EVENT_KINDS}
+    return out
+
+
+def _window_losses(model, windows: Tensor, rows: list[int], batch_size: int, hook=None) -> Tensor:
+    """Next-token loss ``[len(rows), pos-1]`` of ``windows[rows]``, ``batch_size`` at a time;
+    ``hook(chunk rows)`` gives the forward hooks of a chunk."""
+    out = []
+    for chunk in torch.tensor(rows, dtype=torch.long).split(batch_size):
+        tokens = windows[chunk.to(windows.device)]
+        hooks = hook(chunk) if hook else []
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks) if hooks else model(tokens)
+        out.append(next_token_loss(logits, tokens))
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def unit_ablation_effects(model, windows, events_by_unit: Mapping, *, method: str = "zero", batch_size: int = 16,
                           progress: bool = True, reference_tokens=None, seed: int = 0
@@ -1205,51 +1237,32 @@ def unit_ablation_effects(model, windows, events_by_unit: Mapping, *, method: st
     batch_size = _check_batch_size(batch_size)
     windows = check_tokens(model, windows, "windows", min_pos=2)
     n_windows, n_pos = windows.shape
-    if not isinstance(events_by_unit, Mapping):
-        raise ValueError(f"events_by_unit={type(events_by_unit).__name__}: expected a mapping unit -> events")
-    units = {_as_unit(model, key, "events_by_unit"): events for key, events in events_by_unit.items()}
-    for unit, events in units.items():
-        bad = [e for e in events if not (0 <= int(e.window) < n_windows and 0 <= int(e.position) < n_pos)]
-        if bad:
-            raise ValueError(f"events_by_unit[{unit.label}] has an event at window {bad[0].window}, position "
-                             f"{bad[0].position}: windows has {n_windows} rows of {n_pos} positions")
+    units = _event_positions(model, events_by_unit, n_windows, n_pos)
     names = sorted({unit_source(unit)[1] for unit in units})
     reference = windows if reference_tokens is None else check_tokens(model, reference_tokens, "reference_tokens")
     means = mean_activations(model, reference, names, batch_size) if method == "mean" and names else {}
-    resample_from = resample_index(n_windows, None if reference_tokens is None else reference.shape[0], seed) \
+    donors = resample_index(n_windows, None if reference_tokens is None else len(reference), seed) \
         if method == "resample" else None
 
-    def losses(rows: Tensor, hooks=()) -> Tensor:
-        out = []
-        for chunk in rows.split(batch_size):
-            tokens = windows[chunk]
-            run_hooks = [(name, make(chunk)) for name, make in hooks]
-            logits = model.run_with_hooks(tokens, fwd_hooks=run_hooks) if run_hooks else model(tokens)
-            out.append(next_token_loss(logits, tokens))
-        return torch.cat(out)
+    def hook(name: str, index: int):
+        def hooks(chunk: Tensor) -> list:
+            source = {"mean": means[name]} if method == "mean" else {}
+            if method == "resample":
+                source = {"resampled": _source_cache(model, reference[donors[chunk].to(reference.device)], [name])[name]}
+            return [(name, _ablation_hook(method, [index], source))]
+        return hooks
 
-    clean = losses(torch.arange(n_windows, device=windows.device))             # [window, pos-1]
+    clean = _window_losses(model, windows, list(range(n_windows)), batch_size)       # [window, pos-1]
     results: dict[Unit, dict[str, float]] = {}
-    for unit, events in tqdm(list(units.items()), desc="unit ablation", disable=not progress, file=sys.stdout):
-        groups = {kind: [(int(e.window), int(e.position)) for e in events if e.kind == kind and e.position < n_pos - 1]
-                  for kind in ("top", "random")}
+    for unit, groups in tqdm(list(units.items()), desc="unit ablation", disable=not progress, file=sys.stdout):
         needed = sorted({w for pairs in groups.values() for w, _ in pairs})
         entry: dict[str, float] = {}
         if needed:
-            _, name, index = unit_source(unit)
-
-            def make(chunk, name=name, index=index):
-                source = {"mean": means[name]} if method == "mean" else {}
-                if method == "resample":
-                    rows = resample_from[chunk.cpu()].to(reference.device)
-                    source = {"resampled": _source_cache(model, reference[rows], [name])[name]}
-                return _ablation_hook(method, [index], source)
-
-            position = {w: i for i, w in enumerate(needed)}
-            ablated = losses(torch.tensor(needed, device=windows.device), [(name, make)])
+            row = {w: i for i, w in enumerate(needed)}
+            ablated = _window_losses(model, windows, needed, batch_size, hook(*unit_source(unit)[1:]))
             for kind, pairs in groups.items():
                 if pairs:
-                    entry[kind] = float(np.mean([float(ablated[position[w], p] - clean[w, p]) for w, p in pairs]))
+                    entry[kind] = float(np.mean([float(ablated[row[w], p] - clean[w, p]) for w, p in pairs]))
                 entry[f"n_{kind}"] = len(pairs)
         results[unit] = entry
     return results
