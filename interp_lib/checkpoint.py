@@ -85,7 +85,7 @@ from .runtime import DRIVE_HOME, default_root, in_colab  # re-exported: their ho
 _atomic_write = atomic_write
 _temp_prefix = temp_prefix
 
-__all__ = ["Checkpointer", "RunLock", "RunFolderBusyError", "default_root", "in_colab",
+__all__ = ["Checkpointer", "RunLock", "RunFolderBusyError", "default_root", "in_colab", "secret_env_values",
            "is_secret_key", "params_hash", "MANIFEST_NAME", "REDACTED"]
 
 MANIFEST_NAME = "manifest.json"
@@ -133,7 +133,7 @@ def is_secret_key(key: Any) -> bool:
     return any(s in compact for s in _SECRET_SUBSTRINGS) or any(w in _SECRET_WORDS for w in words)
 
 
-def _secret_env_values() -> set[str]:
+def secret_env_values() -> set[str]:
     """Values of credential-named environment variables (OPENAI_API_KEY, HF_TOKEN, ...).
 
     Short values are skipped: they cannot be real credentials and would match ordinary strings.
@@ -142,6 +142,9 @@ def _secret_env_values() -> set[str]:
     if os.environ.get("OPENAI_API_KEY"):
         values.add(os.environ["OPENAI_API_KEY"])
     return values
+
+
+_secret_env_values = secret_env_values  # the old private name, imported by interp_lib.explain.viewer
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -252,7 +255,7 @@ def params_hash(params: dict[str, Any]) -> str:
     """
     if not isinstance(params, dict):
         raise ValueError(f"params={params!r}: expected a dict of parameters")
-    canonical = _canonical(params, _secret_env_values(), "params", redact=False)
+    canonical = _canonical(params, secret_env_values(), "params", redact=False)
     return _sha256(_canonical_json(canonical).encode("utf-8"))
 
 
@@ -386,7 +389,7 @@ class Checkpointer:
         manifest = self._read_manifest()
         previous = manifest["stages"].get(name)
         manifest["stages"][name] = {
-            "params": _canonical(params, _secret_env_values(), "params", redact=True),
+            "params": _canonical(params, secret_env_values(), "params", redact=True),
             "params_hash": digest,
             "file": path.name,
             "bytes": size,
@@ -492,7 +495,7 @@ class Checkpointer:
     def _refuse_secret_result(name: str, result: Any) -> None:
         if isinstance(result, (str, bytes)):
             text = result.decode("utf-8", "replace") if isinstance(result, bytes) else result
-            if text in _secret_env_values():
+            if text in secret_env_values():
                 raise ValueError(f"stage {name!r}: the result equals the value of a credential "
                                  "environment variable (e.g. OPENAI_API_KEY); refusing to store it")
 

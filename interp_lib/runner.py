@@ -347,7 +347,7 @@ def _credential_reason(key: str, text: str) -> str | None:
     """Why ``-p key text`` looks like a credential, or None."""
     from urllib.parse import parse_qsl, urlsplit
 
-    from .checkpoint import _secret_env_values, is_secret_key
+    from .checkpoint import is_secret_key, secret_env_values
 
     if is_secret_key(key):
         return f"its name {key!r} is a credential's"
@@ -362,7 +362,7 @@ def _credential_reason(key: str, text: str) -> str | None:
             return "the URL's query carries a key; give the URL without it"
     if _SECRET_VALUE_RE.search(text):
         return "its value has the form of an API key or token"
-    if text and any(secret in text for secret in _secret_env_values()):
+    if text and any(secret in text for secret in secret_env_values()):
         return "its value holds the value of a credential environment variable"
     return None
 
