@@ -20,6 +20,7 @@ import functools
 import gc
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Union
@@ -420,6 +421,68 @@ def _sample_arrays(arrays: Sequence[Any]) -> list[np.ndarray]:
     return data
 
 
+BootstrapMethod = Literal["percentile", "basic", "bca"]
+BOOTSTRAP_METHODS = ("percentile", "basic", "bca")
+
+
+def _check_alpha(alpha: Any) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise ValueError(f"alpha={alpha!r}: expected a number in (0, 1)")
+    return float(alpha)
+
+
+def cluster_bootstrap(metric_fn: Callable[..., float], *arrays: ArrayLike, groups: ArrayLike,
+                      n_boot: int = 1000, alpha: float = 0.05, method: BootstrapMethod = "percentile",
+                      seed: int = 0) -> BootstrapCI:
+    """Bootstrap interval of ``metric_fn(*arrays)`` resampling whole clusters with replacement.
+
+    ``groups`` [N] names the cluster of every row (e.g. ``Predictions.group``, the sequence a
+    token comes from). Each resample draws as many clusters as there are, with replacement, and
+    evaluates the metric on the concatenation of their rows. The interval is computed by
+    ``scipy.stats.bootstrap`` over cluster indices (``method``: ``percentile``, ``basic`` or
+    ``bca``). With one row per cluster this is the ordinary (token-level) bootstrap.
+
+    Returns a :class:`BootstrapCI` with ``resample="cluster"`` and
+    ``n_clusters``.
+    """
+    from scipy import stats as scipy_stats
+
+    if not callable(metric_fn):
+        raise ValueError(f"metric_fn={metric_fn!r}: expected a callable metric(*arrays) -> float")
+    n_boot, alpha = _check_n_boot(n_boot), _check_alpha(alpha)
+    if method not in BOOTSTRAP_METHODS:
+        raise ValueError(f"method={method!r}: expected one of {BOOTSTRAP_METHODS}")
+    data = _sample_arrays(arrays)
+    group = _to_numpy(groups, "groups")
+    if group.ndim != 1:
+        raise ValueError(f"groups has shape {tuple(group.shape)}; expected a 1-D array [N] of cluster ids")
+    _check_same_length(data[0], "arrays[0]", group, "groups")
+    _, cluster_of_row = np.unique(group, return_inverse=True)
+    order = np.argsort(cluster_of_row, kind="stable")
+    counts = np.bincount(cluster_of_row)
+    n_clusters = len(counts)
+    if n_clusters < 2:
+        raise ValueError(f"groups holds {n_clusters} cluster; expected at least 2 clusters to resample")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rows_of = [order[s:s + c] for s, c in zip(starts, counts)]
+
+    def statistic(cluster_index: np.ndarray) -> float:
+        rows = np.concatenate([rows_of[int(i)] for i in cluster_index])
+        return float(metric_fn(*(a[rows] for a in data)))
+
+    estimate = float(metric_fn(*data))
+    with warnings.catch_warnings():
+        # a degenerate bootstrap distribution (e.g. a metric that is 0 on every resample) is
+        # reported as the NaN interval scipy returns, not as a warning
+        warnings.simplefilter("ignore", category=getattr(scipy_stats, "DegenerateDataWarning", RuntimeWarning))
+        result = scipy_stats.bootstrap((np.arange(n_clusters),), statistic, vectorized=False, paired=False,
+                                       n_resamples=n_boot, confidence_level=1 - alpha, method=method,
+                                       random_state=np.random.default_rng(seed))
+    return BootstrapCI(estimate=estimate, lower=float(result.confidence_interval.low),
+                       upper=float(result.confidence_interval.high), std=float(result.standard_error),
+                       alpha=alpha, n_boot=n_boot, resample="cluster", n_clusters=int(n_clusters), method=method)
+
+
 def bootstrap_ci(metric_fn: Callable[..., float], *arrays: ArrayLike, n_boot: int = 1000,
                  alpha: float = 0.05, seed: int = 0, groups: ArrayLike | None = None,
                  resample: Literal["auto", "cluster", "token"] = "auto",
@@ -431,7 +494,7 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: ArrayLike, n_boot: in
     other arguments with ``functools.partial``.
 
     ``groups`` [N] (e.g. ``Predictions.group``: the sequence of each token) makes it a cluster
-    bootstrap (:func:`interp_lib.stats.cluster_bootstrap`): whole sequences are resampled, as
+    bootstrap (:func:`cluster_bootstrap`, also ``il.stats.cluster_bootstrap``): whole sequences are resampled, as
     tokens of one window are not independent. ``resample``: ``"auto"`` (cluster when ``groups``
     is given, else token), ``"cluster"`` (needs ``groups``) or ``"token"`` (rows resampled
     independently, ignoring ``groups``: the interval is too narrow for correlated rows; kept for
@@ -443,13 +506,11 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: ArrayLike, n_boot: in
     if resample == "cluster" and groups is None:
         raise ValueError("resample='cluster' needs groups=[N] cluster ids (e.g. Predictions.group)")
     if groups is not None and resample != "token":
-        from .stats import cluster_bootstrap
-
         return cluster_bootstrap(metric_fn, *arrays, groups=groups, n_boot=n_boot, alpha=alpha, method=method,
                                  seed=seed)
     if method != "percentile":
         raise ValueError(f"method={method!r}: the token-level bootstrap gives percentile intervals; pass groups "
-                         "for basic / bca (interp_lib.stats.cluster_bootstrap)")
+                         "for basic / bca (cluster_bootstrap)")
     if not callable(metric_fn):
         raise ValueError(f"metric_fn={metric_fn!r}: expected a callable metric(*arrays) -> float")
     if not arrays:

@@ -259,11 +259,11 @@ def summary(notebook: str, metrics: Mapping[str, float], model: str | None = Non
     import pandas as pd
 
     from .display import table as display_table
-    from .results import HEADLINES, _sentences
+    from .results import HEADLINES, headline_sentences
 
     values = {k: float(v) for k, v in metrics.items() if _finite(v)}
     title = HEADLINES.get(notebook, (notebook, ()))[0]
-    sentences = _sentences(notebook, values, {})
+    sentences = headline_sentences(notebook, values, {})
     missing = sorted(k for k, v in metrics.items() if not _finite(v))
     frame = pd.DataFrame({"metric": list(values), "value": list(values.values())})
     return _Summary(title, model, sentences, display_table(frame), missing)

@@ -21,16 +21,15 @@ aggregation, permutation baselines and multiple-comparison control.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from .calibration import (ArrayLike, BootstrapCI, _check_n_boot, _check_nonempty, _check_same_length, _float_array,
-                          _sample_arrays, _to_numpy, _unit_interval, confidence_and_correct)
+from .calibration import (ArrayLike, BootstrapCI, _check_alpha, _float_array, _unit_interval,  # noqa: F401
+                          cluster_bootstrap, confidence_and_correct)
 
 __all__ = [
     "BootstrapCI", "PermutationResult", "SeedSummary", "benjamini_hochberg", "binned_calibration_error",
@@ -38,71 +37,9 @@ __all__ = [
     "random_unit_baseline", "seed_summary",
 ]
 
-BootstrapMethod = Literal["percentile", "basic", "bca"]
-BOOTSTRAP_METHODS = ("percentile", "basic", "bca")
-
-
 # --------------------------------------------------------------------------------------------
-# Cluster bootstrap
+# Cluster bootstrap: lives next to the token bootstrap in calibration (which uses it); re-exported
 # --------------------------------------------------------------------------------------------
-
-def _check_alpha(alpha: Any) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-        raise ValueError(f"alpha={alpha!r}: expected a number in (0, 1)")
-    return float(alpha)
-
-
-def cluster_bootstrap(metric_fn: Callable[..., float], *arrays: ArrayLike, groups: ArrayLike,
-                      n_boot: int = 1000, alpha: float = 0.05, method: BootstrapMethod = "percentile",
-                      seed: int = 0) -> BootstrapCI:
-    """Bootstrap interval of ``metric_fn(*arrays)`` resampling whole clusters with replacement.
-
-    ``groups`` [N] names the cluster of every row (e.g. ``Predictions.group``, the sequence a
-    token comes from). Each resample draws as many clusters as there are, with replacement, and
-    evaluates the metric on the concatenation of their rows. The interval is computed by
-    ``scipy.stats.bootstrap`` over cluster indices (``method``: ``percentile``, ``basic`` or
-    ``bca``). With one row per cluster this is the ordinary (token-level) bootstrap.
-
-    Returns a :class:`~interp_lib.calibration.BootstrapCI` with ``resample="cluster"`` and
-    ``n_clusters``.
-    """
-    from scipy import stats as scipy_stats
-
-    if not callable(metric_fn):
-        raise ValueError(f"metric_fn={metric_fn!r}: expected a callable metric(*arrays) -> float")
-    n_boot, alpha = _check_n_boot(n_boot), _check_alpha(alpha)
-    if method not in BOOTSTRAP_METHODS:
-        raise ValueError(f"method={method!r}: expected one of {BOOTSTRAP_METHODS}")
-    data = _sample_arrays(arrays)
-    group = _to_numpy(groups, "groups")
-    if group.ndim != 1:
-        raise ValueError(f"groups has shape {tuple(group.shape)}; expected a 1-D array [N] of cluster ids")
-    _check_same_length(data[0], "arrays[0]", group, "groups")
-    _, cluster_of_row = np.unique(group, return_inverse=True)
-    order = np.argsort(cluster_of_row, kind="stable")
-    counts = np.bincount(cluster_of_row)
-    n_clusters = len(counts)
-    if n_clusters < 2:
-        raise ValueError(f"groups holds {n_clusters} cluster; expected at least 2 clusters to resample")
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rows_of = [order[s:s + c] for s, c in zip(starts, counts)]
-
-    def statistic(cluster_index: np.ndarray) -> float:
-        rows = np.concatenate([rows_of[int(i)] for i in cluster_index])
-        return float(metric_fn(*(a[rows] for a in data)))
-
-    estimate = float(metric_fn(*data))
-    with warnings.catch_warnings():
-        # a degenerate bootstrap distribution (e.g. a metric that is 0 on every resample) is
-        # reported as the NaN interval scipy returns, not as a warning
-        warnings.simplefilter("ignore", category=getattr(scipy_stats, "DegenerateDataWarning", RuntimeWarning))
-        result = scipy_stats.bootstrap((np.arange(n_clusters),), statistic, vectorized=False, paired=False,
-                                       n_resamples=n_boot, confidence_level=1 - alpha, method=method,
-                                       random_state=np.random.default_rng(seed))
-    return BootstrapCI(estimate=estimate, lower=float(result.confidence_interval.low),
-                       upper=float(result.confidence_interval.high), std=float(result.standard_error),
-                       alpha=alpha, n_boot=n_boot, resample="cluster", n_clusters=int(n_clusters), method=method)
-
 
 def ci_width_comparison(metric_fn: Callable[..., float], *arrays: ArrayLike, groups: ArrayLike, n_boot: int = 500,
                         alpha: float = 0.05, seed: int = 0) -> pd.DataFrame:

@@ -49,11 +49,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     ("interp_lib.explain.report", "interp_lib.display"):
         "display.table for the report's tables: display imports nothing of the package, so it can "
         "move to the foundation layer (or the report can use artifacts.markdown_table)",
-    # stats takes ArrayLike, BootstrapCI, the _check_* validators and bootstrap_ci from calibration,
-    # while calibration.bootstrap_ci(groups=...) calls stats.cluster_bootstrap: move those shared
-    # pieces into stats (or a foundation module) and have calibration import them from there.
-    ("interp_lib.stats", "interp_lib.calibration"):
-        "the validators and BootstrapCI belong below both: stats must not import calibration",
 }
 
 
