@@ -149,6 +149,23 @@ def _target_ids(model, target, batch: int, n_pos: int) -> Tensor | None:
 
 
 @torch.no_grad()
+def lens_answer_depth(lens: pd.DataFrame, positions=None, majority: float = 0.5) -> float:
+    """How deep the answer appears: the fewest blocks completed (``lens["layer"]``, whole blocks
+    only) after which the target is the lens' top prediction (``target_rank == 0``) at more than
+    ``majority`` of the rows (prompts x ``positions``, default every position with a target).
+    NaN when it never is. ``lens``: :func:`logit_lens` with a target."""
+    if "target_rank" not in lens.columns:
+        raise ValueError("lens has no target_rank column: pass target= to logit_lens")
+    rows = lens[lens["target_rank"].notna() & (lens["layer"] == lens["layer"].round())]
+    if positions is not None:
+        rows = rows[rows["position"].isin(list(positions))]
+    if rows.empty:
+        raise ValueError("lens has no rows with a target at these positions")
+    top = (rows["target_rank"] == 0).groupby(rows["layer"]).mean()
+    reached = top[top > majority]
+    return float(reached.index.min()) if len(reached) else float("nan")
+
+
 def logit_lens(model, text_or_tokens, target=None, k: int = 5, incl_mid: bool = False,
                positions=None) -> pd.DataFrame:
     """The logit lens as a tidy table: one row per (prompt, stage, position).

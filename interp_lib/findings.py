@@ -13,9 +13,14 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["Finding", "show", "summary", "top_predictions", "heldout_loss", "calibration_at_t1",
-           "temperature_scaling", "cloze_accuracy", "model_sizes", "risk_coverage", "guaranteed_risk",
-           "abstention", "ensemble", "ood_detection", "mixed_stream", "interval_widths", "claim_verdicts"]
+import numpy as np
+
+__all__ = ["Finding", "show", "top_predictions", "heldout_loss", "calibration_at_t1", "temperature_scaling",
+           "cloze_accuracy", "model_sizes", "risk_coverage", "guaranteed_risk", "abstention", "ensemble",
+           "ood_detection", "mixed_stream", "logit_difference", "lens_depth", "top_units",
+           "patching_restoration", "attribution_agreement", "joint_ablation", "detection", "icl_ablation",
+           "composition", "position_probes", "head_classes", "ablation_importance",
+           "integrated_gradients_check", "causal_trace", "interval_widths", "claim_verdicts", "summary"]
 
 
 class Finding(str):
@@ -222,6 +227,147 @@ def mixed_stream(table) -> str:
         kept = rows.set_index("domain")["coverage"]
         parts.append(f"{name} {' / '.join(_pct(float(kept.get(d, float('nan'))), 0) for d in domains)}")
     return f"Kept on {' / '.join(domains)}: " + "; ".join(parts) + "."
+
+
+# -------------------------------------------------------------------------------- 03 / 04 circuits
+
+def logit_difference(diffs, what: str = "answer") -> str:
+    """``diffs``: per-prompt logit difference answer - alternative."""
+    diffs = np.asarray(diffs, dtype=float)
+    share = float((diffs > 0).mean())
+    verdict = ("the model solves the task" if share >= 0.9 else
+               "the model prefers the answer on most prompts" if share > 0.5 else
+               "the model does not solve the task: later findings explain a behaviour it lacks")
+    return (f"The {what} beats the alternative by {diffs.mean():.2f} ± {diffs.std():.2f} logits and wins on "
+            f"{share:.0%} of {len(diffs)} prompts: {verdict}.")
+
+
+def lens_depth(depth: float, n_layers: int, before_last: float, final: float) -> str:
+    """``depth``: ``attribution.lens_answer_depth`` (blocks completed; NaN = never)."""
+    if not _finite(depth):
+        where = "never becomes the lens' top prediction at any depth"
+    elif depth >= n_layers:
+        where = f"becomes the lens' top prediction only after the last block ({n_layers})"
+    else:
+        where = f"becomes the lens' top prediction after {depth:g} of {n_layers} blocks"
+    jump = "most of it is written by the last layer" if final > 2 * max(before_last, 1e-12) else \
+        "it is already mostly there before the last layer"
+    return f"The answer {where}; its probability is {before_last:.3g} before the last layer and {final:.3g} after: {jump}."
+
+
+def top_units(frame, value: str, label: str = "unit", k: int = 3, total: float | None = None,
+              known: Sequence[str] | None = None, role: str = "") -> str:
+    """The ``k`` rows of ``frame`` with the largest |value|: who they are, what share of ``total``
+    they carry, and their overlap with ``known`` units of a ``role``."""
+    top = frame.reindex(frame[value].abs().sort_values(ascending=False).index).head(k)
+    names = ", ".join(f"{row[label]} ({float(row[value]):+.2f})" for _, row in top.iterrows())
+    text = f"The top {len(top)} by |{value}| are {names}"
+    if total is not None and _finite(total) and abs(total) > 1e-9:
+        text += f", together {float(top[value].sum()) / total:.0%} of the total {total:.2f}"
+    if known is not None:
+        known = set(known)
+        hits = [n for n in top[label] if n in known]
+        text += (f"; {len(hits)} of them {'is' if len(hits) == 1 else 'are'} known {role} heads" if known
+                 else f"; no {role} heads are on record for this model to compare with")
+    return text + "."
+
+
+def patching_restoration(value: float, where: str) -> str:
+    if value >= 0.9:
+        grade = "restores the clean behaviour almost fully"
+    elif value >= 0.5:
+        grade = "restores most of the clean behaviour"
+    elif value >= 0.1:
+        grade = "restores part of the clean behaviour: the information is spread over several places"
+    else:
+        grade = "restores almost nothing: no single place carries the difference"
+    return f"Patching {where} {grade} ({value:.2f} of the clean logit difference, normalised)."
+
+
+def attribution_agreement(spearman: float, sign: float) -> str:
+    quality = ("a reliable stand-in" if spearman > 0.8 and sign > 0.9 else
+               "a usable first pass, to be confirmed exactly" if spearman > 0.5 else
+               "not a reliable stand-in here")
+    return (f"Attribution patching ranks heads like exact patching with Spearman {spearman:.2f} and agrees on the "
+            f"sign of {sign:.0%} of head x position cells: {quality}.")
+
+
+def joint_ablation(together: float, alone: Mapping[str, float], method: str) -> str:
+    each = min(alone.values()) if alone else math.nan
+    text = f"Ablating the top heads together ({method}) leaves {together:.2f} of the clean behaviour"
+    if _finite(each):
+        text += ("; each alone leaves at least {:.2f}, so they are redundant: the circuit survives losing any one"
+                 .format(each) if each > 0.5 else f"; one alone already drops it to {each:.2f}")
+    return text + "."
+
+
+# -------------------------------------------------------------------------------- 05 / 06 heads and position
+
+def detection(found: Sequence[str], kind: str, threshold: float, prf: Mapping[str, float] | None = None) -> str:
+    text = (f"{len(found)} {kind} head{'s' if len(found) != 1 else ''} above the dynamic threshold {threshold:.3f}"
+            + (f": {', '.join(found)}" if found else ": none found (a null result for this model and probe)"))
+    if prf:
+        text += (f"; against the ground truth precision {prf['precision']:.2f}, recall {prf['recall']:.2f}, "
+                 f"F1 {prf['f1']:.2f}")
+    return text + "."
+
+
+def icl_ablation(clean_drop: float, ablated_drop: float, fraction: float) -> str:
+    if not _finite(clean_drop) or clean_drop <= 0.1:
+        return (f"The loss barely drops on the repeated half ({clean_drop:.2f} nats): this model does little "
+                "in-context copying, so ablation has nothing to remove.")
+    return (f"The loss drops {clean_drop:.2f} nats on the repeated half; with the heads ablated it drops "
+            f"{ablated_drop:.2f}: they carry {fraction:.0%} of the in-context copying.")
+
+
+def composition(score: float, median: float) -> str:
+    ratio = score / median if median > 0 else math.inf
+    verdict = ("previous-token heads feed the induction heads' keys" if ratio > 1.5 else
+               "no clear K-composition above the typical pair")
+    return f"K-composition previous-token -> induction {score:.3f} vs median pair {median:.3f} ({ratio:.1f}x): {verdict}."
+
+
+def position_probes(accuracy: Sequence[float], streams: Sequence[str], chance: float, control_max: float) -> str:
+    accuracy = [float(a) for a in accuracy]
+    best = int(np.argmax(accuracy))
+    above = [s for s, a in zip(streams, accuracy) if a > 2 * chance]
+    if not above:
+        return (f"No stream holds linearly readable position (best {accuracy[best]:.3f} vs chance {chance:.3f}): "
+                "a null result, as expected without learned position embeddings.")
+    return (f"Position is linearly readable in {len(above)} of {len(streams)} streams, best at {streams[best]} "
+            f"({accuracy[best]:.1%} vs chance {chance:.1%}); the shuffled-label control stays at most "
+            f"{control_max:.1%}, so the probe reads the stream, not its own capacity.")
+
+
+def head_classes(labels: Sequence[str]) -> str:
+    labels = list(labels)
+    counts = {name: labels.count(name) for name in ("position", "hybrid", "content")}
+    if counts["position"] == 0:
+        return (f"No position heads found among {len(labels)} heads ({counts['hybrid']} hybrid, {counts['content']} "
+                "content): attention here follows what tokens are, not where they are.")
+    return (f"{counts['position']} position, {counts['hybrid']} hybrid and {counts['content']} content heads "
+            f"among {len(labels)}.")
+
+
+def ablation_importance(frame, value: str = "drop", label: str = "unit", floor: float = 0.02) -> str:
+    top = frame.loc[frame[value].idxmax()]
+    if float(top[value]) < floor:
+        return (f"No single head matters to the probe: the largest accuracy drop is {float(top[value]):.3f} "
+                f"({top[label]}), within noise.")
+    return f"{top[label]} matters most to the probe: ablating it drops accuracy by {float(top[value]):.3f}."
+
+
+def integrated_gradients_check(error: float, output: float, baseline: float) -> str:
+    scale = max(1.0, abs(output - baseline))
+    verdict = "complete: the attributions add up" if error < 1e-2 * scale else \
+        "not complete: read the attributions as approximate"
+    return f"Integrated gradients: completeness error {error:.2g} logits on a difference of {output - baseline:.2f}, {verdict}."
+
+
+def causal_trace(clean: float, corrupted: float, best: float) -> str:
+    restored = (best - corrupted) / (clean - corrupted) if clean > corrupted else math.nan
+    return (f"Noising the input drops the prediction's probability from {clean:.3f} to {corrupted:.3f}; the best "
+            f"single restored state brings back {restored:.0%} of it.")
 
 
 # -------------------------------------------------------------------------------- 09 claims

@@ -113,3 +113,41 @@ def test_summary_fills_the_results_sentences_and_lists_what_was_not_measured():
     markdown = out._repr_markdown_()
     assert markdown.startswith("### Summary") and "| metric | value |" in markdown
     assert findings.show("x")._repr_markdown_() == "**What this shows.** x"
+
+
+def test_circuit_sentences():
+    assert "the model solves the task" in findings.logit_difference([6.0, 7.0, 5.5])
+    assert "does not solve the task" in findings.logit_difference([-1.0, 0.5, -2.0])
+    assert "after 2 of 3 blocks" in findings.lens_depth(2.0, 3, 0.01, 0.9)
+    assert "never becomes" in findings.lens_depth(float("nan"), 2, 0.01, 0.02)
+    assert "only after the last block" in findings.lens_depth(2.0, 2, 0.01, 0.9)
+    frame = pd.DataFrame({"unit": ["L1H0", "L1H2", "L0H1", "L1H1"], "dla": [4.0, -3.0, 0.5, 2.0]})
+    text = findings.top_units(frame, "dla", k=2, total=10.0, known=["L1H0", "L1H1"], role="induction")
+    assert text == ("The top 2 by |dla| are L1H0 (+4.00), L1H2 (-3.00), together 10% of the total 10.00; "
+                    "1 of them is known induction heads.")
+    assert "no induction heads are on record" in findings.top_units(frame, "dla", known=[], role="induction")
+    assert "almost fully" in findings.patching_restoration(0.97, "x")
+    assert "restores almost nothing" in findings.patching_restoration(0.02, "x")
+    assert "reliable stand-in" in findings.attribution_agreement(0.9, 0.95)
+    assert "not a reliable stand-in" in findings.attribution_agreement(0.2, 0.6)
+    assert "redundant" in findings.joint_ablation(0.1, {"a": 0.8, "b": 0.9}, "mean")
+    assert "one alone already drops it to 0.20" in findings.joint_ablation(0.1, {"a": 0.2}, "mean")
+
+
+def test_head_and_position_sentences():
+    assert "none found (a null result" in findings.detection([], "induction", 0.4)
+    text = findings.detection(["L1H0"], "induction", 0.4, {"precision": 1.0, "recall": 0.5, "f1": 0.667})
+    assert text.startswith("1 induction head above") and "recall 0.50" in text
+    assert "nothing to remove" in findings.icl_ablation(0.05, 0.04, float("nan"))
+    assert "they carry 80% of" in findings.icl_ablation(2.0, 0.4, 0.8)
+    assert "feed the induction heads' keys" in findings.composition(0.3, 0.1)
+    assert "no clear K-composition" in findings.composition(0.11, 0.1)
+    assert "No stream holds" in findings.position_probes([0.03, 0.04], ["embed", "L0 out"], 0.03, 0.04)
+    assert "best at embed" in findings.position_probes([0.9, 0.4], ["embed", "L0 out"], 0.03, 0.04)
+    assert "No position heads found among 3" in findings.head_classes(["content", "hybrid", "content"])
+    frame = pd.DataFrame({"unit": ["L1H0", "L1H1"], "drop": [0.01, -0.002]})
+    assert "No single head matters" in findings.ablation_importance(frame)
+    assert "L1H1 matters most" in findings.ablation_importance(frame.assign(drop=[0.01, 0.3]))
+    assert "not complete" in findings.integrated_gradients_check(0.5, 3.0, 1.0)
+    assert "complete: the attributions add up" in findings.integrated_gradients_check(1e-4, 3.0, 1.0)
+    assert "brings back 50% of it" in findings.causal_trace(0.9, 0.1, 0.5)

@@ -464,3 +464,21 @@ def test_dla_bad_input(toy_lm):
         A.direct_logit_attribution(toy_lm, tokens, 10**6)
     with pytest.raises(ValueError, match="answer has shape"):
         A.direct_logit_attribution(toy_lm, tokens, torch.tensor([1, 2]))
+
+
+def test_lens_answer_depth_finds_the_induction_layer(toy_2l):
+    """Planted truth: on BOS + S + S, toy-2l can only predict the second copy's next token after its
+    induction layer (block 1, i.e. 2 blocks completed); the first copy (random) never."""
+    from interp_lib import heads as H
+
+    clean = H.repeat_probe_tokens(toy_2l, 20, 0, 2, seed=0)
+    target = torch.cat([clean[:, 1:], torch.full((2, 1), -1)], dim=1)
+    lens = A.logit_lens(toy_2l, clean, target=target, incl_mid=True)
+    assert A.lens_answer_depth(lens, positions=range(21, 40)) == 2.0
+    assert math.isnan(A.lens_answer_depth(lens, positions=range(1, 20)))
+    # by hand: the share of rows where the target is top, per whole block
+    rows = lens[lens["position"].between(21, 39) & (lens["layer"] == lens["layer"].round())]
+    share = (rows["target_rank"] == 0).groupby(rows["layer"]).mean()
+    assert share.loc[1.0] <= 0.5 < share.loc[2.0]
+    with pytest.raises(ValueError, match="pass target="):
+        A.lens_answer_depth(A.logit_lens(toy_2l, clean[:1]))
