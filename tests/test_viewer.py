@@ -548,3 +548,35 @@ def test_chromium_shows_the_explanation_once_with_verdict_units_and_legend(brows
     assert "contradicted" not in verdict.get_attribute("class")
     assert verdict.text.startswith("Scored by detection: 0.740 ROC AUC (chance 0.500")
     assert _severe(browser) == []
+
+
+def test_chromium_neurons_and_heads_of_one_model_on_one_page(browser, tmp_path):
+    """Neuron records (labels L0N17, ...) sit on the grid by their rank in their layer, after
+    the heads' columns; clicking, arrow keys and the exported ratings use their labels."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    toks = [" The", " cat", " sat", " on", " the", " mat"]
+    neurons = [HeadRecord(layer=layer, head=index, unit_kind="neuron",
+                          explanation=Explanation(text=f"Fires on the token ' the' (neuron {index})"),
+                          scores={"contrastive": ScoreResult("contrastive", 1.5, n=8)},
+                          top_events=[Event(layer, index, 0, 4, 9.5, "top", toks, [], unit_kind="neuron")])
+               for layer, index in ((0, 17), (0, 300), (1, 5))]
+    records = make_records()[:2] + neurons
+    data = viewer_data(records)
+    assert data["columns"] == {"L1H0": 0, "L0H2": 2, "L0N17": 3, "L0N300": 4, "L1N5": 3}
+    assert data["column_prefix"] == "#" and data["n_heads"] == 5
+    path = write_viewer(records, tmp_path / "viewer.html")
+    _open(browser, path.resolve().as_uri())
+    _cell(browser, "L0N300").click()
+    assert browser.find_element(By.ID, "detail-label").text == "L0N300"
+    assert "Fires on the token" in browser.find_element(By.TAG_NAME, "body").text
+    browser.find_element(By.CSS_SELECTOR, '.rate-btn[data-value="5"]').click()
+    _cell(browser, "L0N300").send_keys(Keys.ARROW_LEFT)     # the column before: L0N17
+    assert browser.find_element(By.ID, "detail-label").text == "L0N17"
+    browser.find_element(By.TAG_NAME, "body").send_keys("3")
+    exported = json.loads(browser.execute_script("return window.interpLibViewer.exportRatings()"))
+    assert [(e["label"], e["rating"]) for e in exported["ratings"]] == [("L0N17", 3), ("L0N300", 5)]
+    frame = read_ratings(exported)
+    assert list(frame["label"]) == ["L0N17", "L0N300"] and list(frame["head"]) == [17, 300]
+    assert _severe(browser) == []

@@ -1,4 +1,9 @@
-"""Stages 1-2 of the head explainer: sample text windows, then stream per-head events.
+"""Stages 1-2 of the explainer: sample text windows, then stream per-unit events.
+
+Units are attention heads or MLP neurons (:mod:`interp_lib.units`). A neuron's events are
+ranked by its activation ``blocks.L.mlp.hook_post[..., i]`` (``EventSet.salience ==
+"activation"``) with the same top / random / quantile reductions as below, and attend to
+nothing (``Event.attended == []``); the rest of this docstring is about heads.
 
 :func:`sample_windows` cuts a corpus into BOS-prefixed token windows (fixed seed, length and
 count, exact duplicates removed). :func:`collect_events` runs the model over the windows in
@@ -50,7 +55,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .records import Event, _jsonable, head_label, parse_head_label
+from ..units import Head, parse_units, unit_count
+from .records import Event, _jsonable, head_label, make_unit, parse_head_label, parse_unit_label
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +69,28 @@ SALIENCE_DESCRIPTIONS = {
                          "last position of a window, which has no next token, counts 0)",
 }
 """What each salience measures (recorded with the events: ``EventSet.config["salience_description"]``)."""
+NEURON_SALIENCE = "activation"
+NEURON_SALIENCE_DESCRIPTION = ("the neuron's activation blocks.L.mlp.hook_post[..., i] (after the MLP "
+                               "nonlinearity) at the position")
+
+
+def units_kind(units) -> str:
+    """``"neuron"`` when ``units`` names neurons (``Neuron`` objects or labels like ``L0N5``),
+    else ``"head"`` (pairs, ``Head`` objects, ``"all"``, head labels)."""
+    from ..units import Neuron
+
+    items = units.split(",") if isinstance(units, str) else [units] if isinstance(units, Neuron) else units
+    try:
+        items = list(items)
+    except TypeError:
+        return "head"
+    for item in items:
+        if isinstance(item, Neuron) or (isinstance(item, str) and "N" in item.strip()[1:].upper()):
+            return "neuron"
+    return "head"
 EVENT_KINDS = ("top", "random", "quantile")
 DATASETS = ("auto", "bundled", "wikitext", "code")
 
-Head = tuple[int, int]
 
 _MASK32 = 0xFFFFFFFF
 _KEY_SENTINEL = (1 << 63) - 1  # above every sample key: marks an empty slot
@@ -157,13 +181,17 @@ def sample_windows(model, dataset: str = "auto", n_windows: int = 256, window_le
 # Event set
 # --------------------------------------------------------------------------------------------
 
-def _label_key(key) -> str:
-    return head_label(*key) if isinstance(key, tuple) else str(key)
+def _label_key(key, unit_kind: str = "head") -> str:
+    return make_unit(*key, unit_kind).label if isinstance(key, tuple) else str(key)
 
 
 @dataclass
 class EventSet:
-    """Per-head events of one collection run (see the module docstring). JSON round-trips."""
+    """Per-unit events of one collection run (see the module docstring). JSON round-trips.
+
+    Keyed by ``(layer, index)`` (a :class:`~interp_lib.units.Head` / ``Neuron`` finds its
+    entry); ``unit_kind`` says which kind every key is, ``n_heads`` the units per layer (heads,
+    or ``d_mlp`` for neurons)."""
 
     n_layers: int
     n_heads: int
@@ -175,12 +203,13 @@ class EventSet:
     quantile: dict[Head, list[Event]] = field(default_factory=dict)  # low to high activation
     activation_stats: dict[Head, dict] = field(default_factory=dict)  # mean, std, min, max, n
     config: dict[str, Any] = field(default_factory=dict)      # the collection arguments
+    unit_kind: str = "head"                                   # "head" | "neuron"
 
     def _check_head(self, layer: int, head: int) -> Head:
         key = (int(layer), int(head))
         if key not in self.top:
-            raise ValueError(f"head {head_label(*key)} has no events here; collected heads: "
-                             f"{', '.join(head_label(*k) for k in self.heads()) or 'none'}")
+            raise ValueError(f"{self.unit_kind} {_label_key(key, self.unit_kind)} has no events here; collected "
+                             f"{self.unit_kind}s: {', '.join(u.label for u in self.units()) or 'none'}")
         return key
 
     def events(self, layer: int, head: int, kinds: Sequence[str] = EVENT_KINDS) -> list[Event]:
@@ -196,11 +225,16 @@ class EventSet:
     def heads(self) -> list[Head]:
         return sorted(self.top)
 
+    def units(self) -> list:
+        """The collected units, typed (``Head`` / ``Neuron``), in order."""
+        return [make_unit(*key, self.unit_kind) for key in sorted(self.top)]
+
     def to_dict(self) -> dict:
-        data = {name: getattr(self, name) for name in ("n_layers", "n_heads", "n_windows", "window_len", "salience")}
+        data = {name: getattr(self, name) for name in ("n_layers", "n_heads", "n_windows", "window_len", "salience",
+                                                        "unit_kind")}
         for kind in EVENT_KINDS:
-            data[kind] = {_label_key(k): [e.to_dict() for e in v] for k, v in getattr(self, kind).items()}
-        data["activation_stats"] = {_label_key(k): _jsonable(v) for k, v in self.activation_stats.items()}
+            data[kind] = {_label_key(k, self.unit_kind): [e.to_dict() for e in v] for k, v in getattr(self, kind).items()}
+        data["activation_stats"] = {_label_key(k, self.unit_kind): _jsonable(v) for k, v in self.activation_stats.items()}
         data["config"] = _jsonable(self.config)
         return data
 
@@ -209,12 +243,13 @@ class EventSet:
         missing = [k for k in ("n_layers", "n_heads", "n_windows", "window_len", "salience") if k not in data]
         if missing:
             raise ValueError(f"EventSet data lacks {missing}: expected the output of EventSet.to_dict()")
-        kinds = {kind: {parse_head_label(k): [Event.from_dict(e) for e in v] for k, v in data.get(kind, {}).items()}
-                 for kind in EVENT_KINDS}
-        stats = {parse_head_label(k): {n: (float("nan") if x is None else x) for n, x in v.items()}
+        kinds = {kind: {parse_unit_label(k): [Event.from_dict(e) for e in v]
+                        for k, v in data.get(kind, {}).items()} for kind in EVENT_KINDS}
+        stats = {parse_unit_label(k): {n: (float("nan") if x is None else x) for n, x in v.items()}
                  for k, v in data.get("activation_stats", {}).items()}
         return cls(int(data["n_layers"]), int(data["n_heads"]), int(data["n_windows"]), int(data["window_len"]),
-                   str(data["salience"]), activation_stats=stats, config=dict(data.get("config", {})), **kinds)
+                   str(data["salience"]), activation_stats=stats, config=dict(data.get("config", {})),
+                   unit_kind=str(data.get("unit_kind", "head")), **kinds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +377,10 @@ class _LayerState:
                 positions = torch.nn.functional.pad(positions, (0, pad), value=n_keys)
             return positions, weights
 
+        self._reduce(s, batch, attended)
+
+    def _reduce(self, s: Float[Tensor, "unit cand"], batch: dict, attended) -> None:
+        gidx = batch["gidx"]
         self.top.update(-s, s, gidx, attended)
         if self.sample is not None:
             self.sample.update(_sample_keys(self.salt, batch["hashed"], gidx), s, gidx, attended)
@@ -351,6 +390,24 @@ class _LayerState:
         self.max = torch.maximum(self.max, s.max(1).values)
         self.min = torch.minimum(self.min, s.min(1).values)
         self.count += s.shape[1]
+
+
+class _NeuronLayerState(_LayerState):
+    """The same streaming state for the selected MLP neurons of one layer: salience is the
+    neuron's activation ``blocks.{layer}.mlp.hook_post[..., index]``; nothing is attended."""
+
+    def salience(self, post: Float[Tensor, "batch pos neuron"]) -> Float[Tensor, "neuron cand"]:
+        post = post.index_select(2, self.index).float() if not self.all_heads else post.float()
+        return post.permute(2, 0, 1).reshape(len(self.heads), -1)
+
+    def update(self, post: Tensor, q0: int, batch: dict) -> None:
+        def attended(units: Int[Tensor, "n"], cand: Int[Tensor, "n"]):
+            # no sources: a position past every query with a negative weight, dropped at the end
+            shape = (len(units), self.n_att)
+            return (torch.full(shape, 1 << 30, dtype=torch.long, device=units.device),
+                    torch.full(shape, -1.0, device=units.device))
+
+        self._reduce(self.salience(post[:, q0:]), batch, attended)
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,39 +422,8 @@ def _check_int(value, name: str, minimum: int) -> int:
 
 def parse_heads(heads, n_layers: int, n_heads: int) -> list[Head]:
     """``"all"``, ``[(layer, head), ...]`` or ``["L1H0", ...]`` (or a comma-separated string of
-    labels) -> sorted unique ``(layer, head)`` pairs, checked against the model's range."""
-    if isinstance(heads, str):
-        if heads.strip().lower() == "all":
-            return [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
-        heads = [part for part in heads.split(",") if part.strip()]
-    if isinstance(heads, tuple) and len(heads) == 2 and all(isinstance(x, (int, np.integer)) for x in heads):
-        heads = [heads]
-    try:
-        items = list(heads)
-    except TypeError:
-        raise ValueError(f"heads={heads!r}: expected 'all', a list of (layer, head) pairs or labels like 'L1H0'") from None
-    if not items:
-        raise ValueError("heads=[]: expected 'all' or at least one head")
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            pair = parse_head_label(item)
-        else:
-            try:
-                layer, head = item
-                if isinstance(layer, bool) or isinstance(head, bool):
-                    raise TypeError
-                pair = (int(layer), int(head))
-                if pair != (layer, head):
-                    raise TypeError
-            except (TypeError, ValueError):
-                raise ValueError(f"heads entry {item!r}: expected a (layer, head) pair of integers or a label "
-                                 "like 'L1H0'") from None
-        if not (0 <= pair[0] < n_layers and 0 <= pair[1] < n_heads):
-            raise ValueError(f"head {head_label(*pair)} ({item!r}) is out of range: this model has layers "
-                             f"0..{n_layers - 1} and heads 0..{n_heads - 1}")
-        out.append(pair)
-    return sorted(set(out))
+    labels) -> sorted unique heads, checked against the model's range (:func:`interp_lib.units.parse_units`)."""
+    return parse_units(heads, n_layers, n_heads, "head", name="heads")
 
 
 def _check_windows(windows, model) -> Tensor:
@@ -471,19 +497,57 @@ def head_salience(model, tokens: Int[Tensor, "batch pos"], heads, salience: str 
         else:
             value = torch.einsum("bpe,ebp->bp", z @ w_o, columns)
             value = torch.where(following >= 0, value, torch.zeros_like(value))
-        out[(layer, head)] = value.cpu()
+        out[Head(layer, head)] = value.cpu()
+    return out
+
+
+@torch.no_grad()
+def neuron_activation(model, tokens: Int[Tensor, "batch pos"], neurons) -> dict:
+    """Per-position activation ``blocks.L.mlp.hook_post[..., i]`` of ``neurons`` (labels like
+    ``L0N5``, pairs or ``Neuron`` objects) on ``tokens``: one ``[batch, pos]`` tensor per neuron,
+    the quantity :func:`collect_events` ranks a neuron's events by."""
+    cfg = model.cfg
+    tokens = torch.as_tensor(tokens)
+    tokens = _check_windows(tokens if tokens.ndim == 2 else tokens[None], model)
+    selected = parse_units(neurons, cfg.n_layers, unit_count(model, "neuron")[1], "neuron", name="neurons")
+    device = torch.device(cfg.device) if getattr(cfg, "device", None) is not None else torch.device("cpu")
+    names = {f"blocks.{layer}.mlp.hook_post" for layer, _ in selected}
+    last = max(layer for layer, _ in selected) + 1
+    kwargs = {"stop_at_layer": last} if last < cfg.n_layers else {}
+    _, cache = model.run_with_cache(tokens.to(device), names_filter=lambda n: n in names, **kwargs)
+    return {unit: cache[f"blocks.{unit.layer}.mlp.hook_post"][:, :, unit.index].float().cpu() for unit in selected}
+
+
+def unit_activation(model, tokens: Int[Tensor, "batch pos"], units, salience: str = "next_token_effect") -> dict:
+    """What a unit's events are ranked by, per position: :func:`head_salience` for heads (with
+    ``salience``), :func:`neuron_activation` for neurons. ``units`` may mix both kinds."""
+    from ..units import Neuron
+
+    units = list(units)
+    neurons = [u for u in units if isinstance(u, Neuron)]
+    heads = [u for u in units if not isinstance(u, Neuron)]
+    out: dict = {}
+    if heads:
+        out.update(head_salience(model, tokens, heads, salience))
+    if neurons:
+        out.update(neuron_activation(model, tokens, neurons))
     return out
 
 
 def collect_events(model, windows: Int[Tensor, "window pos"], heads="all", *, top_k: int = 20, n_random: int = 10,
                    n_quantile: int = 10, salience: str = "z_norm", n_attended: int = 5, batch_size: int = 16,
                    skip_bos: bool = True, seed: int = 0, progress: bool = True,
-                   quantile_reservoir: int = 256) -> EventSet:
-    """Stream the windows through the model and keep, per head, its top / random / quantile events.
+                   quantile_reservoir: int = 256, kind: str | None = None) -> EventSet:
+    """Stream the windows through the model and keep, per unit, its top / random / quantile events.
 
     Args:
         windows: ``[window, pos]`` token ids (BOS first), e.g. from :func:`sample_windows`.
-        heads: ``"all"``, ``[(layer, head), ...]`` or labels ``["L1H0", ...]``.
+        heads: the units: ``"all"``, ``[(layer, head), ...]``, labels ``["L1H0", ...]`` or
+            ``["L0N5", ...]``, or ``Head`` / ``Neuron`` objects.
+        kind: ``"head"`` or ``"neuron"`` (default: read from ``heads``, see :func:`units_kind`;
+            ``"all"`` means every head). Neurons are ranked by their activation
+            ``blocks.L.mlp.hook_post[..., i]`` (``salience`` does not apply; the EventSet records
+            ``"activation"``) and attend to nothing, so their events have no ``attended``.
         top_k: most salient query positions kept per head (strongest first).
         n_random: uniformly sampled positions per head (0: none).
         n_quantile: events at evenly spaced quantiles (lowest to highest) of a per-head uniform
@@ -505,13 +569,18 @@ def collect_events(model, windows: Int[Tensor, "window pos"], heads="all", *, to
     n_attended = _check_int(n_attended, "n_attended", 1)
     batch_size = _check_int(batch_size, "batch_size", 1)
     quantile_reservoir = _check_int(quantile_reservoir, "quantile_reservoir", 1)
-    if salience not in SALIENCE:
+    kind = units_kind(heads) if kind is None else kind
+    neurons = kind == "neuron"
+    if not neurons and salience not in SALIENCE:
         raise ValueError(f"salience={salience!r}: expected one of {', '.join(SALIENCE)}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise ValueError(f"seed={seed!r}: expected an integer")
     cfg = model.cfg
     windows = _check_windows(windows, model)
-    selected = parse_heads(heads, cfg.n_layers, cfg.n_heads)
+    per_layer = unit_count(model, kind)[1]
+    selected = parse_units(heads, cfg.n_layers, per_layer, kind, name="heads" if not neurons else "neurons")
+    if neurons:
+        salience, n_attended = NEURON_SALIENCE, 1
     n_windows, n_pos = windows.shape
     if n_windows * n_pos >= 2**31:  # positions are packed into 31 bits of the sample keys
         raise ValueError(f"windows has {n_windows} x {n_pos} positions: expected fewer than 2**31; collect in parts")
@@ -524,12 +593,17 @@ def collect_events(model, windows: Int[Tensor, "window pos"], heads="all", *, to
         by_layer.setdefault(layer, []).append(head)
     states: dict[int, _LayerState] = {}
     with torch.inference_mode():
-        w_o = model.W_O if salience == "resid_write_norm" else None
+        w_o = model.W_O if salience == "resid_write_norm" and not neurons else None
         unembed = None
         if salience == "next_token_effect":
             unembed = model.W_U.float().to(device)
             unembed = unembed - unembed.mean(-1, keepdim=True)
         for layer, layer_heads in by_layer.items():
+            if neurons:
+                states[layer] = _NeuronLayerState(layer, layer_heads, per_layer, top_k=top_k,
+                                                  n_sample=n_random + reservoir, n_att=1, seed=int(seed),
+                                                  w_o_gram=None, device=device)
+                continue
             gram = None
             if w_o is not None:
                 w = w_o[layer, layer_heads].to(device).double()
@@ -553,6 +627,9 @@ def collect_events(model, windows: Int[Tensor, "window pos"], heads="all", *, to
 
         fwd_hooks = []
         for layer in states:
+            if neurons:  # the same reduction as z_hook, on the MLP's post-activation
+                fwd_hooks.append((f"blocks.{layer}.mlp.hook_post", z_hook))
+                continue
             fwd_hooks.append((f"blocks.{layer}.attn.hook_pattern", pattern_hook))
             fwd_hooks.append((f"blocks.{layer}.attn.hook_z", z_hook))
         last = max(states) + 1
@@ -595,14 +672,18 @@ def collect_events(model, windows: Int[Tensor, "window pos"], heads="all", *, to
             attended = [(int(p), float(w)) for p, w in zip(data["att_pos"][row, slot], data["att_w"][row, slot])
                         if p <= pos and w >= 0]
             events.append(Event(layer, head, window, pos, float(data["val"][row, slot]), kind,
-                                tokens_of(window)[: pos + 1], attended))
+                                tokens_of(window)[: pos + 1], attended, unit_kind=unit_kind))
         return events
 
-    result = EventSet(cfg.n_layers, cfg.n_heads, n_windows, n_pos, salience,
-                      config={"salience_description": SALIENCE_DESCRIPTIONS[salience],
+    unit_kind = "neuron" if neurons else "head"
+    description = NEURON_SALIENCE_DESCRIPTION if neurons else SALIENCE_DESCRIPTIONS[salience]
+    result = EventSet(cfg.n_layers, per_layer, n_windows, n_pos, salience,
+                      config={"salience_description": description,
                               "top_k": top_k, "n_random": n_random, "n_quantile": n_quantile,
-                              "n_attended": n_attended, "skip_bos": bool(skip_bos), "seed": int(seed),
-                              "quantile_reservoir": reservoir, "heads": [head_label(*h) for h in selected]})
+                              "n_attended": 0 if neurons else n_attended, "skip_bos": bool(skip_bos),
+                              "seed": int(seed), "quantile_reservoir": reservoir,
+                              ("neurons" if neurons else "heads"): [u.label for u in selected]},
+                      unit_kind=unit_kind)
     for layer, state in states.items():
         top = state.top.cpu()
         sample = state.sample.cpu() if state.sample is not None else None
@@ -610,7 +691,7 @@ def collect_events(model, windows: Int[Tensor, "window pos"], heads="all", *, to
         total, total_sq = state.total.cpu().numpy(), state.total_sq.cpu().numpy()
         maxima, minima = state.max.cpu().numpy(), state.min.cpu().numpy()
         for row, head in enumerate(state.heads):
-            key = (layer, head)
+            key = make_unit(layer, head, unit_kind)
             result.top[key] = to_events(top, row, range(top_k), layer, head, "top")
             result.random[key], result.quantile[key] = [], []
             if sample is not None:

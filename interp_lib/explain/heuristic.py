@@ -376,3 +376,79 @@ def heuristic_explanations(model, windows: Int[Tensor, "window pos"] | None = No
     explanations = {(int(row["layer"]), int(row["head"])): heuristic_explanation(row)
                     for row in stats.to_dict("records")}
     return explanations, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Neurons
+# --------------------------------------------------------------------------------------------
+
+#: A neuron is said to fire "on the token X" when X is the current token of at least this share
+#: of its top events; below it the explanation lists its most common tokens.
+NEURON_TOKEN_SHARE = 0.5
+_NEURON_CONTEXT = 6  # tokens of context (ending at the event) in a test example
+
+
+def _context_text(event, n_tokens: int = _NEURON_CONTEXT) -> str:
+    tokens = [t for t in event.tokens[max(1, event.position + 1 - n_tokens): event.position + 1]]
+    return "".join(tokens)
+
+
+def _mean(values) -> float:
+    values = [v for v in values if math.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def neuron_explanation(top: list, random: list, quantile: list = ()) -> tuple[Explanation, dict[str, Any]]:
+    """The offline explanation of one MLP neuron from its events: which current token(s)
+    dominate its top events, with a confidence (the share of top events at those tokens).
+
+    Returns ``(explanation, statistics)``; the statistics hold ``top_token``, ``top_token_share``,
+    ``confidence``, ``mean_top`` and ``mean_random`` (the mean activation of its top and random
+    events). The positive test examples are short contexts ending at top events on the named
+    token(s); the negative ones, contexts of random / quantile events that contain none of them
+    (so the contrastive scorer asks whether the named token drives the neuron)."""
+    if not top:
+        raise ValueError("neuron_explanation: no top events (expected the neuron's top events)")
+    counts: dict[str, int] = {}
+    for event in top:
+        counts[event.query_token] = counts.get(event.query_token, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    token, n_token = ranked[0]
+    share = n_token / len(top)
+    mean_top, mean_random = _mean(e.activation for e in top), _mean(e.activation for e in random)
+    versus = f"mean activation {mean_top:.2f} at its top events vs {mean_random:.2f} at random positions"
+    if share >= NEURON_TOKEN_SHARE:
+        named = [token]
+        text = f"Fires on the token {token!r} ({n_token} of its {len(top)} top events; {versus})."
+    else:
+        named = [t for t, _ in ranked[:3]]
+        listed = ", ".join(f"{t!r} ({n})" for t, n in ranked[:3])
+        text = (f"Fires on several tokens, most often {listed} of its {len(top)} top events; no single "
+                f"token dominates ({versus}).")
+    confidence = sum(counts[t] for t in named) / len(top)
+    positive = list(dict.fromkeys(_context_text(e) for e in top if e.query_token in named))[:5]
+    negative = list(dict.fromkeys(_context_text(e) for e in [*random, *quantile]
+                                  if not any(t in named for t in e.tokens[1:e.position + 1])))[:5]
+    explanation = Explanation(text=text, positive_examples=positive, negative_examples=negative, source="heuristic")
+    stats = {"top_token": token, "top_token_share": share, "confidence": confidence,
+             "mean_top": mean_top, "mean_random": mean_random}
+    return explanation, stats
+
+
+def neuron_heuristic_explanations(event_set, units=None) -> tuple[dict, pd.DataFrame]:
+    """Explain every neuron of ``event_set`` (an EventSet of neurons) offline ->
+    ``({Neuron: Explanation}, statistics frame)`` (one row per neuron, the unit schema's columns
+    ``unit``, ``layer``, ``index``, ``kind`` first)."""
+    from ..units import unit_frame
+
+    if getattr(event_set, "unit_kind", "head") != "neuron":
+        raise ValueError("neuron_heuristic_explanations: expected the EventSet of neurons "
+                         f"(unit_kind 'neuron'), got unit_kind {getattr(event_set, 'unit_kind', None)!r}")
+    units = event_set.units() if units is None else list(units)
+    explanations, rows = {}, []
+    for unit in units:
+        explanation, stats = neuron_explanation(event_set.top.get(unit, []), event_set.random.get(unit, []),
+                                                event_set.quantile.get(unit, []))
+        explanations[unit] = explanation
+        rows.append((unit, stats))
+    return explanations, unit_frame(rows)

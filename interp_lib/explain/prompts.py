@@ -86,6 +86,54 @@ _EVENT_NOTE = (
     "attention to tokens before the shown text is listed after it. The activation is the size "
     "of the head's output at the query: higher means the head does more there.")
 
+# MLP neurons: the same prompts, about a neuron's activation at a token (nothing is attended)
+_NEURON_EXPLANATION_FORMAT = (
+    '{"explanation": "<one or two sentences: what makes the neuron active>", '
+    '"positive_examples": ["<text>", ...], "negative_examples": ["<text>", ...]}')
+
+NEURON_EXPLAIN_SYSTEM = (
+    "You are an interpretability researcher explaining what one MLP neuron of a transformer "
+    "language model responds to. You are shown texts that each end at a token where the neuron's "
+    "activation was measured. Say which tokens or contexts make the neuron active and what it "
+    "seems to detect. Then write test texts: positive examples are short texts (one or two "
+    "sentences) in which the neuron should be strongly active at some token; negative examples "
+    "are similar texts in which it should not be.\n"
+    "Answer with one JSON object and nothing else:\n"
+    f"{_NEURON_EXPLANATION_FORMAT}\n"
+    "Give 4 to 8 positive and 4 to 8 negative examples.")
+
+NEURON_SIMULATE_SYSTEM = SIMULATE_SYSTEM.replace("one attention head", "one MLP neuron").replace(
+    "how strongly the head is active when that token is the query (the head sees only the tokens "
+    "up to it)", "how strongly the neuron is active at that token (it sees only the tokens up to it)")
+NEURON_DETECT_SYSTEM = DETECT_SYSTEM.replace("one attention head", "one MLP neuron").replace(
+    "query token", "token").replace("the head", "the neuron")
+NEURON_DETECT_SYSTEM_PROBABILITIES = DETECT_SYSTEM_PROBABILITIES.replace(
+    "one attention head", "one MLP neuron").replace("query token", "token").replace("the head", "the neuron")
+NEURON_REFINE_SYSTEM = (
+    "You are an interpretability researcher revising your explanation of one MLP neuron of a "
+    "transformer language model. You are given your current explanation and texts where a "
+    "simulator that read it predicted the neuron's activation at the marked token badly "
+    "(0 = not active, 10 = as active as it ever is). Revise the explanation so that it predicts "
+    "these texts correctly without losing what it already got right.\n"
+    "Answer with one JSON object and nothing else, in the same format:\n"
+    f"{_NEURON_EXPLANATION_FORMAT}\n"
+    "Give 4 to 8 positive and 4 to 8 negative examples.")
+
+_NEURON_EVENT_NOTE = (
+    "Each example is a text that ends at a token marked [[like this]]. The activation is the "
+    "neuron's activation at that token (after the MLP nonlinearity): higher means it is more active.")
+
+
+def _is_neuron_label(label: str) -> bool:
+    return "N" in str(label).strip()[1:].upper()
+
+
+def _noun(kind: str) -> str:
+    if kind not in ("head", "neuron"):
+        raise ValueError(f"kind={kind!r}: expected 'head' or 'neuron'")
+    return kind
+
+
 _KIND_TITLES = {"top": "Top-activating examples", "quantile": "Examples across the activation range",
                 "random": "Random positions (for contrast)"}
 
@@ -176,7 +224,9 @@ def approx_token_count(text: str) -> int:
 
 
 def _explanation_user(label: str, events: Sequence[Event], max_context: int, n_attended: int) -> str:
-    lines = [f"Attention head {label}.", "", _EVENT_NOTE]
+    neuron = _is_neuron_label(label)
+    lines = [f"MLP neuron {label}." if neuron else f"Attention head {label}.", "",
+             _NEURON_EVENT_NOTE if neuron else _EVENT_NOTE]
     groups: dict[str, list[Event]] = {}
     for event in events:
         groups.setdefault(event.kind, []).append(event)
@@ -188,7 +238,7 @@ def _explanation_user(label: str, events: Sequence[Event], max_context: int, n_a
             number += 1
             text = format_event(event, max_context=max_context, n_attended=n_attended)
             lines.append(f"{number}. activation {event.activation:.2f}: {text}")
-    lines += ["", "Explain what this head does, in the JSON format given."]
+    lines += ["", f"Explain what this {'neuron' if neuron else 'head'} does, in the JSON format given."]
     return "\n".join(lines)
 
 
@@ -215,7 +265,8 @@ def explanation_messages(label: str, events: Sequence[Event], *, max_prompt_toke
     count = count_tokens or approx_token_count
 
     def build(chosen: list[Event], context: int) -> tuple[list[dict], int]:
-        messages = [{"role": "system", "content": EXPLAIN_SYSTEM},
+        system = NEURON_EXPLAIN_SYSTEM if _is_neuron_label(label) else EXPLAIN_SYSTEM
+        messages = [{"role": "system", "content": system},
                     {"role": "user", "content": _explanation_user(label, chosen, context, n_attended)}]
         return messages, sum(count(m["content"]) for m in messages)
 
@@ -329,10 +380,10 @@ def parse_explanation(content: str | None, *, source: str) -> Explanation:
 # Simulation
 # ---------------------------------------------------------------------------------------------
 
-def _describe(explanation: Explanation) -> list[str]:
+def _describe(explanation: Explanation, kind: str = "head") -> list[str]:
     if not isinstance(explanation, Explanation):
         raise TypeError(f"explanation={explanation!r}: expected an interp_lib.explain.Explanation")
-    lines = [f"Head description: {explanation.text}"]
+    lines = [f"{_noun(kind).capitalize()} description: {explanation.text}"]
     if explanation.attends_from:
         lines.append(f"Attends from: {explanation.attends_from}")
     if explanation.attends_to:
@@ -340,15 +391,17 @@ def _describe(explanation: Explanation) -> list[str]:
     return lines
 
 
-def simulation_messages(explanation: Explanation, event_tokens: Sequence[str]) -> list[dict]:
-    """Ask the simulator for one activation (0-10) per token of ``event_tokens``."""
+def simulation_messages(explanation: Explanation, event_tokens: Sequence[str], kind: str = "head") -> list[dict]:
+    """Ask the simulator for one activation (0-10) per token of ``event_tokens`` (of a head, or
+    with ``kind="neuron"`` of an MLP neuron)."""
     tokens = list(event_tokens)
     if not tokens:
         raise ValueError("event_tokens=[]: expected at least one token to simulate")
-    lines = _describe(explanation) + ["", f"Text ({len(tokens)} tokens):"]
+    lines = _describe(explanation, kind) + ["", f"Text ({len(tokens)} tokens):"]
     lines += [f"{i}\t{visible_token(t)}" for i, t in enumerate(tokens, 1)]
     lines += ["", f"Give the {len(tokens)} activations."]
-    return [{"role": "system", "content": SIMULATE_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+    system = NEURON_SIMULATE_SYSTEM if kind == "neuron" else SIMULATE_SYSTEM
+    return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(lines)}]
 
 
 def _clip10(values: list[float]) -> list[float]:
@@ -472,16 +525,19 @@ def expected_values_from_logprobs(logprobs: Sequence[Mapping] | None, n_tokens: 
 # ---------------------------------------------------------------------------------------------
 
 def detection_messages(explanation: Explanation, contexts: Sequence[Sequence[str]], *,
-                       probabilities: bool = False, max_context: int | None = None) -> list[dict]:
+                       probabilities: bool = False, max_context: int | None = None, kind: str = "head") -> list[dict]:
     """Ask which numbered contexts (token lists; the last token is the query) the head fires
     on: ``{"fires": [numbers]}``, or ``{"probabilities": [...]}`` with ``probabilities=True``."""
     contexts = [list(c) for c in contexts]
     if not contexts:
         raise ValueError("contexts=[]: expected at least one context")
-    lines = _describe(explanation) + ["", "Texts:"]
+    lines = _describe(explanation, kind) + ["", "Texts:"]
     lines += [f"{i}. {format_context(c, max_context=max_context)}" for i, c in enumerate(contexts, 1)]
-    lines += ["", f"Which of the {len(contexts)} texts is the head strongly active on, at the marked token?"]
-    system = DETECT_SYSTEM_PROBABILITIES if probabilities else DETECT_SYSTEM
+    lines += ["", f"Which of the {len(contexts)} texts is the {kind} strongly active on, at the marked token?"]
+    if kind == "neuron":
+        system = NEURON_DETECT_SYSTEM_PROBABILITIES if probabilities else NEURON_DETECT_SYSTEM
+    else:
+        system = DETECT_SYSTEM_PROBABILITIES if probabilities else DETECT_SYSTEM
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(lines)}]
 
 
@@ -519,9 +575,9 @@ def parse_detection(content: str | None, n_contexts: int) -> list[float]:
 # Refinement
 # ---------------------------------------------------------------------------------------------
 
-def _explanation_json(explanation: Explanation) -> str:
-    return json.dumps({"explanation": explanation.text, "attends_from": explanation.attends_from,
-                       "attends_to": explanation.attends_to,
+def _explanation_json(explanation: Explanation, neuron: bool = False) -> str:
+    attends = {} if neuron else {"attends_from": explanation.attends_from, "attends_to": explanation.attends_to}
+    return json.dumps({"explanation": explanation.text, **attends,
                        "positive_examples": list(explanation.positive_examples),
                        "negative_examples": list(explanation.negative_examples)},
                       indent=1, ensure_ascii=False)
@@ -538,9 +594,11 @@ def refinement_messages(label: str, explanation: Explanation,
     not a repeat of one whose answer is already known)."""
     if not isinstance(explanation, Explanation):
         raise TypeError(f"explanation={explanation!r}: expected an interp_lib.explain.Explanation")
-    lines = [f"Attention head {label}.", "", "Current explanation:", _explanation_json(explanation), ""]
+    neuron = _is_neuron_label(label)
+    lines = [f"MLP neuron {label}." if neuron else f"Attention head {label}.", "", "Current explanation:",
+             _explanation_json(explanation, neuron), ""]
     if wrong_events:
-        lines.append("Texts it got wrong (activation at the marked query, 0-10):")
+        lines.append(f"Texts it got wrong (activation at the marked {'token' if neuron else 'query'}, 0-10):")
         for i, (event, predicted, actual) in enumerate(wrong_events, 1):
             text = format_event(event, max_context=max_context, n_attended=n_attended)
             lines.append(f"{i}. predicted {float(predicted):.1f}, actual {float(actual):.1f}: {text}")
@@ -557,7 +615,8 @@ def refinement_messages(label: str, explanation: Explanation,
         lines += [f"Rejected revision {i}: {json.dumps(c.text, ensure_ascii=False)}"
                   for i, c in enumerate(rejected, 1)]
     lines += ["", "Write the revised explanation, in the JSON format given."]
-    return [{"role": "system", "content": REFINE_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+    return [{"role": "system", "content": NEURON_REFINE_SYSTEM if neuron else REFINE_SYSTEM},
+            {"role": "user", "content": "\n".join(lines)}]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,9 +652,9 @@ class LLMExplainer:
         out: dict[tuple[int, int], tuple[Explanation | None, str | None]] = {}
         pending, requests = [], []
         for key, events in heads_events.items():
-            layer, head = key
+            label = key.label if hasattr(key, "label") else head_label(*key)
             try:
-                messages = explanation_messages(head_label(layer, head), list(events),
+                messages = explanation_messages(label, list(events),
                                                 max_prompt_tokens=self.max_prompt_tokens,
                                                 count_tokens=self.count_tokens, min_events=self.min_events)
             except ValueError as error:
@@ -604,7 +663,7 @@ class LLMExplainer:
             pending.append(key)
             requests.append(ChatRequest(messages=messages, max_tokens=self.max_tokens,
                                         temperature=self.temperature, json_mode=True,
-                                        tag=f"explain {head_label(layer, head)}"))
+                                        tag=f"explain {label}"))
         results = self.client.chat_many(requests, desc="explain") if requests else []
         for key, result in zip(pending, results):
             out[key] = self._read(result)

@@ -14,21 +14,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..units import Head, Neuron, Unit, head_label, parse_unit
+
 SCHEMA_VERSION = 1
 
 
-def head_label(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
+def parse_head_label(label: str) -> Head:
+    """``"L3H7"`` -> ``Head(3, 7)`` (equal to the pair ``(3, 7)``); raises ValueError naming the bad label."""
+    return parse_unit(str(label), "head")
 
 
-def parse_head_label(label: str) -> tuple[int, int]:
-    """``"L3H7"`` -> ``(3, 7)``; raises ValueError naming the bad label."""
-    text = str(label).strip().upper()
-    if text.startswith("L") and "H" in text:
-        layer, _, head = text[1:].partition("H")
-        if layer.isdigit() and head.isdigit():
-            return int(layer), int(head)
-    raise ValueError(f"head label {label!r} is not of the form 'L<layer>H<head>' (e.g. 'L1H0')")
+def parse_unit_label(label: str) -> Unit:
+    """``"L3H7"`` -> ``Head(3, 7)``, ``"L0N17"`` -> ``Neuron(0, 17)`` (the label's letter decides)."""
+    text = str(label).strip()
+    kind = "neuron" if len(text) > 1 and "N" in text[1:].upper() else "head"
+    return parse_unit(text, kind)
+
+
+def make_unit(layer: int, index: int, unit_kind: str = "head") -> Unit:
+    """The unit ``(layer, index)`` of ``unit_kind`` (``"head"`` / ``"neuron"``)."""
+    if unit_kind not in ("head", "neuron"):
+        raise ValueError(f"unit_kind={unit_kind!r}: expected 'head' or 'neuron'")
+    return (Head if unit_kind == "head" else Neuron)(int(layer), int(index))
 
 
 def _clean_float(value: Any) -> Any:
@@ -52,25 +59,37 @@ def _jsonable(value: Any) -> Any:
 
 @dataclass
 class Event:
-    """One query position of one head in one text window.
+    """One position of one unit (an attention head or an MLP neuron) in one text window.
 
-    ``tokens`` is the window's text as token strings up to and including the query position
-    (so an explainer never sees the future); ``attended`` lists ``(source position, weight)``
-    pairs, strongest first, for the sources the head attends to from the query.
+    ``head`` is the unit's index in its layer (the head, or the neuron when ``unit_kind`` is
+    ``"neuron"``); ``unit`` gives it as a typed :class:`~interp_lib.units.Head` / ``Neuron``.
+    ``tokens`` is the window's text as token strings up to and including the position (so an
+    explainer never sees the future); for a head, ``attended`` lists ``(source position,
+    weight)`` pairs, strongest first, for the sources it attends to from the query (a neuron
+    attends to nothing: empty).
     """
 
     layer: int
     head: int
     window: int          # index of the text window in the sampled corpus
     position: int        # query position inside the window
-    activation: float    # salience: ||z|| at the query (or ||z W_O||, see EventSet.salience)
+    activation: float    # salience (see EventSet.salience): a head's, or a neuron's activation
     kind: str = "top"    # "top" | "random" | "quantile"
     tokens: list[str] = field(default_factory=list)
     attended: list[tuple[int, float]] = field(default_factory=list)
+    unit_kind: str = "head"  # "head" | "neuron"
+
+    @property
+    def unit(self) -> Unit:
+        return make_unit(self.layer, self.head, self.unit_kind)
+
+    @property
+    def index(self) -> int:
+        return self.head
 
     @property
     def label(self) -> str:
-        return head_label(self.layer, self.head)
+        return self.unit.label
 
     @property
     def query_token(self) -> str:
@@ -153,7 +172,12 @@ class RefinementStep:
 
 
 @dataclass
-class HeadRecord:
+class UnitRecord:
+    """Everything the explainer found about one unit (``HeadRecord`` is the same class).
+
+    ``head`` is the unit's index in its layer (head or neuron, see ``unit_kind``); ``unit``
+    gives it typed and ``label`` as ``"L1H0"`` / ``"L0N17"``."""
+
     layer: int
     head: int
     explanation: Explanation | None = None
@@ -165,11 +189,20 @@ class HeadRecord:
     top_events: list[Event] = field(default_factory=list)
     family: int | None = None       # taxonomy family; -1 = unclustered
     family_label: str | None = None
-    stats: dict[str, float] = field(default_factory=dict)  # attention statistics of the head
+    stats: dict[str, float] = field(default_factory=dict)  # heuristic statistics of the unit
+    unit_kind: str = "head"  # "head" | "neuron"
+
+    @property
+    def unit(self) -> Unit:
+        return make_unit(self.layer, self.head, self.unit_kind)
+
+    @property
+    def index(self) -> int:
+        return self.head
 
     @property
     def label(self) -> str:
-        return head_label(self.layer, self.head)
+        return self.unit.label
 
     def best_score(self, scorer: str | None = None) -> float | None:
         """The preferred score: ``scorer`` if given, else the refined explanation's held-out
@@ -187,7 +220,7 @@ class HeadRecord:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "HeadRecord":
+    def from_dict(cls, data: dict) -> "UnitRecord":
         data = {k: v for k, v in data.items() if k != "label"}
         for key in ("explanation", "heuristic"):
             if data.get(key) is not None:
@@ -196,6 +229,9 @@ class HeadRecord:
         data["refinement"] = [RefinementStep.from_dict(s) for s in data.get("refinement", [])]
         data["top_events"] = [Event.from_dict(e) for e in data.get("top_events", [])]
         return cls(**data)
+
+
+HeadRecord = UnitRecord  # the name records had when only heads were explained
 
 
 def save_records(records: list[HeadRecord], path: str | Path, meta: dict | None = None) -> Path:

@@ -85,7 +85,8 @@ def refine_explanations(explainer_client, scorer: Scorer, items: Sequence[Scorin
 
     def score(explanations: dict[int, Explanation], events: list[list[Event]]) -> dict[int, ScoreResult]:
         keys = sorted(explanations)
-        batch = [ScoringItem(items[i].layer, items[i].head, explanations[i], list(events[i])) for i in keys]
+        batch = [ScoringItem(items[i].layer, items[i].head, explanations[i], list(events[i]), items[i].unit_kind)
+                 for i in keys]
         return dict(zip(keys, scorer.score_many(batch))) if batch else {}
 
     current = {i: item.explanation for i, item in enumerate(items)}

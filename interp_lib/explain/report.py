@@ -13,6 +13,12 @@ from .records import Event, HeadRecord, save_records
 SCORE_ORDER = ("refined", "simulation", "detection", "contrastive")
 
 
+def unit_noun(records: Sequence[HeadRecord]) -> str:
+    """What the records are: ``"head"``, ``"neuron"``, or ``"unit"`` when they mix kinds."""
+    kinds = {getattr(r, "unit_kind", "head") for r in records}
+    return kinds.pop() if len(kinds) == 1 else "unit"
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "–"
@@ -69,20 +75,40 @@ def score_grid(records: Sequence[HeadRecord], n_layers: int, n_heads: int, score
 
 
 def score_heatmap(records: Sequence[HeadRecord], n_layers: int, n_heads: int, scorer: str | None = None):
-    """Plotly layer x head heatmap of the preferred score, hover = explanation."""
+    """Plotly layer x head heatmap of the preferred score, hover = explanation. Neurons (a
+    handful of a layer's thousands) sit in the order they were explained: column ``k`` is the
+    ``k``-th explained neuron of its layer (the hover names it)."""
     import plotly.graph_objects as go
 
-    grid = score_grid(records, n_layers, n_heads, scorer)
-    hover = [["" for _ in range(n_heads)] for _ in range(n_layers)]
+    noun = unit_noun(records)
+    if noun == "head":
+        grid, place = score_grid(records, n_layers, n_heads, scorer), {r.label: (r.layer, r.head) for r in records}
+        columns = [f"H{h}" for h in range(n_heads)]
+    else:
+        rank: dict[int, int] = {}
+        place = {}
+        for record in sorted(records, key=lambda r: (r.layer, getattr(r, "unit_kind", "head"), r.head)):
+            place[record.label] = (record.layer, rank.get(record.layer, 0))
+            rank[record.layer] = rank.get(record.layer, 0) + 1
+        n_layers, width = max(n_layers, max(r.layer for r in records) + 1), max(rank.values())
+        grid = np.full((n_layers, width), np.nan)
+        for record in records:
+            value = score_for(record, scorer or primary_scorer(records))
+            if value is not None:
+                grid[place[record.label]] = value
+        columns = [f"#{k}" for k in range(width)]
+    hover = [["" for _ in range(grid.shape[1])] for _ in range(grid.shape[0])]
     for record in records:
         text = record.explanation.text if record.explanation else f"(no explanation: {record.failure})"
-        hover[record.layer][record.head] = f"{record.label}: {text[:160]}"
-    figure = go.Figure(go.Heatmap(z=grid, x=[f"H{h}" for h in range(n_heads)],
-                                  y=[f"L{l}" for l in range(n_layers)], text=hover,
+        row, column = place[record.label]
+        if row < grid.shape[0] and column < grid.shape[1]:
+            hover[row][column] = f"{record.label}: {text[:160]}"
+    figure = go.Figure(go.Heatmap(z=grid, x=columns, y=[f"L{l}" for l in range(grid.shape[0])], text=hover,
                                   hovertemplate="%{text}<br>score %{z:.3f}<extra></extra>",
                                   colorscale="Viridis"))
-    figure.update_layout(title=f"explanation score by head ({scorer or primary_scorer(records)})",
-                         yaxis_autorange="reversed", xaxis_title="head", yaxis_title="layer")
+    figure.update_layout(title=f"explanation score by {noun} ({scorer or primary_scorer(records)})",
+                         yaxis_autorange="reversed", yaxis_title="layer",
+                         xaxis_title=noun if noun == "head" else f"{noun} (k-th explained in its layer)")
     return figure
 
 
@@ -105,14 +131,19 @@ def markdown_report(records: Sequence[HeadRecord], meta: Mapping | None = None, 
                     n_events: int = 3) -> str:
     meta = dict(meta or {})
     config = meta.get("config", {})
-    lines = ["# Head explainer report", ""]
+    noun = unit_noun(records)
+    lines = [f"# {noun.capitalize()} explainer report", ""]
     if config:
         lines.append(f"Model **{_md(config.get('model_resolved', config.get('model')))}**, "
                      f"explainer **{_md(config.get('explainer') or 'heuristic (no LLM)')}**, "
                      f"{config.get('windows')} windows x {config.get('window_len')} tokens "
-                     f"({_md(config.get('dataset'))}), top-{config.get('top_k')} events per head, "
+                     f"({_md(config.get('dataset'))}), top-{config.get('top_k')} events per {noun}, "
                      f"seed {config.get('seed')}.")
-        if config.get("salience"):
+        if noun == "neuron":
+            from .events import NEURON_SALIENCE, NEURON_SALIENCE_DESCRIPTION
+
+            lines += ["", f"Events are ranked by `{NEURON_SALIENCE}`: {_md(NEURON_SALIENCE_DESCRIPTION)}."]
+        elif config.get("salience"):
             from .events import SALIENCE_DESCRIPTIONS
 
             salience = str(config["salience"])
@@ -134,11 +165,11 @@ def markdown_report(records: Sequence[HeadRecord], meta: Mapping | None = None, 
         lines.append(f"- taxonomy: {_md(metrics)}")
     explained = [r for r in records if r.explanation is not None]
     failed = [r for r in records if r.explanation is None]
-    lines += [f"- {len(explained)} of {len(records)} heads explained; {len(failed)} failed", ""]
+    lines += [f"- {len(explained)} of {len(records)} {noun}s explained; {len(failed)} failed", ""]
 
     names = [s for s in SCORE_ORDER if any(s in r.scores for r in records)]
     names += sorted({k for r in records for k in r.scores} - set(names))
-    header = ["head", "family", *names, "causal Δloss (nats)", "verdict", "explanation"]
+    header = [noun, "family", *names, "causal Δloss (nats)", "verdict", "explanation"]
     lines += ["## Scores", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in records:
         text = record.explanation.text if record.explanation else f"FAILED: {record.failure}"
@@ -153,9 +184,9 @@ def markdown_report(records: Sequence[HeadRecord], meta: Mapping | None = None, 
     ranked = sorted([r for r in explained if score_for(r, scorer) is not None],
                     key=lambda r: score_for(r, scorer), reverse=True)
     if ranked:
-        lines += [f"## Best explained heads (by {scorer})", ""]
+        lines += [f"## Best explained {noun}s (by {scorer})", ""]
         lines += [f"- {r.label} ({_fmt(score_for(r, scorer))}): {_md(r.explanation.text)}" for r in ranked[:n_best]]
-        lines += ["", f"## Worst explained heads (by {scorer})", ""]
+        lines += ["", f"## Worst explained {noun}s (by {scorer})", ""]
         lines += [f"- {r.label} ({_fmt(score_for(r, scorer))}): {_md(r.explanation.text)}"
                   for r in ranked[::-1][:n_best]]
         lines.append("")
@@ -169,11 +200,11 @@ def markdown_report(records: Sequence[HeadRecord], meta: Mapping | None = None, 
                   "`mean_gain` counts a rejected revision as 0.", "",
                   markdown_table(refinement_gain(refined)), ""]
     if failed:
-        lines += ["## Heads without an explanation", ""]
+        lines += [f"## {noun.capitalize()}s without an explanation", ""]
         lines += [f"- {r.label}: {_md(r.failure)}" for r in failed]
         lines.append("")
 
-    lines += ["## Heads", ""]
+    lines += [f"## {noun.capitalize()}s", ""]
     for record in records:
         lines.append(f"### {record.label}")
         lines.append("")
@@ -233,7 +264,7 @@ def write_report(records: Sequence[HeadRecord], out: str | Path, *, meta: Mappin
                                                              full_html=True).encode()
     _atomic_write(out / "scores.html", lambda handle: handle.write(html))
     files["heatmap"] = out / "scores.html"
-    title = "interp_lib head explainer"
+    title = f"interp_lib {unit_noun(records)} explainer"
     if meta and meta.get("config"):
         title += f": {meta['config'].get('model_resolved', '')}"
     files["viewer"] = write_viewer(records, out / "viewer.html", n_layers=n_layers, n_heads=n_heads,
@@ -246,17 +277,20 @@ def events_frame(events: Sequence[Event], max_context: int = 24):
     the query in ``[[...]]`` and attended tokens as ``{token|weight}``."""
     import pandas as pd
 
-    return pd.DataFrame([{"head": e.label, "kind": e.kind, "window": e.window, "position": e.position,
+    return pd.DataFrame([{"unit": e.label, "head": e.label, "kind": e.kind, "window": e.window, "position": e.position,
                           "activation": e.activation, "context": event_line(e, max_context)} for e in events])
 
 
 def records_frame(records: Sequence[HeadRecord]):
-    """One row per head: explanation (or failure), source, family, every score, causal effect."""
+    """One row per unit: the unit schema's columns (``unit``, ``layer``, ``index``, ``kind``;
+    ``head`` / ``head_index`` repeat the label and index under their older names), then the
+    explanation (or failure), source, family, every score, causal effect."""
+    from ..units import unit_columns
     import pandas as pd
 
     rows = []
     for r in records:
-        row = {"head": r.label, "layer": r.layer, "head_index": r.head,
+        row = {**unit_columns(r.unit), "head": r.label, "head_index": r.head,
                "explanation": r.explanation.text if r.explanation else None,
                "failure": r.failure, "source": r.explanation.source if r.explanation else None,
                "family": r.family, "family_label": r.family_label,
@@ -275,12 +309,12 @@ def records_table(records: Sequence[HeadRecord], *, digits: int = 3):
 
     from ..display import table
 
-    rows = []
+    rows, noun = [], unit_noun(records)
     for r in records:
         verdict = score_verdict(r)
         family = None if r.family is None else ("unclustered" if r.family < 0 else
                                                 f"{r.family}: {r.family_label}" if r.family_label else str(r.family))
-        rows.append({"head": r.label, "family": family,
+        rows.append({noun: r.label, "family": family,
                      "explanation": r.explanation.text if r.explanation else f"no explanation: {r.failure}",
                      "scorer": None if verdict is None else verdict["scorer"] + (" (refined)" if verdict["scores_key"] == "refined" else ""),
                      "score": None if verdict is None else verdict["score"],

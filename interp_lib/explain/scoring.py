@@ -29,7 +29,7 @@ import torch
 
 from .prompts import (ParseError, detection_messages, expected_values_from_logprobs,
                       parse_detection, parse_simulation, simulation_messages)
-from .records import Event, Explanation, ScoreResult, head_label
+from .records import Event, Explanation, ScoreResult, head_label, make_unit
 
 __all__ = ["Scorer", "ScoringItem", "ContrastiveScorer", "SimulationScorer", "DetectionScorer",
            "score_explanations", "split_events", "cohens_d"]
@@ -47,17 +47,23 @@ class Scorer(Protocol):
 
 @dataclass
 class ScoringItem:
-    """One explanation of one head and the held-out events to score it on (``kind`` says
-    which are top-activating and which random / quantile)."""
+    """One explanation of one unit and the held-out events to score it on (``kind`` says
+    which are top-activating and which random / quantile). ``head`` is the unit's index in its
+    layer; ``unit_kind`` says whether it is a head or a neuron."""
 
     layer: int
     head: int
     explanation: Explanation
     events: list[Event] = field(default_factory=list)
+    unit_kind: str = "head"
+
+    @property
+    def unit(self):
+        return make_unit(self.layer, self.head, self.unit_kind)
 
     @property
     def label(self) -> str:
-        return head_label(self.layer, self.head)
+        return self.unit.label
 
 
 def _check_items(items: Sequence[ScoringItem]) -> list[ScoringItem]:
@@ -169,9 +175,12 @@ class ContrastiveScorer:
         self.min_position, self.progress = min_position, progress
 
     @torch.no_grad()
-    def activations(self, texts: Sequence[str], heads: Sequence[tuple[int, int]]) -> list[float | None]:
-        """Activation of ``heads[i]`` on ``texts[i]``; None for a text with no position scored."""
-        from .events import head_salience
+    def activations(self, texts: Sequence[str], heads: Sequence) -> list[float | None]:
+        """Activation of unit ``heads[i]`` on ``texts[i]``; None for a text with no position
+        scored. A unit is a ``Head`` / ``(layer, head)`` pair (read by the scorer's salience) or a
+        ``Neuron`` (read as its activation, every position >= ``min_position``)."""
+        from ..units import Head, Neuron
+        from .events import unit_activation
 
         if len(texts) != len(heads):
             raise ValueError(f"texts has {len(texts)} entries and heads {len(heads)}: expected equal lengths")
@@ -179,7 +188,8 @@ class ContrastiveScorer:
         rows = [self.model.to_tokens(str(t))[0, :n_ctx].cpu() for t in texts]
         # next_token_effect has no value at a text's last position (no next token); with right
         # padding that position would see the padding as its next token, so it is cut here
-        cut = 1 if self.salience == "next_token_effect" else 0
+        units = [h if isinstance(h, (Head, Neuron)) else Head(int(h[0]), int(h[1])) for h in heads]
+        cuts = [1 if self.salience == "next_token_effect" and u.kind == "head" else 0 for u in units]
         out: list[float | None] = [None] * len(texts)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths pad less
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
@@ -188,7 +198,7 @@ class ContrastiveScorer:
 
             batches = tqdm(batches, desc="contrastive")
         for batch in batches:
-            batch = [i for i in batch if len(rows[i]) - cut > self.min_position]
+            batch = [i for i in batch if len(rows[i]) - cuts[i] > self.min_position]
             if not batch:
                 continue
             lengths = [len(rows[i]) for i in batch]
@@ -197,10 +207,10 @@ class ContrastiveScorer:
             tokens = torch.full((len(batch), width), int(rows[batch[0]][0]), dtype=torch.long)
             for j, i in enumerate(batch):
                 tokens[j, : lengths[j]] = rows[i]
-            wanted = [(int(heads[i][0]), int(heads[i][1])) for i in batch]
-            values = head_salience(self.model, tokens, sorted(set(wanted)), self.salience)
+            wanted = [units[i] for i in batch]
+            values = unit_activation(self.model, tokens, sorted(set(wanted)), self.salience)
             for j, i in enumerate(batch):
-                scored = values[wanted[j]][j, self.min_position: lengths[j] - cut].float()
+                scored = values[wanted[j]][j, self.min_position: lengths[j] - cuts[i]].float()
                 out[i] = float(scored.mean() if self.reduce == "mean" else scored.max())
         return out
 
@@ -211,7 +221,7 @@ class ContrastiveScorer:
             for sign, group in ((1, item.explanation.positive_examples), (0, item.explanation.negative_examples)):
                 for text in group:
                     texts.append(text)
-                    heads.append((item.layer, item.head))
+                    heads.append(item.unit)
                     owners.append((index, sign))
         values = self.activations(texts, heads) if texts else []
         per_item: list[dict[int, list[float]]] = [{1: [], 0: []} for _ in items]
@@ -296,7 +306,7 @@ class SimulationScorer:
                     continue
                 tokens = _context(event, self.max_tokens_per_event)
                 requests.append(ChatRequest(
-                    messages=simulation_messages(item.explanation, tokens),
+                    messages=simulation_messages(item.explanation, tokens, item.unit_kind),
                     max_tokens=16 + 12 * len(tokens), temperature=0.0, json_mode=True,
                     logprobs=logprobs, top_logprobs=self.top_logprobs if logprobs else None,
                     tag=f"simulate {item.label}"))
@@ -397,7 +407,8 @@ class DetectionScorer:
                 chunk = order[start:start + self.n_per_prompt]
                 contexts = [_context(item.events[i], self.max_context) for i in chunk]
                 requests.append(ChatRequest(
-                    messages=detection_messages(item.explanation, contexts, probabilities=self.probabilities),
+                    messages=detection_messages(item.explanation, contexts, probabilities=self.probabilities,
+                                                kind=item.unit_kind),
                     max_tokens=32 + 8 * len(chunk), temperature=0.0, json_mode=True,
                     tag=f"detect {item.label}"))
                 owners.append((index, chunk))

@@ -56,7 +56,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float, Int
 
-from .records import HeadRecord, _jsonable, parse_head_label
+from .records import HeadRecord, _jsonable, parse_head_label, parse_unit_label
 
 BACKENDS = ("sentence-transformers", "openai", "tfidf", "auto")
 DEFAULT_BACKEND = "sentence-transformers"
@@ -960,7 +960,7 @@ def compare_models(models: Mapping[str, Any], *, n_layers: Mapping[str, int] | N
         t, k, s = _model_items(name, item)
         if not t:
             raise ValueError(f"models[{name!r}] has no explanations")
-        layers = [parse_head_label(key)[0] for key in k]
+        layers = [parse_unit_label(key)[0] for key in k]
         texts += t
         keys += [f"{name}:{key}" for key in k]
         scores += s
@@ -1001,7 +1001,7 @@ def family_layer_table(taxonomy: Taxonomy) -> pd.DataFrame:
     layers = []
     for key in taxonomy.keys:
         try:
-            layers.append(parse_head_label(key.rsplit(":", 1)[-1])[0])
+            layers.append(parse_unit_label(key.rsplit(":", 1)[-1])[0])
         except ValueError:
             raise ValueError(f"taxonomy key {key!r} is not a head label: family_layer_table needs "
                              "keys like 'L3H7'") from None

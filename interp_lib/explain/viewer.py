@@ -39,7 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pandas as pd
 
 from ..checkpoint import REDACTED, _atomic_write, _secret_env_values, is_secret_key
-from .records import HeadRecord, _jsonable, head_label, parse_head_label
+from .records import HeadRecord, _jsonable, head_label, parse_head_label, parse_unit_label
 
 __all__ = ["write_viewer", "viewer_data", "viewer_run_id", "read_ratings", "ratings_vs_scores",
            "RatingWidget", "rating_widgets", "RATINGS_SCHEMA", "DATA_ELEMENT_ID", "score_verdict",
@@ -48,7 +48,7 @@ __all__ = ["write_viewer", "viewer_data", "viewer_run_id", "read_ratings", "rati
 RATINGS_SCHEMA = 1
 DATA_ELEMENT_ID = "interp-lib-data"
 _COLOR_MODES = ("family", "score")
-_LABEL_RE = re.compile(r"L\d+H\d+")
+_LABEL_RE = re.compile(r"L\d+[HN]\d+", re.IGNORECASE)  # a head (L1H0) or a neuron (L0N17)
 
 #: Head statistics (``HeadRecord.stats``) as people read them: (name, unit); "%" values are
 #: fractions of the head's attention shown as percentages.
@@ -185,7 +185,22 @@ def viewer_data(records: Sequence[HeadRecord], *, n_layers: int | None = None,
     if meta is not None and not isinstance(meta, Mapping):
         raise TypeError(f"meta must be a dict or None, got {type(meta).__name__}")
     top_layer = max(r.layer for r in records) + 1
-    top_head = max(r.head for r in records) + 1
+    # grid column of each unit: a head's index; a neuron's rank among its layer's explained
+    # neurons (a layer has thousands; the grid shows the explained ones), after the heads' columns
+    # on a page that holds both kinds
+    column: dict[str, int] = {}
+    rank: dict[int, int] = {}
+    first = max((r.head + 1 for r in records if r.unit_kind == "head"), default=0)
+    for record in sorted(records, key=lambda r: (r.layer, r.unit_kind != "head", r.head)):
+        if record.unit_kind == "head":
+            column[record.label] = record.head
+        else:
+            column[record.label] = first + rank.get(record.layer, 0)
+            rank[record.layer] = rank.get(record.layer, 0) + 1
+    only_heads = all(r.unit_kind == "head" for r in records)
+    top_head = max(column.values()) + 1
+    if not only_heads:
+        n_heads = None  # the grid's width is the most neurons explained in one layer
     for name, given, needed in (("n_layers", n_layers, top_layer), ("n_heads", n_heads, top_head)):
         if given is None:
             continue
@@ -194,7 +209,7 @@ def viewer_data(records: Sequence[HeadRecord], *, n_layers: int | None = None,
         if given < needed:
             raise ValueError(f"{name}={given} is too small: the records go up to {needed - 1}")
     heads = []
-    for record in sorted(records, key=lambda r: (r.layer, r.head)):
+    for record in sorted(records, key=lambda r: (r.layer, r.unit_kind != "head", r.head)):
         data = record.to_dict()
         data["top_events"] = data["top_events"][:max_events]
         data["best_score"] = _jsonable(record.best_score())
@@ -207,6 +222,8 @@ def viewer_data(records: Sequence[HeadRecord], *, n_layers: int | None = None,
         "title": str(title),
         "n_layers": n_layers if n_layers is not None else top_layer,
         "n_heads": n_heads if n_heads is not None else top_head,
+        "column_prefix": "H" if only_heads else "#",
+        "columns": column,  # label -> grid column
         "color_by": color_by,
         "scorers": scorers,
         "meta": _clean_meta(dict(meta or {}), _secret_env_values()),
@@ -261,7 +278,7 @@ def _now_iso() -> str:
 
 def _ratings_document(ratings: Mapping[str, dict], run: str) -> dict:
     entries = []
-    for label in sorted(ratings, key=parse_head_label):
+    for label in sorted(ratings, key=lambda label: (parse_unit_label(label).kind, parse_unit_label(label))):
         item = ratings[label]
         entry = {"label": label, "rating": int(item["rating"]), "comment": item.get("comment", ""),
                  "time": item.get("time") or _now_iso()}
@@ -302,8 +319,9 @@ def read_ratings(path: str | Path | Mapping) -> pd.DataFrame:
             raise ValueError(f"{at} is {type(entry).__name__}; expected an object")
         label = entry.get("label")
         if not isinstance(label, str) or not _LABEL_RE.fullmatch(label.strip()):
-            raise ValueError(f"{at} has label {label!r}; expected a head label like 'L1H0'")
-        layer, head = parse_head_label(label)
+            raise ValueError(f"{at} has label {label!r}; expected a head label like 'L1H0' or a neuron label like 'L0N17'")
+        unit = parse_unit_label(label)
+        layer, head = unit
         rating = entry.get("rating")
         if isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5:
             raise ValueError(f"{at} ({label}) has rating {rating!r}; expected an int from 1 to 5")
@@ -322,7 +340,7 @@ def read_ratings(path: str | Path | Mapping) -> pd.DataFrame:
             raise ValueError(f"{at} ({label}) has time {time!r}; expected an ISO 8601 timestamp") from None
         if stamp is not pd.NaT:
             stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
-        key = (head_label(layer, head), rater)
+        key = (unit.label, rater)
         if key in seen:
             raise ValueError(f"{at} rates {key[0]} a second time"
                              + (f" for rater {rater!r}" if rater else "")
@@ -377,7 +395,7 @@ def ratings_vs_scores(ratings: pd.DataFrame | str | Path, records: Sequence[Head
     table = pd.DataFrame(rows, columns=["label", "rating", "n_ratings", "score", "family",
                                         "explanation", "in_records"])
     if len(table):
-        order = table["label"].map(parse_head_label)
+        order = table["label"].map(lambda label: (parse_unit_label(label).kind, tuple(parse_unit_label(label))))
         table = table.iloc[sorted(range(len(table)), key=lambda i: order.iloc[i])].reset_index(drop=True)
     paired = table[table["score"].notna()]
     n = len(paired)
@@ -559,7 +577,7 @@ class RatingWidget:
         self._update_status()
 
     def select(self, label: str) -> None:
-        label = head_label(*parse_head_label(label))
+        label = parse_unit_label(label).label
         for i, record in enumerate(self.records):
             if record.label == label:
                 return self.show(i)
@@ -812,7 +830,15 @@ _JS = r"""
     if (!m) { var n = parseInt(rgb.slice(1), 16); m = [n >> 16, (n >> 8) & 255, n & 255]; }
     return (0.299 * m[0] + 0.587 * m[1] + 0.114 * m[2]) > 150 ? "#111" : "#fff";
   }
-  function labelOf(layer, head) { return "L" + layer + "H" + head; }
+  var cellLabels = {};
+  var columnOf = DATA.columns || {};
+  DATA.heads.forEach(function (h) {
+    if (!has(columnOf, h.label)) { columnOf[h.label] = h.head; }
+    cellLabels[h.layer + ":" + columnOf[h.label]] = h.label;
+  });
+  function labelOf(layer, column) {
+    return has(cellLabels, layer + ":" + column) ? cellLabels[layer + ":" + column] : "L" + layer + "H" + column;
+  }
 
   // ---------------------------------------------------------------- header
   // scalars inline; nested run details (config, usage, taxonomy) folded away in one <details>
@@ -850,7 +876,7 @@ _JS = r"""
   var grid = document.getElementById("grid");
   var headRow = el("tr");
   headRow.appendChild(el("th", null, ""));
-  for (var hh = 0; hh < DATA.n_heads; hh++) { headRow.appendChild(el("th", null, "H" + hh)); }
+  for (var hh = 0; hh < DATA.n_heads; hh++) { headRow.appendChild(el("th", null, (DATA.column_prefix || "H") + hh)); }
   grid.appendChild(headRow);
   for (var l = 0; l < DATA.n_layers; l++) {
     var row = el("tr");
@@ -1117,7 +1143,7 @@ _JS = r"""
     var labels = Object.keys(ratings).filter(function (k) { return heads[k]; });
     labels.sort(function (a, b) {
       var x = heads[a], y = heads[b];
-      return x.layer - y.layer || x.head - y.head;
+      return x.layer - y.layer || columnOf[a] - columnOf[b];
     });
     var out = labels.map(function (k) {
       var entry = { label: k, rating: ratings[k].rating, comment: ratings[k].comment || "",
@@ -1148,7 +1174,7 @@ _JS = r"""
     if (!has(moves, e.key)) { return; }
     e.preventDefault();
     var cur = selected ? heads[selected] : null;
-    var layer = cur ? cur.layer : 0, head = cur ? cur.head : -1;
+    var layer = cur ? cur.layer : 0, head = cur ? columnOf[selected] : -1;
     for (var step = 0; step < DATA.n_layers * DATA.n_heads; step++) {
       layer += moves[e.key][0]; head += moves[e.key][1];
       if (layer < 0 || layer >= DATA.n_layers || head < 0 || head >= DATA.n_heads) { return; }
