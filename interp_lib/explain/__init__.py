@@ -1,4 +1,5 @@
-"""Head explainer: events -> explanations -> scores -> refinement -> taxonomy -> viewer.
+"""Explainer of attention heads and MLP neurons: events -> explanations -> scores -> refinement ->
+causal check -> taxonomy -> viewer (``ExplainConfig.units``: ``"heads"`` or ``"neurons"``).
 
 Submodules are imported on first use (``il.explain.taxonomy``, ``il.explain.client`` ...).
 """
@@ -8,11 +9,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .records import (Event, Explanation, HeadRecord, RefinementStep, ScoreResult, head_label,
-                      load_records, parse_head_label, save_records)
+from .records import (Event, Explanation, HeadRecord, RefinementStep, ScoreResult, UnitRecord, head_label,
+                      load_records, parse_head_label, parse_unit_label, save_records)
 
 _SUBMODULES = {"config", "client", "events", "heuristic", "prompts", "scoring", "refine", "pipeline",
-               "report", "taxonomy", "viewer", "records", "figures"}
+               "report", "taxonomy", "viewer", "records", "figures", "stages"}
 
 # Public names that live in submodules, resolved lazily (name -> submodule).
 _LAZY = {
@@ -30,10 +31,13 @@ _LAZY = {
     "collect_events": "events",
     "sample_windows": "events",
     "heuristic_explanations": "heuristic",
+    "neuron_heuristic_explanations": "heuristic",
+    "select_neurons": "pipeline",
+    "neuron_activation": "events",
 }
 
-__all__ = ["Event", "Explanation", "HeadRecord", "RefinementStep", "ScoreResult", "head_label",
-           "parse_head_label", "save_records", "load_records", *_LAZY]
+__all__ = ["Event", "Explanation", "HeadRecord", "UnitRecord", "RefinementStep", "ScoreResult", "head_label",
+           "parse_head_label", "parse_unit_label", "save_records", "load_records", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -12,15 +12,25 @@ from .records import parse_head_label
 STAGES = ("sample", "events", "heuristic", "explain", "score", "refine", "causal", "taxonomy",
           "report")
 LLM_SCORERS = ("simulation", "detection")
+UNIT_CHOICES = ("heads", "neurons")
 ALL_SCORERS = ("contrastive", *LLM_SCORERS)
 
 
 @dataclass
 class ExplainConfig:
-    """Everything a head-explainer run depends on. Field help texts become the CLI's ``--help``."""
+    """Everything an explainer run depends on. Field help texts become the CLI's ``--help``.
+
+    ``units="heads"`` (the default) explains attention heads (``heads`` selects them);
+    ``units="neurons"`` explains MLP neurons (``neurons`` selects them: ``"auto"`` takes a
+    seeded random sample of ``neuron_budget`` neurons spread evenly over the layers -- 64 by
+    default, because a real model has thousands (GPT-2 small: 36,864; toy-lm: 2,048) and each one
+    costs an LLM request per stage -- ``"all"`` every neuron, or labels like ``"L0N5,L1N17"``)."""
 
     model: str = field(default="auto", metadata={"help": "model: bundled toy name, hub name (gpt2, gpt2-medium, ...) or local HF directory; 'auto' = gpt2 on Colab, toy-2l elsewhere"})
+    units: str = field(default="heads", metadata={"help": "what to explain: heads (attention heads, --heads) or neurons (MLP neurons, --neurons)"})
     heads: str = field(default="all", metadata={"help": "'all' or comma-separated labels like L0H1,L1H0"})
+    neurons: str = field(default="auto", metadata={"help": "with --units neurons: 'auto' (a seeded random sample of --neuron-budget neurons, spread evenly over the layers), 'all' (every neuron: thousands on real models) or labels like L0N5,L1N17"})
+    neuron_budget: int = field(default=64, metadata={"help": "with --units neurons --neurons auto: how many neurons to explain"})
     dataset: str = field(default="auto", metadata={"help": "text source: auto (WikiText-103 when reachable, else the bundled corpus), bundled, wikitext, code"})
     windows: int = field(default=256, metadata={"help": "number of text windows to sample"})
     window_len: int = field(default=64, metadata={"help": "tokens per window (BOS included)"})
@@ -40,7 +50,7 @@ class ExplainConfig:
     prices: str | None = field(default=None, metadata={"help": "JSON file {model: [USD per 1M prompt tokens, USD per 1M completion tokens]} overriding the built-in price table"})
     max_cost_usd: float | None = field(default=None, metadata={"help": "spending cap in USD: the run stops sending requests when reached"})
     dry_run: bool = field(default=False, metadata={"help": "count the LLM calls and estimate their cost, send nothing"})
-    causal_method: str = field(default="zero", metadata={"help": "ablation for the causal check: zero or mean"})
+    causal_method: str = field(default="zero", metadata={"help": "ablation for the causal check (interp_lib.patching's one definition): zero, mean (the per-position mean over the windows) or resample (another window's activation at the same position)"})
     min_cluster_size: int = field(default=3, metadata={"help": "HDBSCAN min cluster size for the taxonomy"})
     embedding: str = field(default="sentence-transformers", metadata={"help": "taxonomy embeddings: sentence-transformers (all-MiniLM-L6-v2, offline; an error says what to install if it cannot load), openai, or tfidf (weak, only when asked for: warns and is recorded); auto = sentence-transformers"})
     batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
@@ -53,7 +63,10 @@ class ExplainConfig:
         bad = [s for s in self.scorers if s not in ALL_SCORERS]
         if bad:
             raise ValueError(f"scorers={list(self.scorers)!r}: unknown {bad}; valid: {list(ALL_SCORERS)}")
-        for name in ("windows", "window_len", "top_k", "concurrency", "batch_size", "min_cluster_size"):
+        if self.units not in UNIT_CHOICES:
+            raise ValueError(f"units={self.units!r}: expected one of {', '.join(UNIT_CHOICES)}")
+        for name in ("windows", "window_len", "top_k", "concurrency", "batch_size", "min_cluster_size",
+                     "neuron_budget"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive integer")
@@ -71,8 +84,8 @@ class ExplainConfig:
         if self.embedding not in ("auto", "sentence-transformers", "openai", "tfidf"):
             raise ValueError(f"embedding={self.embedding!r}: expected 'auto', 'sentence-transformers', "
                              "'openai' or 'tfidf'")
-        if self.causal_method not in ("zero", "mean"):
-            raise ValueError(f"causal_method={self.causal_method!r}: expected 'zero' or 'mean'")
+        if self.causal_method not in ("zero", "mean", "resample"):
+            raise ValueError(f"causal_method={self.causal_method!r}: expected 'zero', 'mean' or 'resample'")
         if self.max_cost_usd is not None and not float(self.max_cost_usd) > 0:
             raise ValueError(f"max_cost_usd={self.max_cost_usd!r}: expected a positive number or None")
         if self.base_url is not None:
@@ -80,6 +93,11 @@ class ExplainConfig:
         if self.heads != "all":
             for label in str(self.heads).split(","):
                 parse_head_label(label)
+        if str(self.neurons).strip().lower() not in ("auto", "all"):
+            from ..units import parse_unit
+
+            for label in str(self.neurons).split(","):
+                parse_unit(label, "neuron")
 
     def _check_base_url(self) -> None:
         from urllib.parse import urlsplit
@@ -115,6 +133,11 @@ class ExplainConfig:
         data["scorers"] = list(self.scorers)
         data["base_url"] = public_url(self.base_url)
         return data
+
+    @property
+    def unit_kind(self) -> str:
+        """``"head"`` or ``"neuron"`` (``units`` in the singular)."""
+        return self.units[:-1]
 
     def params(self, *names: str) -> dict[str, Any]:
         """The fields a stage depends on (its checkpoint params)."""

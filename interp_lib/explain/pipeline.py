@@ -1,5 +1,10 @@
-"""The head-explainer pipeline: sample -> events -> heuristic -> explain -> score -> refine ->
+"""The explainer pipeline: sample -> events -> heuristic -> explain -> score -> refine ->
 causal -> taxonomy -> report, each stage checkpointed, skippable and resumable.
+
+One pipeline for every kind of unit: ``ExplainConfig.units="heads"`` explains attention heads
+(``heads`` selects them), ``units="neurons"`` MLP neurons (``neurons`` / ``neuron_budget``; see
+:func:`select_neurons`). Each stage is a function of :mod:`interp_lib.explain.stages` from typed
+inputs to a typed result (keyed by unit label); :func:`run_explainer` composes them.
 
 ``ExplainConfig`` (one documented field per option) drives both ``interp-lib explain`` and the
 saved run configuration. A run folder holds::
@@ -7,9 +12,9 @@ saved run configuration. A run folder holds::
     <out>/config.json       the configuration (no API key, ever), embedding backend, versions
     <out>/checkpoints/      one file per finished stage (interp_lib.checkpoint.Checkpointer)
     <out>/llm_cache/        answered LLM requests: a rerun or a resumed run sends none twice
-    <out>/records.json      one HeadRecord per head (interp_lib.explain.records)
-    <out>/report.md         per-head explanations, scores, top events, best and worst heads
-    <out>/scores.html       layer x head score heatmap
+    <out>/records.json      one record per unit (interp_lib.explain.records.UnitRecord)
+    <out>/report.md         per-unit explanations, scores, top events, best and worst units
+    <out>/scores.html       layer x unit score heatmap
     <out>/viewer.html       the self-contained viewer with 1-5 ratings
     <out>/usage.json        LLM calls, tokens and dollars
     <out>/unfinished.json   only after a run whose LLM requests failed: the stages left
@@ -41,7 +46,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 from jaxtyping import Int
 from torch import Tensor
 
@@ -60,84 +64,55 @@ def select_heads(model, heads: str | Sequence = "all") -> list[tuple[int, int]]:
     return parse_heads(heads, model.cfg.n_layers, model.cfg.n_heads)
 
 
+def select_neurons(model, neurons: str | Sequence = "auto", *, budget: int = 64, seed: int = 0) -> list:
+    """``"auto"`` (a seeded random sample of ``budget`` neurons, spread as evenly as possible
+    over the layers), ``"all"``, labels (``"L0N5,L1N17"``) or pairs -> the model's ``Neuron`` s."""
+    from ..units import Neuron, parse_units, unit_count
+
+    n_layers, d_mlp = unit_count(model, "neuron")
+    if isinstance(neurons, str) and neurons.strip().lower() == "auto":
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"neuron_budget={budget!r}: expected a positive integer")
+        chosen = []
+        for layer in range(n_layers):
+            count = min(d_mlp, budget // n_layers + (layer < budget % n_layers))
+            rng = np.random.default_rng([int(seed), layer])
+            chosen += [Neuron(layer, int(i)) for i in sorted(rng.choice(d_mlp, size=count, replace=False))]
+        return chosen
+    return parse_units(neurons, n_layers, d_mlp, "neuron", name="neurons")
+
+
+def select_units(model, config: ExplainConfig) -> list:
+    """The units a run explains (validated against the model): ``config.heads`` for
+    ``units="heads"``, ``config.neurons`` (:func:`select_neurons`) for ``units="neurons"``."""
+    if config.units == "neurons":
+        return select_neurons(model, config.neurons, budget=config.neuron_budget, seed=config.seed)
+    return select_heads(model, config.heads)
+
+
 # ---------------------------------------------------------------- causal check
 
-def _loss_per_position(logits: Tensor, tokens: Tensor) -> Tensor:
-    """[batch, pos-1] next-token cross entropy (position p predicts token p+1)."""
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]
+def causal_effects(model, windows: Int[Tensor, "window pos"], events_by_head: Mapping[Any, Sequence],
+                   *, method: str = "zero", batch_size: int = 16, progress: bool = True, seed: int = 0
+                   ) -> dict[Any, dict[str, float]]:
+    """Ablate each unit (head or neuron) alone and measure the change in next-token loss at its
+    events: :func:`interp_lib.patching.unit_ablation_effects`, the one intervention engine (a
+    head is ablated in ``blocks.L.attn.hook_z[:, :, head]``, a neuron in
+    ``blocks.L.mlp.hook_post[..., i]``; ``mean`` is the per-position mean over the windows; ``resample`` takes another window's
+    activation at the same position, the windows shifted with ``seed``).
 
-
-@torch.inference_mode()
-def causal_effects(model, windows: Int[Tensor, "window pos"], events_by_head: Mapping[tuple[int, int], Sequence],
-                   *, method: str = "zero", batch_size: int = 16, progress: bool = True
-                   ) -> dict[tuple[int, int], dict[str, float]]:
-    """Ablate each head alone and measure the change in next-token loss at its events.
-
-    For every head, ``events_by_head[head]`` (Events: window, position, kind) gives the query
+    For every unit, ``events_by_head[unit]`` (Events: window, position, kind) gives the query
     positions; the effect is the mean of (ablated - clean) loss of predicting the token after
     each query position, over its ``top`` events and, as a baseline, over its ``random`` events.
-    An explanation that scores well on a head with no effect explains something the model
-    does not use.
+    An explanation that scores well on a unit with no effect explains something the model
+    does not use. Keys are units (``Head`` / ``Neuron``; a plain ``(layer, head)`` pair is a head).
 
-    Returns ``{head: {"top": mean delta, "random": mean delta, "n_top": ..., "n_random": ...}}``.
+    Returns ``{unit: {"top": mean delta, "random": mean delta, "n_top": ..., "n_random": ...}}``.
     """
-    if method not in ("zero", "mean"):
-        raise ValueError(f"method={method!r}: expected 'zero' or 'mean'")
-    if windows.ndim != 2 or windows.shape[0] == 0:
-        raise ValueError(f"windows: expected a non-empty [window, pos] tensor, got shape {tuple(windows.shape)}")
-    device = next(model.parameters()).device
-    windows = windows.to(device)
-    n_pos = windows.shape[1]
+    from ..patching import unit_ablation_effects
 
-    def losses(tokens: Tensor, hooks=()) -> Tensor:
-        out = []
-        for start in range(0, tokens.shape[0], batch_size):
-            chunk = tokens[start:start + batch_size]
-            logits = model.run_with_hooks(chunk, fwd_hooks=list(hooks)) if hooks else model(chunk)
-            out.append(_loss_per_position(logits, chunk))
-        return torch.cat(out)
-
-    clean = losses(windows)                                        # [window, pos-1]
-    means: dict[int, Tensor] = {}
-    if method == "mean":
-        layers = sorted({layer for layer, _ in events_by_head})
-        store: dict[int, Tensor] = {}
-
-        def keep(layer):
-            def hook(z, hook):
-                total = z.float().sum(dim=(0, 1))
-                store[layer] = store.get(layer, 0) + total
-            return hook
-
-        for start in range(0, windows.shape[0], batch_size):
-            model.run_with_hooks(windows[start:start + batch_size],
-                                 fwd_hooks=[(f"blocks.{l}.attn.hook_z", keep(l)) for l in layers])
-        means = {l: store[l] / (windows.shape[0] * n_pos) for l in layers}
-
-    from tqdm.auto import tqdm
-
-    results = {}
-    for (layer, head), events in tqdm(list(events_by_head.items()), desc="causal check",
-                                      disable=not progress, file=sys.stdout):
-        groups = {kind: [(e.window, e.position) for e in events if e.kind == kind and e.position < n_pos - 1]
-                  for kind in ("top", "random")}
-        needed = sorted({w for pairs in groups.values() for w, _ in pairs})
-        entry: dict[str, float] = {}
-        if needed:
-            def ablate(z, hook, head=head, layer=layer):
-                z[:, :, head] = 0.0 if method == "zero" else means[layer][head].to(z.dtype)
-                return z
-
-            index = {w: i for i, w in enumerate(needed)}
-            ablated = losses(windows[needed], [(f"blocks.{layer}.attn.hook_z", ablate)])
-            for kind, pairs in groups.items():
-                if pairs:
-                    deltas = [float(ablated[index[w], p] - clean[w, p]) for w, p in pairs]
-                    entry[kind] = float(np.mean(deltas))
-                entry[f"n_{kind}"] = len(pairs)
-        results[(layer, head)] = entry
-    return results
+    return unit_ablation_effects(model, windows, events_by_head, method=method, batch_size=batch_size,
+                                 progress=progress, seed=seed)
 
 
 # ---------------------------------------------------------------- the run
@@ -241,128 +216,157 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
         return _run_locked(config, out, wanted, skipped, model, client, simulator_client, progress)
 
 
-def _run_locked(config: ExplainConfig, out: Path, wanted: list[str], skipped: set[str], model,
-                client, simulator_client, progress: bool) -> ExplainRun:
-    from .. import checkpoint as ckpt_module
+class _StageRunner:
+    """Runs / loads the checkpointed stages of one run (the same Checkpointer mechanism and params
+    as before typed stages, so earlier run folders keep resuming).
+
+    A stage in ``wanted`` is run or loaded; one not wanted is loaded if it finished, computed
+    when a later stage needs its output (``needed``), else left out (None). An LLM request that
+    failed during a stage, or a stage that builds on the explanations of an unfinished stage,
+    keeps it from being saved as finished: its result is returned for the report, and a rerun
+    retries it (the request cache answers what succeeded)."""
+
+    def __init__(self, ckpt, base: dict, wanted: Sequence[str], skipped: set[str]):
+        self.ckpt, self.base, self.wanted, self.skipped = ckpt, base, list(wanted), set(skipped)
+        self.ran: list[str] = []
+        self.unfinished: dict[str, str] = {}
+        self.clients: list = []  # the LLM clients of the run, once built (failed requests are counted)
+
+    def failed_requests(self) -> int:
+        return sum(getattr(c.usage, "failed_requests", 0) for c in {id(c): c for c in self.clients}.values())
+
+    def _guarded(self, name: str, compute: Callable[[], Any]) -> Callable[[], Any]:
+        def run():
+            before = self.failed_requests()
+            upstream = [s for s in self.unfinished if name in _BUILDS_ON_EXPLANATIONS]
+            result = compute()
+            failed = self.failed_requests() - before
+            if upstream and not failed:
+                raise _FailedRequests(result, f"it builds on unfinished stage(s) {', '.join(upstream)}")
+            if failed:
+                last = next((c.last_failure for c in self.clients if getattr(c, "last_failure", None)), None)
+                raise _FailedRequests(result, f"{failed} failed LLM request{'s' if failed > 1 else ''}"
+                                      + (f" (last: {last})" if last else ""))
+            return result
+        return run
+
+    def _saved(self, name: str, compute: Callable[[], Any], full: dict):
+        try:
+            return self.ckpt.stage(name, self._guarded(name, compute), full)
+        except _FailedRequests as failure:
+            self.unfinished[name] = str(failure)
+            _say(f"[{name}] not saved as finished: {failure}; a rerun retries it")
+            return failure.result
+
+    def __call__(self, name: str, compute: Callable[[], Any], params: dict, needed: bool = True,
+                 coerce: Callable[[Any], Any] | None = None):
+        full = {**self.base, **params}
+        if name in self.wanted:
+            _say(f"[{name}] " + ("loaded" if self.ckpt.has(name, full) else "running"))
+            self.ran.append(name)
+            result = self._saved(name, compute, full)
+        elif name in self.skipped and not needed:
+            result = None
+        elif self.ckpt.has(name, full):
+            result = self._saved(name, compute, full)  # loads it (recomputes a damaged file)
+        elif needed:
+            _say(f"[{name}] not finished yet; computing it for the stages after it")
+            result = self._saved(name, compute, full)
+        else:
+            result = None
+        return coerce(result) if coerce is not None and result is not None else result
+
+
+def _load_model(config: ExplainConfig, model):
     from ..models import load_model
     from ..notebook import resolve_model_name
 
-    ckpt = ckpt_module.Checkpointer(out / "checkpoints")
-    previous = _read_unfinished(out)
     model_name = resolve_model_name(config.model, default="toy-2l")
     if model is None:
         model = load_model(model_name)
     else:
         model_name = getattr(model.cfg, "model_name", model_name) if config.model == "auto" else model_name
     model.eval()
-    base = {"model": model_name, "seed": config.seed}
-    heads = select_heads(model, config.heads)  # validated before anything is written
+    return model, model_name
+
+
+def _sim_client(config: ExplainConfig, out: Path, llm, simulator_client, progress: bool):
+    if simulator_client is not None or llm is None:
+        return simulator_client
+    if not config.simulator or config.simulator == config.explainer:
+        return llm
+    return make_client(config, out, config.simulator, progress=progress)
+
+
+def _run_locked(config: ExplainConfig, out: Path, wanted: list[str], skipped: set[str], model,
+                client, simulator_client, progress: bool) -> ExplainRun:
+    from .. import checkpoint as ckpt_module
+    from . import stages as S
+
+    previous = _read_unfinished(out)
+    model, model_name = _load_model(config, model)
+    units = select_units(model, config)  # validated before anything is written
+    if not units:
+        raise ValueError(f"{config.units}: no units selected (neuron_budget={config.neuron_budget})")
     run_config = {**config.to_dict(), "base_url": public_url(config.base_url), "model_resolved": model_name,
                   "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads,
                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    ran: list[str] = []
-    unfinished: dict[str, str] = {}
-    clients: list = []  # the LLM clients of the run, once built (failed requests are counted)
+    stage = _StageRunner(ckpt_module.Checkpointer(out / "checkpoints"),
+                         {"model": model_name, "seed": config.seed}, wanted, skipped)
+    p = _stage_params(config, units)
 
-    def failed_requests() -> int:
-        return sum(getattr(c.usage, "failed_requests", 0)
-                   for c in {id(c): c for c in clients}.values())
+    windows = stage("sample", lambda: S.sample_stage(model, config), p["sample"])
+    event_set = stage("events", lambda: S.events_stage(model, windows, units, config, progress=progress),
+                      p["events"])
+    heuristic = stage("heuristic", lambda: S.heuristic_stage(model, windows, units, config, event_set,
+                                                             progress=progress),
+                      p["heuristic"], coerce=S.HeuristicResult.coerce)
+    splits = S.split_stage(event_set, units, config)
 
-    def guarded(name: str, compute: Callable[[], Any]) -> Callable[[], Any]:
-        """``compute``, raising _FailedRequests (so nothing is saved) when an LLM request failed
-        during it, or when it builds on the explanations of an unfinished stage."""
-        def run():
-            before = failed_requests()
-            upstream = [s for s in unfinished if name in _BUILDS_ON_EXPLANATIONS]
-            result = compute()
-            failed = failed_requests() - before
-            if upstream and not failed:
-                raise _FailedRequests(result, f"it builds on unfinished stage(s) {', '.join(upstream)}")
-            if failed:
-                last = next((c.last_failure for c in clients if getattr(c, "last_failure", None)), None)
-                raise _FailedRequests(result, f"{failed} failed LLM request{'s' if failed > 1 else ''}"
-                                      + (f" (last: {last})" if last else ""))
-            return result
-        return run
-
-    def saved(name: str, compute: Callable[[], Any], full: dict):
-        try:
-            return ckpt.stage(name, guarded(name, compute), full)
-        except _FailedRequests as failure:
-            unfinished[name] = str(failure)
-            _say(f"[{name}] not saved as finished: {failure}; a rerun retries it")
-            return failure.result
-
-    def stage(name: str, compute: Callable[[], Any], params: dict, needed: bool = True):
-        """Run / load a stage; a stage not wanted is loaded if it finished, else computed when a
-        later stage needs its output (``needed``) or None."""
-        full = {**base, **params}
-        if name in wanted:
-            _say(f"[{name}] " + ("loaded" if ckpt.has(name, full) else "running"))
-            ran.append(name)
-            return saved(name, compute, full)
-        if name in skipped and not needed:
-            return None
-        if ckpt.has(name, full):
-            return saved(name, compute, full)  # loads it (recomputes a damaged file)
-        if needed:
-            _say(f"[{name}] not finished yet; computing it for the stages after it")
-            return saved(name, compute, full)
-        return None
-
-    # 1. sample
-    from .events import collect_events, sample_windows
-
-    sample_params = config.params("dataset", "windows", "window_len")
-    # clone: a view would drag its whole parent storage into the checkpoint file
-    windows = stage("sample", lambda: sample_windows(model, config.dataset, config.windows, config.window_len,
-                                                     seed=config.seed).clone(), sample_params)
-
-    # 2. events
-    event_params = {**sample_params, **config.params("heads", "top_k", "n_random", "n_quantile", "salience")}
-    event_set = stage("events", lambda: collect_events(
-        model, windows, heads, top_k=config.top_k, n_random=config.n_random, n_quantile=config.n_quantile,
-        salience=config.salience, batch_size=config.batch_size, seed=config.seed, progress=progress),
-        event_params)
-
-    # 3a. heuristic baseline (always: it is the offline explainer and the LLM's baseline)
-    from .heuristic import heuristic_explanations
-
-    heuristic, stats = stage("heuristic", lambda: heuristic_explanations(
-        model, windows, seed=config.seed, batch_size=config.batch_size, progress=progress), sample_params)
-
-    # held-out split per head: the explainer sees one part, scorers the other
-    from .scoring import split_events
-
-    def splits():
-        result = {}
-        for head in heads:
-            shown, held = split_events(event_set.events(*head), holdout_fraction=config.holdout_fraction,
-                                       seed=config.seed)
-            result[head] = (shown, held)
-        return result
-
-    split = splits()
-
-    # 3b. explain
-    llm = client if client is not None else (make_client(config, out, progress=progress) if config.uses_llm else None)
-    if llm is not None:
-        clients.append(llm)
-
-    def explain():
+    llm = client if client is not None else make_client(config, out, progress=progress)
+    sim_client = _sim_client(config, out, llm, simulator_client, progress)
+    stage.clients += [c for c in (llm, sim_client) if c is not None]
+    p.update(_llm_params(config, p, llm, sim_client))
+    if config.dry_run:
         if llm is None:
-            return {head: (heuristic[head], None) for head in heads}
-        from .prompts import LLMExplainer
+            raise ValueError("dry_run=True needs an explainer (an LLM): the heuristic run sends nothing")
+        return _dry_run(config, out, llm, sim_client, units, heuristic, splits, wanted)
 
-        return LLMExplainer(llm).explain_many({head: split[head][0] for head in heads})
+    explanations = stage("explain", lambda: S.explain_stage(units, heuristic, splits, llm), p["explain"],
+                         coerce=S.Explanations.coerce)
+    scores = stage("score", lambda: S.score_stage(model, units, explanations, heuristic, splits, config,
+                                                  sim_client=sim_client, with_baseline=llm is not None),
+                   p["score"], needed=False, coerce=S.Scores.coerce) or S.Scores()
+    refinement = stage("refine", lambda: S.refine_stage(units, explanations, splits, config, llm=llm,
+                                                        sim_client=sim_client),
+                       p["refine"], needed=False, coerce=S.Refinement.coerce) or S.Refinement()
+    causal = stage("causal", lambda: S.causal_stage(model, windows, event_set, units, config, progress=progress),
+                   p["causal"], needed=False, coerce=S.CausalEffects.coerce) or S.CausalEffects()
+    records = assemble_records(units, explanations, heuristic, scores, refinement, causal, event_set)
+    taxonomy = stage("taxonomy", lambda: S.taxonomy_stage(records, config, llm=llm, progress=progress),
+                     _taxonomy_params(config, records, llm), needed=False,
+                     coerce=S.TaxonomyResult.coerce) or S.TaxonomyResult()
+    return _finish(config, out, model, records, taxonomy, scores, run_config, stage, previous, llm, sim_client)
 
-    sim_client = simulator_client
-    if sim_client is None and llm is not None:
-        sim_client = llm if not config.simulator or config.simulator == config.explainer else \
-            make_client(config, out, config.simulator, progress=progress)
-    if sim_client is not None:
-        clients.append(sim_client)
 
+def _stage_params(config: ExplainConfig, units: Sequence) -> dict[str, dict]:
+    """Each stage's checkpoint params (without the LLM's, added once the clients exist). A head
+    run's params are those of runs saved before typed stages, so those keep resuming; a neuron
+    run's events depend on the neurons chosen (not on the salience, which is for heads), and
+    its heuristic on its events."""
+    sample = config.params("dataset", "windows", "window_len")
+    if config.units == "neurons":
+        events = {**sample, "units": "neurons", "neurons": [u.label for u in units],
+                  **config.params("top_k", "n_random", "n_quantile")}
+        heuristic = events
+    else:
+        events = {**sample, **config.params("heads", "top_k", "n_random", "n_quantile", "salience")}
+        heuristic = sample
+    return {"sample": sample, "events": events, "heuristic": heuristic,
+            "causal": {**events, **config.params("causal_method")}}
+
+
+def _llm_params(config: ExplainConfig, p: dict, llm, sim_client) -> dict[str, dict]:
     # The LLM a stage talks to is part of its params (from the client actually used); without
     # one they are left out, so changing LLM-only options never recomputes a heuristic run.
     # max_cost_usd is a param: raising the cap recomputes the LLM stages and the request cache
@@ -370,121 +374,40 @@ def _run_locked(config: ExplainConfig, out: Path, wanted: list[str], skipped: se
     llm_params = {} if llm is None else {
         "explainer": llm.model, "base_url": public_url(getattr(llm, "base_url", None)),
         "max_cost_usd": config.max_cost_usd}
-    explain_params = {**event_params, **config.params("holdout_fraction"), **llm_params}
-    if config.dry_run:
-        if llm is None:
-            raise ValueError("dry_run=True needs an explainer (an LLM): the heuristic run sends nothing")
-        return _dry_run(config, out, llm, sim_client, explain, heads, heuristic, split, model,
-                        wanted)
-    answers = stage("explain", explain, explain_params)
+    explain = {**p["events"], **config.params("holdout_fraction"), **llm_params}
+    score = {**explain, **config.params("scorers"),
+             **({"simulator": sim_client.model} if sim_client is not None else {})}
+    return {"explain": explain, "score": score, "refine": {**score, **config.params("refine_rounds")}}
 
-    # 4. score
 
-    def scorers_available() -> tuple[list, dict[str, str]]:
-        from .scoring import ContrastiveScorer, DetectionScorer, SimulationScorer
-
-        chosen, reasons = [], {}
-        for name in config.scorers:
-            if name == "contrastive":
-                chosen.append(ContrastiveScorer(model, batch_size=config.batch_size, salience=config.salience))
-            elif sim_client is None:
-                reasons[name] = "no LLM endpoint configured (explainer unset)"
-            elif name == "simulation":
-                chosen.append(SimulationScorer(sim_client))
-            else:
-                chosen.append(DetectionScorer(sim_client, seed=config.seed))
-        return chosen, reasons
-
-    def score():
-        from .scoring import ScoringItem, score_explanations
-
-        chosen, reasons = scorers_available()
-        explained = [h for h in heads if answers[h][0] is not None]
-        items = [ScoringItem(h[0], h[1], answers[h][0], split[h][1]) for h in explained]
-        scored = score_explanations(chosen, items) if items else []
-        results = {h: dict(s) for h, s in zip(explained, scored)}
-        if llm is not None:  # the heuristic baseline, scored the same way on the same events
-            base_items = [ScoringItem(h[0], h[1], heuristic[h], split[h][1]) for h in heads]
-            for h, s in zip(heads, score_explanations(chosen, base_items)):
-                results.setdefault(h, {}).update({f"baseline_{k}": v for k, v in s.items()})
-        return results, reasons
-
-    score_params = {**explain_params, **config.params("scorers"),
-                    **({"simulator": sim_client.model} if sim_client is not None else {})}
-    scores, skipped_scorers = stage("score", score, score_params, needed=False) or ({}, {})
-
-    # 5. refine
-    def refine():
-        llm_scorers = [s for s in config.scorers if s in LLM_SCORERS]
-        if llm is None or config.refine_rounds == 0 or not llm_scorers:
-            return {}
-        from .refine import refine_explanations
-        from .scoring import DetectionScorer, ScoringItem, SimulationScorer
-
-        scorer = SimulationScorer(sim_client) if llm_scorers[0] == "simulation" else \
-            DetectionScorer(sim_client, seed=config.seed)
-        explained = [h for h in heads if answers[h][0] is not None]
-        # feedback from the events the explainer saw; keep / reject decided on the held-out
-        # events, the same ones the score stage used, so the refined score is comparable
-        items = [ScoringItem(h[0], h[1], answers[h][0], split[h][0]) for h in explained]
-        steps = refine_explanations(llm, scorer, items, rounds=config.refine_rounds,
-                                    holdout_events=[split[h][1] for h in explained])
-        return {h: (item_steps, scorer.name) for h, item_steps in zip(explained, steps)}
-
-    refinement = stage("refine", refine, {**score_params, **config.params("refine_rounds")},
-                       needed=False) or {}
-
-    # 6. causal check
-    def causal():
-        by_head = {h: event_set.events(*h, kinds=("top", "random")) for h in heads}
-        return causal_effects(model, windows, by_head, method=config.causal_method,
-                              batch_size=config.batch_size, progress=progress)
-
-    causal_result = stage("causal", causal, {**event_params, **config.params("causal_method")},
-                          needed=False) or {}
-
-    records = assemble_records(heads, answers, heuristic, scores, refinement, causal_result,
-                               event_set, stats)
-
-    # 7. taxonomy (text families of the explanations) -- best effort: a handful of heads with
-    # near-identical heuristic texts can be too few to cluster; the reason is recorded.
-    def taxonomy():
-        from .taxonomy import build_taxonomy
-
-        try:
-            # with an LLM, it names the families (falling back to the member nearest the centroid)
-            # and can embed them (embedding="openai")
-            tax = build_taxonomy(records, min_cluster_size=config.min_cluster_size,
-                                 backend=config.embedding, seed=config.seed, progress=progress,
-                                 client=llm, llm_labels=llm is not None)
-        except ValueError as error:
-            return {"error": str(error)}
-        return {"taxonomy": tax.to_dict()}
-
+def _taxonomy_params(config: ExplainConfig, records: Sequence[HeadRecord], llm) -> dict:
     # keyed on what is clustered (texts and scores actually assembled), so a run that skipped or
     # had not yet finished scoring / refining never reuses families of other texts
     digest = hashlib.sha256(json.dumps([(r.label, r.explanation.text if r.explanation else None,
                                          r.best_score()) for r in records]).encode()).hexdigest()
-    tax_params = {**config.params("min_cluster_size", "embedding"), "records": digest,
-                  **({"labeller": llm.model} if llm is not None else {})}
-    tax_result = stage("taxonomy", taxonomy, tax_params, needed=False) or {}
-    if "taxonomy" in tax_result:
+    return {**config.params("min_cluster_size", "embedding"), "records": digest,
+            **({"labeller": llm.model} if llm is not None else {})}
+
+
+def _finish(config, out: Path, model, records, taxonomy, scores, run_config, stage: _StageRunner,
+            previous: dict, llm, sim_client) -> ExplainRun:
+    """Apply the taxonomy, write the report, usage and unfinished files; the run's result."""
+    if taxonomy.taxonomy is not None:
         from .taxonomy import Taxonomy
 
-        Taxonomy.from_dict(tax_result["taxonomy"]).apply_to_records(records)
-
-    if "taxonomy" in tax_result:  # the embedding actually used goes into the saved run config
-        run_config["taxonomy"] = tax_result["taxonomy"].get("config", {})
+        Taxonomy.from_dict(taxonomy.taxonomy).apply_to_records(records)
+        run_config["taxonomy"] = taxonomy.taxonomy.get("config", {})  # the embedding actually used
     usage = _usage(llm, sim_client)
-    meta = {"config": run_config, "usage": usage, "skipped_scorers": skipped_scorers,
-            "taxonomy": {k: v for k, v in tax_result.get("taxonomy", {}).items()
-                         if k in ("config", "metrics")} or tax_result.get("error")}
+    meta = {"config": run_config, "usage": usage, "skipped_scorers": scores.skipped,
+            "taxonomy": {k: v for k, v in (taxonomy.taxonomy or {}).items()
+                         if k in ("config", "metrics")} or taxonomy.error}
     files: dict[str, Path] = {}
-    if "report" in wanted:
+    if "report" in stage.wanted:
         from .report import write_report
 
-        ran.append("report")
-        files = write_report(records, out, meta=meta, n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads)
+        stage.ran.append("report")
+        files = write_report(records, out, meta=meta, n_layers=model.cfg.n_layers,
+                             n_heads=model.cfg.n_heads if config.units == "heads" else None)
         # written with the records it describes (a partial or refused run leaves both alone)
         (out / "config.json").write_text(json.dumps(run_config, indent=1))
         files["config"] = out / "config.json"
@@ -493,8 +416,8 @@ def _run_locked(config: ExplainConfig, out: Path, wanted: list[str], skipped: se
         (out / "usage.json").write_text(json.dumps(usage, indent=1))
         _say(f"LLM usage: {usage.get('summary', '')}")
     retried = [label for label in previous.get("heads", []) if label in {r.label for r in records}]
-    _write_unfinished(out, unfinished, [r.label for r in records if r.explanation is None])
-    return ExplainRun(records, out, config, ran, usage=usage, files=files, unfinished=unfinished,
+    _write_unfinished(out, stage.unfinished, [r.label for r in records if r.explanation is None])
+    return ExplainRun(records, out, config, stage.ran, usage=usage, files=files, unfinished=stage.unfinished,
                       retried=retried)
 
 
@@ -529,52 +452,67 @@ def _usage(*clients) -> dict[str, Any]:
     return usage
 
 
-def assemble_records(heads, answers, heuristic, scores, refinement, causal_result, event_set, stats
-                     ) -> list[HeadRecord]:
-    """One HeadRecord per head from the stage outputs (any of which may be empty)."""
-    stats_by_head = {}
-    if stats is not None and len(stats):
-        for row in stats.to_dict("records"):
-            stats_by_head[(int(row["layer"]), int(row["head"]))] = {
-                k: float(v) for k, v in row.items()
-                if k not in ("layer", "head", "label") and isinstance(v, (int, float, np.floating))
-                and not isinstance(v, bool)}
+def _stats_by_unit(stats) -> dict[str, dict[str, float]]:
+    """Numeric statistics per unit label from a heuristic statistics frame (heads: columns
+    ``layer``, ``head``; the unit schema: ``unit``, ``layer``, ``index``, ``kind``)."""
+    out: dict[str, dict[str, float]] = {}
+    if stats is None or not len(stats):
+        return out
+    from .stages import unit_key
+
+    for row in stats.to_dict("records"):
+        key = str(row["unit"]) if "unit" in row else unit_key((int(row["layer"]), int(row["head"])))
+        out[key] = {k: float(v) for k, v in row.items()
+                    if k not in ("layer", "head", "label", "unit", "index", "kind")
+                    and isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)}
+    return out
+
+
+def assemble_records(units, explanations, heuristic, scores, refinement, causal, event_set) -> list[HeadRecord]:
+    """One record per unit from the typed stage results (:mod:`interp_lib.explain.stages`; any
+    of scores / refinement / causal may be empty)."""
+    from .stages import unit_key
+
+    stats = _stats_by_unit(heuristic.stats if heuristic is not None else None)
     records = []
-    for head in heads:
-        explanation, failure = answers.get(head, (None, "not explained"))
-        steps, refine_scorer = refinement.get(head, ([], None))
-        steps: list[RefinementStep] = list(steps)
+    for unit in units:
+        key = unit_key(unit)
+        explanation, failure = explanations.get(unit), explanations.failure(unit)
+        steps: list[RefinementStep] = refinement.get(unit)
         kept = [s for s in steps if s.kept]
         if kept:
             explanation = kept[-1].explanation
-        head_scores: dict[str, ScoreResult] = dict(scores.get(head, {}))
+        unit_scores: dict[str, ScoreResult] = scores.get(unit)
         if kept and kept[-1].score is not None:
             # the refined explanation's held-out score replaces the first explanation's
-            head_scores["refined"] = ScoreResult("refined", kept[-1].score, details={
-                "round": kept[-1].round, "first_score": steps[0].previous_score, "scorer": refine_scorer})
-        causal = causal_result.get(head, {})
+            unit_scores["refined"] = ScoreResult("refined", kept[-1].score, details={
+                "round": kept[-1].round, "first_score": steps[0].previous_score, "scorer": refinement.scorer})
+        effect = causal.get(unit)
         records.append(HeadRecord(
-            layer=head[0], head=head[1], explanation=explanation, failure=failure,
-            heuristic=heuristic.get(head) if heuristic else None, scores=head_scores,
-            refinement=steps, causal_effect=causal.get("top"),
-            top_events=list(event_set.top.get(head, []))[:20] if event_set is not None else [],
-            stats={**stats_by_head.get(head, {}),
-                   **({"causal_random": causal["random"]} if "random" in causal else {})}))
+            layer=unit[0], head=unit[1], explanation=explanation, failure=failure,
+            heuristic=heuristic.get(unit) if heuristic is not None else None, scores=unit_scores,
+            refinement=steps, causal_effect=effect.get("top"),
+            top_events=list(event_set.top.get(unit, []))[:20] if event_set is not None else [],
+            stats={**stats.get(key, {}), **({"causal_random": effect["random"]} if "random" in effect else {})},
+            unit_kind=getattr(unit, "kind", "head")))
     return records
 
 
 def load_stage(out: str | Path, name: str) -> Any:
-    """The stored result of a finished stage of the run in ``out`` (e.g. ``"events"``)."""
+    """The stored result of a finished stage of the run in ``out`` (e.g. ``"events"``), typed
+    (:mod:`interp_lib.explain.stages`; runs saved before typed stages are read too)."""
     from ..checkpoint import Checkpointer
+    from . import stages as S
 
     _check_stage_names([name], "name")
-    return Checkpointer(Path(out) / "checkpoints").load(name)
+    saved = Checkpointer(Path(out) / "checkpoints").load(name)
+    coerce = {"heuristic": S.HeuristicResult, "explain": S.Explanations, "score": S.Scores,
+              "refine": S.Refinement, "causal": S.CausalEffects, "taxonomy": S.TaxonomyResult}.get(name)
+    return coerce.coerce(saved) if coerce is not None else saved
 
 
-
-
-def _dry_run(config, out, llm, sim_client, explain, heads, heuristic, split, model,
-             wanted: Sequence[str] | None = None) -> ExplainRun:
+def _dry_run(config, out, llm, sim_client, heads, heuristic, splits, wanted: Sequence[str] | None = None
+             ) -> ExplainRun:
     """Count every LLM request of the run and estimate its cost; send nothing, store nothing.
 
     Counted stage by stage, as the real run sends them (``wanted``: the stages the run would
@@ -604,10 +542,11 @@ def _dry_run(config, out, llm, sim_client, explain, heads, heuristic, split, mod
     """
     from .client import EMBED_BATCH, _estimate_prompt_tokens
     from .scoring import DetectionScorer, ScoringItem, SimulationScorer
+    from .stages import explain_stage, unit_key
     from .taxonomy import LABEL_PROMPT
 
     wanted = list(STAGES) if wanted is None else list(wanted)
-    explain()
+    explain_stage(heads, heuristic, splits, llm)
     explain_calls, explain_cost = llm.usage.dry_run_calls, llm.usage.dry_run_cost_usd
 
     def scorer_for(name):
@@ -616,8 +555,10 @@ def _dry_run(config, out, llm, sim_client, explain, heads, heuristic, split, mod
     # The LLM's explanations are not known yet: one stand-in per head, the heuristic text marked
     # with the head's label, so that (as with real explanations, which differ between heads) no
     # two heads' requests coincide and get counted once
-    stand_ins = {h: dataclasses.replace(heuristic[h], text=f"{heuristic[h].text} (L{h[0]}H{h[1]})")
+    stand_ins = {h: dataclasses.replace(heuristic.get(h), text=f"{heuristic.get(h).text} ({unit_key(h)})")
                  for h in heads}
+    baseline = {h: heuristic.get(h) for h in heads}
+    parts_of = (splits.shown, splits.held)
 
     def measured(name: str, parts: Sequence[int], explanations: Mapping) -> tuple[int, float]:
         """(requests, USD) the scorer ``name`` sends for ``explanations`` (one per head) on the
@@ -626,7 +567,8 @@ def _dry_run(config, out, llm, sim_client, explain, heads, heuristic, split, mod
         run, where the cache answers the second. The dry-run client stores nothing, so each
         measurement counts every request not cached."""
         calls, cost = sim_client.usage.dry_run_calls, sim_client.usage.dry_run_cost_usd
-        scorer_for(name).score_many([ScoringItem(h[0], h[1], explanations[h], split[h][part])
+        scorer_for(name).score_many([ScoringItem(h[0], h[1], explanations[h], parts_of[part][unit_key(h)],
+                                                 getattr(h, "kind", "head"))
                                      for part in parts for h in heads])
         return sim_client.usage.dry_run_calls - calls, sim_client.usage.dry_run_cost_usd - cost
 
@@ -634,7 +576,7 @@ def _dry_run(config, out, llm, sim_client, explain, heads, heuristic, split, mod
     score_calls, score_cost = 0, 0.0
     if "score" in wanted:  # the LLM explanation and its heuristic baseline, on the held-out events
         for name in llm_scorers:
-            for explanations in (stand_ins, heuristic):
+            for explanations in (stand_ins, baseline):
                 calls, cost = measured(name, [1], explanations)
                 score_calls, score_cost = score_calls + calls, score_cost + cost
     refine_calls, refine_cost = 0, 0.0
@@ -657,13 +599,13 @@ def _dry_run(config, out, llm, sim_client, explain, heads, heuristic, split, mod
     n_texts = len(heads)
     if "taxonomy" in wanted and 2 <= n_texts and config.min_cluster_size <= n_texts:
         families = n_texts // config.min_cluster_size
-        members = "\n".join(f"- {heuristic[h].text}" for h in heads[:12])
+        members = "\n".join(f"- {heuristic.get(h).text}" for h in heads[:12])
         prompt = [{"role": "user", "content": LABEL_PROMPT.format(members=members)}]
         taxonomy_calls = families
         taxonomy_cost = families * llm.cost(_estimate_prompt_tokens(prompt), 32)
         if config.embedding == "openai":
             taxonomy_calls += -(-n_texts // EMBED_BATCH)
-            tokens = sum(len(heuristic[h].text) // 4 + 1 for h in heads)
+            tokens = sum(len(heuristic.get(h).text) // 4 + 1 for h in heads)
             taxonomy_cost += llm.cost(tokens, 0, model="text-embedding-3-small")
     total_calls = explain_calls + score_calls + refine_calls + taxonomy_calls
     total_cost = explain_cost + score_cost + refine_cost + taxonomy_cost
