@@ -515,7 +515,7 @@ def head_class_scatter(frame, title: str | None = None):
     attention offset, coloured by class."""
     import plotly.express as px
 
-    fig = px.scatter(frame, x="position_score", y="mean_offset", color="label", text="name",
+    fig = px.scatter(frame, x="position_score", y="mean_offset", color="label", text="unit",
                      hover_data=["bos_attention"], title=title or "Position vs content heads")
     fig.update_traces(textposition="top center")
     fig.update_layout(height=440, width=680, xaxis_title="position score (1 = content-independent)",
@@ -532,7 +532,7 @@ def head_importance_heatmap(frame, value: str = "drop", title: str | None = None
 
     if value not in getattr(frame, "columns", ()):
         raise ValueError(f"value={value!r}: not a column of the frame ({list(getattr(frame, 'columns', []))})")
-    grid = frame.pivot(index="layer", columns="head", values=value)
+    grid = frame.pivot(index="layer", columns="index", values=value)
     bound = symmetric_range(grid.to_numpy(), floor)
     fig = go.Figure(go.Heatmap(z=grid.to_numpy().tolist(), x=[f"H{h}" for h in grid.columns],
                                y=[f"L{l}" for l in grid.index], colorscale="RdBu", zmin=-bound, zmax=bound,

@@ -27,7 +27,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .models import check_tokens
-from .units import Head, head_label, unit_columns
+from .units import Head, unit_columns
 
 PROBES = ("linear", "mlp")
 TASKS = ("classification", "regression")
@@ -470,8 +470,7 @@ def head_position_scores(model, tokens, kind: str = "random", seed: int = 0, min
         for head in range(model.cfg.n_heads):
             s = float(score[layer, head])
             label = "position" if s >= position_threshold else "content" if s <= content_threshold else "hybrid"
-            rows.append({**unit_columns(Head(layer, head)), "head": head, "name": head_label(layer, head),
-                         "position_score": s,
+            rows.append({**unit_columns(Head(layer, head)), "position_score": s,
                          "mean_offset": float(mean_offset[layer, head]), "bos_attention": float(bos[layer, head]),
                          "label": label})
     return pd.DataFrame(rows)
@@ -521,7 +520,7 @@ def head_ablation_importance(model, tokens, layer: int | None = None, probe: str
                                                            means=means)
             ablated = collect_activations(model, test_tokens, [stream], batch_size, fwd_hooks=hooks)[stream]
             accuracy = _score(fitted, *_flat(ablated, test_labels, rows_all), "classification")["accuracy"]
-            rows.append({**unit_columns(Head(l, h)), "head": h, "name": head_label(l, h), "clean_accuracy": clean,
+            rows.append({**unit_columns(Head(l, h)), "clean_accuracy": clean,
                          "ablated_accuracy": accuracy, "drop": clean - accuracy})
     return pd.DataFrame(rows)
 

@@ -74,9 +74,9 @@ def test_head_classes_follow_the_documented_rule(toy_lm, windows):
 
 def test_head_ablation_importance_has_one_row_per_earlier_head(toy_lm, windows):
     frame = probing.head_ablation_importance(toy_lm, windows[:32], layer=1)
-    assert list(frame["name"]) == [f"L0H{h}" for h in range(toy_lm.cfg.n_heads)]
+    assert list(frame["unit"]) == [f"L0H{h}" for h in range(toy_lm.cfg.n_heads)]
     assert tuple(frame.columns[:4]) == il.units.UNIT_COLUMNS
-    assert list(frame["unit"]) == list(frame["name"]) and (frame["index"] == frame["head"]).all()
+    assert list(frame["index"]) == list(range(toy_lm.cfg.n_heads))
     assert (frame["layer"] == 0).all() and (frame["kind"] == "head").all()
     assert np.allclose(frame["drop"], frame["clean_accuracy"] - frame["ablated_accuracy"])
 

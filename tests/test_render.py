@@ -21,7 +21,7 @@ CELLS = [
     "name, out, ckpt = il.notebook.setup('render_check', model_name='toy-2l', output_dir=OUT)",
     "il.plots.head_score_heatmap(torch.arange(8.0).reshape(2, 4) / 8, title='scores', threshold=0.5)",
     "import pandas as pd\n"
-    "frame = pd.DataFrame({'layer': [0, 0, 1, 1], 'head': [0, 1, 0, 1], 'drop': [0.01, -0.02, 0.3, 0.0]})\n"
+    "frame = pd.DataFrame({'layer': [0, 0, 1, 1], 'index': [0, 1, 0, 1], 'drop': [0.01, -0.02, 0.3, 0.0]})\n"
     "il.plots.head_importance_heatmap(frame).show()\n"
     "print('after the figure')",
 ]
@@ -163,7 +163,7 @@ def test_ablation_noise_stays_pale_and_thresholds_are_drawn():
 
     from interp_lib import plots
 
-    noise = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "drop": [0.018, -0.018, 0.004, 0.0]})
+    noise = pd.DataFrame({"layer": [0, 0, 1, 1], "index": [0, 1, 0, 1], "drop": [0.018, -0.018, 0.004, 0.0]})
     pale = plots.head_importance_heatmap(noise).data[0]
     assert (pale.zmin, pale.zmax) == (-0.1, 0.1)            # the floor, not ±0.018
     strong = plots.head_importance_heatmap(noise.assign(drop=[0.6, -0.018, 0.0, 0.0])).data[0]
