@@ -316,14 +316,15 @@ def icl_ablation(clean_drop: float, ablated_drop: float, fraction: float) -> str
     if not _finite(clean_drop) or clean_drop <= 0.1:
         return (f"The loss barely drops on the repeated half ({clean_drop:.2f} nats): this model does little "
                 "in-context copying, so ablation has nothing to remove.")
+    share = "all" if fraction >= 1 else f"{fraction:.0%}"
     return (f"The loss drops {clean_drop:.2f} nats on the repeated half; with the heads ablated it drops "
-            f"{ablated_drop:.2f}: they carry {fraction:.0%} of the in-context copying.")
+            f"{ablated_drop:.2f}: they carry {share} of the in-context copying ({fraction:.0%} removed).")
 
 
 def composition(score: float, median: float) -> str:
     ratio = score / median if median > 0 else math.inf
-    verdict = ("previous-token heads feed the induction heads' keys" if ratio > 1.5 else
-               "no clear K-composition above the typical pair")
+    verdict = ("previous-token heads clearly feed the induction heads' keys" if ratio > 1.5 else
+               "weakly above the typical pair" if ratio > 1 else "no K-composition above the typical pair")
     return f"K-composition previous-token -> induction {score:.3f} vs median pair {median:.3f} ({ratio:.1f}x): {verdict}."
 
 
@@ -366,8 +367,10 @@ def integrated_gradients_check(error: float, output: float, baseline: float) -> 
 
 def causal_trace(clean: float, corrupted: float, best: float) -> str:
     restored = (best - corrupted) / (clean - corrupted) if clean > corrupted else math.nan
+    amount = (f"more than all of it ({restored:.0%}: that state alone carries the prediction)" if restored > 1
+              else f"{restored:.0%} of it")
     return (f"Noising the input drops the prediction's probability from {clean:.3f} to {corrupted:.3f}; the best "
-            f"single restored state brings back {restored:.0%} of it.")
+            f"single restored state brings back {amount}.")
 
 
 # -------------------------------------------------------------------------------- 09 claims

@@ -140,8 +140,10 @@ def test_head_and_position_sentences():
     assert text.startswith("1 induction head above") and "recall 0.50" in text
     assert "nothing to remove" in findings.icl_ablation(0.05, 0.04, float("nan"))
     assert "they carry 80% of" in findings.icl_ablation(2.0, 0.4, 0.8)
-    assert "feed the induction heads' keys" in findings.composition(0.3, 0.1)
-    assert "no clear K-composition" in findings.composition(0.11, 0.1)
+    assert "they carry all of the in-context copying (109% removed)" in findings.icl_ablation(5.45, -0.51, 1.09)
+    assert "clearly feed the induction heads' keys" in findings.composition(0.3, 0.1)
+    assert "weakly above the typical pair" in findings.composition(0.12, 0.1)
+    assert "no K-composition above" in findings.composition(0.09, 0.1)
     assert "No stream holds" in findings.position_probes([0.03, 0.04], ["embed", "L0 out"], 0.03, 0.04)
     assert "best at embed" in findings.position_probes([0.9, 0.4], ["embed", "L0 out"], 0.03, 0.04)
     assert "No position heads found among 3" in findings.head_classes(["content", "hybrid", "content"])
@@ -151,3 +153,4 @@ def test_head_and_position_sentences():
     assert "not complete" in findings.integrated_gradients_check(0.5, 3.0, 1.0)
     assert "complete: the attributions add up" in findings.integrated_gradients_check(1e-4, 3.0, 1.0)
     assert "brings back 50% of it" in findings.causal_trace(0.9, 0.1, 0.5)
+    assert "more than all of it (122%" in findings.causal_trace(0.167, 0.0, 0.204)
