@@ -733,7 +733,8 @@ def measure_position_probe(model, tokens, other_tokens, seed: int = 0) -> dict[s
 # --------------------------------------------------------------------------------------------
 
 def claim8_induction_detection(model_name: str, detected: Sequence, truth: Sequence | None = None,
-                               icl_fraction_removed: float | None = None, good: float = 0.8) -> ClaimResult:
+                               icl_fraction_removed: float | None = None, good: float = 0.8,
+                               tests: pd.DataFrame | None = None) -> ClaimResult:
     """Claim 8: induction heads exist and a dynamic threshold finds them with good precision /
     recall against the published list (GPT-2 small: 5.1, 5.5, 6.9, 7.2, 7.10).
 
@@ -747,8 +748,13 @@ def claim8_induction_detection(model_name: str, detected: Sequence, truth: Seque
       precision and recall >= ``good`` here); existence: at least one head detected, and
       ``icl_fraction_removed`` (share of the in-context loss drop removed by ablating the
       detected heads, ``il.heads.ablation_effects``) reported.
-    - Supported when heads are detected and precision and recall are both >= ``good``. No
-      interval: detection is a set.
+    - Existence with multiple comparisons controlled: ``tests`` (``il.heads.induction_pvalues``:
+      a paired test per head against a position-matched non-repeating control,
+      Benjamini-Hochberg over all heads) must find at least one head; its heads are reported with
+      their own precision / recall against the truth.
+    - Supported when heads are detected, precision and recall are both >= ``good`` and (when
+      ``tests`` is given) the FDR-controlled test finds induction heads. No interval: detection
+      is a set.
     """
     from .heads import precision_recall_f1
 
@@ -764,13 +770,24 @@ def claim8_induction_detection(model_name: str, detected: Sequence, truth: Seque
     found = [head_label(h[0], h[1]) for h in detected]
     supported = bool(found) and scores["precision"] >= good and scores["recall"] >= good
     reason = (f"detected {', '.join(found) or 'none'} vs {source} "
-              f"{', '.join(f'L{a}H{b}' for a, b in truth) or '(empty)'}: precision {scores['precision']:.2f}, "
+              f"{', '.join(head_label(a, b) for a, b in truth) or '(empty)'}: precision {scores['precision']:.2f}, "
               f"recall {scores['recall']:.2f} (good = both >= {good})"
               + ("" if icl_fraction_removed is None else
                  f"; ablating them removes {icl_fraction_removed:.0%} of the in-context loss drop"))
+    extra: dict[str, Any] = {}
+    if tests is not None:
+        tested = tests[tests["significant"]]
+        significant = [(int(l), int(i)) for l, i in tested[["layer", "index"]].to_numpy()]
+        tested_scores = precision_recall_f1(significant, truth)
+        supported = supported and bool(significant)
+        reason += (f"; tested per head against a non-repeating control with the false discovery rate controlled "
+                   f"(Benjamini-Hochberg over {len(tests)} heads): {', '.join(tested['unit']) or 'none'} significant, "
+                   f"precision {tested_scores['precision']:.2f}, recall {tested_scores['recall']:.2f}")
+        extra = {"significant": list(tested["unit"]), "tested_precision": tested_scores["precision"],
+                 "tested_recall": tested_scores["recall"]}
     return _result(8, metric, good, scores["f1"], None, SUPPORTED if supported else NOT_SUPPORTED, reason,
                    precision=scores["precision"], recall=scores["recall"], detected=found,
-                   truth_source=source, icl_fraction_removed=icl_fraction_removed)
+                   truth_source=source, icl_fraction_removed=icl_fraction_removed, **extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -935,7 +952,7 @@ def run_claims(model, model_name: str, *, dataset: str = "auto", window_len: int
 
     from .calibration import next_token_predictions
     from .data import load_texts, text_windows
-    from .heads import ablation_effects, attention_patterns, detect_heads, known_heads
+    from .heads import ablation_effects, attention_patterns, detect_heads, induction_pvalues, known_heads
 
     stage = stage or (lambda name, fn: fn())
     val_text, test_text = load_texts(dataset, "validation"), load_texts(dataset, "test")
@@ -1005,7 +1022,8 @@ def run_claims(model, model_name: str, *, dataset: str = "auto", window_len: int
             return _not_testable(8, "F1 of detected induction heads vs ground truth", 0.8,
                                  f"{model_name}'s verified table has no induction heads (it cannot form them): "
                                  f"detected {[h.label for h in detection] or 'none'}")
-        return claim8_induction_detection(model_name, detection, truth, fraction)
+        tests = induction_pvalues(model, n_sequences=16, seed=seed)
+        return claim8_induction_detection(model_name, detection, truth, fraction, tests=tests)
 
     def c9():
         data = measure_explainer_comparison(model, model_name, Path(out) / "explainer", base_url=base_url,

@@ -222,6 +222,13 @@ def test_claim8_against_toy_2l_truth(toy_2l):
     published = claims.PUBLISHED_INDUCTION_HEADS
     assert claims.claim8_induction_detection("gpt2", [(*h, 0.5) for h in published]).verdict == "supported"
     assert claims.claim8_induction_detection("gpt2", [(5, 1, 0.5)]).verdict == "not supported"  # recall 0.2
+    # existence under multiple-comparison control: the FDR-controlled per-head test must agree
+    tests = il.heads.induction_pvalues(toy_2l, n_sequences=16)
+    tested = claims.claim8_induction_detection("toy-2l", detection, truth, tests=tests)
+    assert tested.verdict == "supported" and tested.details["significant"] == ["L1H0", "L1H1", "L1H2"]
+    assert tested.details["tested_recall"] == 1.0 and "Benjamini-Hochberg over 8 heads" in tested.reason
+    nothing = tests.assign(significant=False)
+    assert claims.claim8_induction_detection("toy-2l", detection, truth, tests=nothing).verdict == "not supported"
 
 
 def test_claim9_explainer_comparison(monkeypatch):
