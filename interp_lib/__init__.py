@@ -7,11 +7,11 @@ Layers (imports point down only; ``tests/test_layers.py`` checks it):
 
 1. foundation: ``models``, ``data``, ``units``, ``paths``, ``artifacts`` (atomic files, metrics,
    run manifests), ``errors``, ``runtime`` (Colab, every ``"auto"``), ``checkpoint``,
-   ``safe_serialize``, ``versions``;
+   ``safe_serialize``, ``versions``, ``display`` (tables);
 2. analyses: ``calibration``, ``selective``, ``attribution``, ``patching``, ``heads``, ``probing``,
    ``stats``, ``explain``;
-3. figures and tables: ``plots``, ``display``;
-4. notebook glue: ``claims``, ``notebook``, ``results``;
+3. figures: ``plots``;
+4. notebook glue: ``claims``, ``findings``, ``notebook``, ``results``;
 5. commands: ``runner``, ``tasks``, ``cluster``, ``cli``.
 """
 

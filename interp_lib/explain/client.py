@@ -1014,11 +1014,9 @@ class LLMClient:
                 state = {"batch_id": created["id"], "input_file_id": uploaded["id"], "n": len(keys),
                          "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds")}
                 if state_path is not None:
-                    from ..checkpoint import _atomic_write
+                    from ..artifacts import atomic_write_json
 
-                    text = json.dumps(state).encode()
-                    state_path.parent.mkdir(parents=True, exist_ok=True)
-                    _atomic_write(state_path, lambda f: f.write(text))
+                    atomic_write_json(state_path, state)
             batch = await self._poll_batch(client, state["batch_id"], bar)
         except _BatchUnavailable as exc:
             if exc.status in (404, 405):

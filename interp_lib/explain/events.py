@@ -55,8 +55,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..artifacts import jsonable
 from ..units import Head, parse_units, unit_count
-from .records import Event, _jsonable, head_label, make_unit, parse_head_label, parse_unit_label
+from .records import Event, head_label, make_unit, parse_head_label, parse_unit_label
 
 logger = logging.getLogger(__name__)
 
@@ -234,8 +235,8 @@ class EventSet:
                                                         "unit_kind")}
         for kind in EVENT_KINDS:
             data[kind] = {_label_key(k, self.unit_kind): [e.to_dict() for e in v] for k, v in getattr(self, kind).items()}
-        data["activation_stats"] = {_label_key(k, self.unit_kind): _jsonable(v) for k, v in self.activation_stats.items()}
-        data["config"] = _jsonable(self.config)
+        data["activation_stats"] = {_label_key(k, self.unit_kind): jsonable(v) for k, v in self.activation_stats.items()}
+        data["config"] = jsonable(self.config)
         return data
 
     @classmethod

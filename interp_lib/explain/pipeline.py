@@ -279,7 +279,7 @@ class _StageRunner:
 
 def _load_model(config: ExplainConfig, model):
     from ..models import load_model
-    from ..notebook import resolve_model_name
+    from ..runtime import resolve_model_name
 
     model_name = resolve_model_name(config.model, default="toy-2l")
     if model is None:

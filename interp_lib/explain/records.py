@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import atomic_write, jsonable
 from ..units import Head, Neuron, Unit, head_label, parse_unit
 
 SCHEMA_VERSION = 1
@@ -36,25 +36,6 @@ def make_unit(layer: int, index: int, unit_kind: str = "head") -> Unit:
     if unit_kind not in ("head", "neuron"):
         raise ValueError(f"unit_kind={unit_kind!r}: expected 'head' or 'neuron'")
     return (Head if unit_kind == "head" else Neuron)(int(layer), int(index))
-
-
-def _clean_float(value: Any) -> Any:
-    # JSON has no NaN / inf: store them as None so files stay standard JSON.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        value = value.item()
-    return _clean_float(value)
 
 
 @dataclass
@@ -96,7 +77,7 @@ class Event:
         return self.tokens[self.position] if 0 <= self.position < len(self.tokens) else ""
 
     def to_dict(self) -> dict:
-        return _jsonable(self)
+        return jsonable(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Event":
@@ -119,7 +100,7 @@ class Explanation:
     round: int = 0                  # refinement round that produced it (0 = first explanation)
 
     def to_dict(self) -> dict:
-        return _jsonable(self)
+        return jsonable(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Explanation":
@@ -142,7 +123,7 @@ class ScoreResult:
     failure: str | None = None      # why score is None, if it is
 
     def to_dict(self) -> dict:
-        return _jsonable(self)
+        return jsonable(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ScoreResult":
@@ -162,7 +143,7 @@ class RefinementStep:
     failure: str | None = None      # why the revision could not be scored (request / parse)
 
     def to_dict(self) -> dict:
-        return _jsonable(self)
+        return jsonable(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RefinementStep":
@@ -215,7 +196,7 @@ class UnitRecord:
         return None
 
     def to_dict(self) -> dict:
-        data = _jsonable(self)
+        data = jsonable(self)
         data["label"] = self.label
         return data
 
@@ -236,14 +217,13 @@ HeadRecord = UnitRecord  # the name records had when only heads were explained
 
 def save_records(records: list[HeadRecord], path: str | Path, meta: dict | None = None) -> Path:
     """Write records as one JSON document ``{"schema": 1, "meta": ..., "heads": [...]}``."""
-    from ..checkpoint import _atomic_write  # atomic: a killed run never leaves half a file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"schema": SCHEMA_VERSION, "meta": _jsonable(meta or {}),
+    document = {"schema": SCHEMA_VERSION, "meta": jsonable(meta or {}),
                 "heads": [r.to_dict() for r in records]}
     payload = json.dumps(document, indent=1, allow_nan=False).encode()
-    _atomic_write(path, lambda handle: handle.write(payload))
+    atomic_write(path, lambda handle: handle.write(payload))  # a killed run never leaves half a file
     return path
 
 

@@ -192,7 +192,7 @@ def markdown_report(records: Sequence[HeadRecord], meta: Mapping | None = None, 
         lines.append("")
     refined = [r.refinement for r in records if r.refinement]
     if refined:
-        from ..runner import markdown_table
+        from ..artifacts import markdown_table
         from .refine import refinement_gain
 
         lines += ["## Refinement: held-out score gain per round", "",
@@ -246,7 +246,7 @@ def markdown_report(records: Sequence[HeadRecord], meta: Mapping | None = None, 
 def write_report(records: Sequence[HeadRecord], out: str | Path, *, meta: Mapping | None = None,
                  n_layers: int | None = None, n_heads: int | None = None) -> dict[str, Path]:
     """Write records.json, report.md, scores.html and viewer.html into ``out``."""
-    from ..checkpoint import _atomic_write
+    from ..artifacts import atomic_write
     from .viewer import write_viewer
 
     if not records:
@@ -257,12 +257,12 @@ def write_report(records: Sequence[HeadRecord], out: str | Path, *, meta: Mappin
     n_heads = n_heads or max(r.head for r in records) + 1
     files = {"records": save_records(list(records), out / "records.json", meta=meta)}
     text = markdown_report(records, meta).encode()
-    _atomic_write(out / "report.md", lambda handle: handle.write(text))
+    atomic_write(out / "report.md", lambda handle: handle.write(text))
     files["report"] = out / "report.md"
     # plotly.js inline (like the viewer's code): the page draws offline and from any folder
     html = score_heatmap(records, n_layers, n_heads).to_html(include_plotlyjs=True, include_mathjax=False,
                                                              full_html=True).encode()
-    _atomic_write(out / "scores.html", lambda handle: handle.write(html))
+    atomic_write(out / "scores.html", lambda handle: handle.write(html))
     files["heatmap"] = out / "scores.html"
     title = f"interp_lib {unit_noun(records)} explainer"
     if meta and meta.get("config"):

@@ -176,7 +176,7 @@ class Refinement:
 class CausalEffects:
     """Per unit, the ablation effect on next-token loss: ``{"top": mean delta over its top
     events, "random": over its random events, "n_top", "n_random"}`` (see
-    :func:`interp_lib.explain.pipeline.causal_effects`)."""
+    :func:`interp_lib.patching.unit_ablation_effects`)."""
 
     effects: dict[str, dict[str, float]] = field(default_factory=dict)
     method: str = "zero"
@@ -335,11 +335,11 @@ def refine_stage(units: Sequence[Unit], explanations: Explanations, splits: Spli
 def causal_stage(model, windows, event_set, units: Sequence[Unit], config, *, progress: bool = True
                  ) -> CausalEffects:
     """Each unit ablated alone: the change in next-token loss at its top and random events."""
-    from .pipeline import causal_effects
+    from ..patching import unit_ablation_effects
 
     by_unit = {u: event_set.events(*u, kinds=("top", "random")) for u in units}
-    effects = causal_effects(model, windows, by_unit, method=config.causal_method,
-                             batch_size=config.batch_size, progress=progress, seed=config.seed)
+    effects = unit_ablation_effects(model, windows, by_unit, method=config.causal_method,
+                                    batch_size=config.batch_size, progress=progress, seed=config.seed)
     return CausalEffects({unit_key(u): v for u, v in effects.items()}, config.causal_method)
 
 

@@ -56,7 +56,8 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float, Int
 
-from .records import HeadRecord, _jsonable, parse_head_label, parse_unit_label
+from ..artifacts import jsonable
+from .records import HeadRecord, parse_head_label, parse_unit_label
 
 BACKENDS = ("sentence-transformers", "openai", "tfidf", "auto")
 DEFAULT_BACKEND = "sentence-transformers"
@@ -581,9 +582,9 @@ class Taxonomy:
         return {"texts": self.texts, "keys": self.keys, "labels": self.labels.tolist(),
                 "embeddings": np.asarray(self.embeddings, dtype=float).round(6).tolist(),
                 "coords": np.asarray(self.coords, dtype=float).tolist(),
-                "families": _jsonable(self.families.to_dict(orient="records")),
-                "metrics": _jsonable(self.metrics), "config": _jsonable(self.config),
-                "scores": _jsonable([float(s) for s in self.scores]), "flags": self.flags}
+                "families": jsonable(self.families.to_dict(orient="records")),
+                "metrics": jsonable(self.metrics), "config": jsonable(self.config),
+                "scores": jsonable([float(s) for s in self.scores]), "flags": self.flags}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Taxonomy":
@@ -603,12 +604,12 @@ class Taxonomy:
                    flags=[list(f) for f in data["flags"]])
 
     def save(self, path: str | Path) -> Path:
-        from ..checkpoint import _atomic_write
+        from ..artifacts import atomic_write
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps(self.to_dict(), allow_nan=False).encode()
-        _atomic_write(path, lambda handle: handle.write(payload))
+        atomic_write(path, lambda handle: handle.write(payload))
         return path
 
     @classmethod

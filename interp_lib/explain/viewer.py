@@ -38,8 +38,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
-from ..checkpoint import REDACTED, _atomic_write, _secret_env_values, is_secret_key
-from .records import HeadRecord, _jsonable, head_label, parse_head_label, parse_unit_label
+from ..artifacts import atomic_write, jsonable
+from ..checkpoint import REDACTED, is_secret_key, secret_env_values
+from .records import HeadRecord, head_label, parse_head_label, parse_unit_label
 
 __all__ = ["write_viewer", "viewer_data", "viewer_run_id", "read_ratings", "ratings_vs_scores",
            "RatingWidget", "rating_widgets", "RATINGS_SCHEMA", "DATA_ELEMENT_ID", "score_verdict",
@@ -152,7 +153,7 @@ def _clean_meta(value: Any, secrets: set[str]) -> Any:
         if value in secrets:
             return REDACTED
         return _strip_url_credentials(value)
-    return _jsonable(value)
+    return jsonable(value)
 
 
 def viewer_run_id(records: Sequence[HeadRecord], title: str = "interp_lib head explainer") -> str:
@@ -212,8 +213,8 @@ def viewer_data(records: Sequence[HeadRecord], *, n_layers: int | None = None,
     for record in sorted(records, key=lambda r: (r.layer, r.unit_kind != "head", r.head)):
         data = record.to_dict()
         data["top_events"] = data["top_events"][:max_events]
-        data["best_score"] = _jsonable(record.best_score())
-        data["verdict"] = _jsonable(score_verdict(record))
+        data["best_score"] = jsonable(record.best_score())
+        data["verdict"] = jsonable(score_verdict(record))
         heads.append(data)
     scorers = sorted({name for r in records for name in r.scores})
     return {
@@ -226,7 +227,7 @@ def viewer_data(records: Sequence[HeadRecord], *, n_layers: int | None = None,
         "columns": column,  # label -> grid column
         "color_by": color_by,
         "scorers": scorers,
-        "meta": _clean_meta(dict(meta or {}), _secret_env_values()),
+        "meta": _clean_meta(dict(meta or {}), secret_env_values()),
         "stat_info": {k: list(v) for k, v in STAT_INFO.items()},
         "scorer_info": {k: list(v) for k, v in SCORER_INFO.items()},
         "heads": heads,
@@ -265,7 +266,7 @@ def write_viewer(records: Sequence[HeadRecord], path: str | Path, *, n_layers: i
         raise ValueError(f"path={str(path)!r} must end in .html (it is an HTML page)")
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = page.encode("utf-8")
-    _atomic_write(path, lambda handle: handle.write(payload))
+    atomic_write(path, lambda handle: handle.write(payload))
     return path
 
 
@@ -558,7 +559,7 @@ class RatingWidget:
             return
         self.save_to.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps(self.document(), indent=1).encode("utf-8")
-        _atomic_write(self.save_to, lambda handle: handle.write(payload))
+        atomic_write(self.save_to, lambda handle: handle.write(payload))
 
     # -- navigation and rating
     def show(self, index: int) -> None:
