@@ -197,12 +197,13 @@ def _add_explain_command(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "explain",
-        help="name what every attention head does (events -> explanations -> scores -> report)",
+        help="name what every attention head or MLP neuron does (events -> explanations -> scores -> report)",
         description=(
-            "Run the head-explainer pipeline into OUT, stage by stage: " + ", ".join(STAGES) + ".\n"
+            "Run the explainer pipeline (attention heads, or MLP neurons with --units neurons) into\n"
+            "OUT, stage by stage: " + ", ".join(STAGES) + ".\n"
             "Finished stages are loaded from OUT/checkpoints, answered LLM requests from\n"
             "OUT/llm_cache, so a killed or repeated run resumes without recomputing or resending.\n"
-            "With no --explainer the heuristic (no-LLM) explainer names the heads and the LLM\n"
+            "With no --explainer the heuristic (no-LLM) explainer names the units and the LLM\n"
             "scorers are skipped (said in the report). The API key is read from\n"
             "$INTERP_LIB_API_KEY, or for OpenAI itself $OPENAI_API_KEY (or the Colab secret),\n"
             "never from the command line, and is written nowhere (a key in --base-url's user-info\n"
@@ -213,6 +214,7 @@ def _add_explain_command(subparsers: argparse._SubParsersAction) -> None:
         epilog=(
             "examples:\n"
             "  interp-lib explain --model toy-2l --out runs/explain-toy          # offline, heuristic\n"
+            "  interp-lib explain --model toy-lm --units neurons --out runs/neurons  # 64 sampled MLP neurons\n"
             "  interp-lib explain --model gpt2 --heads all --dataset wikitext --windows 1500 \\\n"
             "      --window-len 192 --top-k 200 --explainer gpt-4o-mini --out runs/explain-gpt2\n"
             "  interp-lib explain ... --dry-run                 # count calls, estimate cost\n"
@@ -241,11 +243,11 @@ def _add_explain_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars")
     parser.add_argument("--executor", choices=["local", "ray"], default="local",
-                        help="local: one process (default); ray: the heads split into --shards "
+                        help="local: one process (default); ray: the heads / neurons split into --shards "
                              "ranges, one Ray task each, merged into one run in OUT "
                              "(pip install 'interp-lib[cluster]')")
     parser.add_argument("--shards", type=int, default=2, metavar="N",
-                        help="with --executor ray: head ranges run as separate tasks (default: 2)")
+                        help="with --executor ray: unit ranges run as separate tasks (default: 2)")
     _add_ray_options(parser, "shard")
     parser.set_defaults(handler=_explain)
 
@@ -256,6 +258,7 @@ def _explain(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .checkpoint import RunFolderBusyError
     from .explain.client import EndpointError
     from .explain.pipeline import ExplainConfig, run_explainer
+    from .explain.report import unit_noun
     from .models import ModelLoadError
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExplainConfig)}
@@ -276,7 +279,8 @@ def _explain(args: argparse.Namespace, argv: Sequence[str]) -> int:
     failed = [r.label for r in run.records if r.explanation is None]
     retried = (f" ({len(run.retried)} retried after failing in an earlier run)"
                if run.retried else "")
-    print(f"explained {len(run.records) - len(failed)} of {len(run.records)} heads{retried}"
+    noun = unit_noun(run.records)
+    print(f"explained {len(run.records) - len(failed)} of {len(run.records)} {noun}s{retried}"
           + (f"; failed: {', '.join(failed)} (reasons in the report)" if failed else "")
           + f"; outputs in {run.out}")
     if run.unfinished:
@@ -289,6 +293,7 @@ def _explain(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _explain_on_ray(args: argparse.Namespace, config) -> int:
     from .cluster import explain_sharded
+    from .explain.report import unit_noun
     from .models import ModelLoadError
 
     if args.stages or args.skip or config.dry_run:
@@ -300,7 +305,7 @@ def _explain_on_ray(args: argparse.Namespace, config) -> int:
                               progress=args.progress)
     records = run["records"]
     failed = [r.label for r in records if r.explanation is None]
-    print(f"explained {len(records) - len(failed)} of {len(records)} heads in "
+    print(f"explained {len(records) - len(failed)} of {len(records)} {unit_noun(records)}s in "
           f"{args.shards} shard(s)" + (f"; failed: {', '.join(failed)}" if failed else "")
           + f"; outputs in {run['out']}")
     if run["unfinished"]:

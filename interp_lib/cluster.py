@@ -29,7 +29,6 @@ from typing import Any, Callable, Iterator, Sequence
 from .artifacts import atomic_write_json
 from .errors import RunInputError, first_line
 from .tasks import attempt_pids, execute_task, kernel_environment
-from .units import Head
 
 RAY_MISSING = ("--executor ray needs Ray, which is not installed: pip install "
                "'interp-lib[cluster]' (ray>=2.60,<3)")
@@ -146,8 +145,8 @@ def _ray_failure(exc: BaseException, task: dict[str, Any], run_dir: str) -> dict
 # --------------------------------------------------------------------------------------------
 
 def shard_heads(heads: Sequence[tuple[int, int]], shards: int) -> list[list[tuple[int, int]]]:
-    """Contiguous ranges of ``heads`` (in their order, layer-major), as even as possible; never
-    an empty shard (fewer shards when there are fewer heads)."""
+    """Contiguous ranges of ``heads`` (or any units, in their order, layer-major), as even as
+    possible; never an empty shard (fewer shards when there are fewer units)."""
     if shards < 1:
         raise RunInputError(f"--shards: expected a number >= 1, got {shards}")
     heads = list(heads)
@@ -169,7 +168,8 @@ def _explain_shard(config: dict[str, Any], run_dir: str, shard_dir: str,
     from .explain.config import ExplainConfig
     from .explain.pipeline import load_stage, make_client, run_explainer
 
-    shard_config = ExplainConfig(**{**config, "heads": ",".join(labels)})
+    field = "neurons" if config.get("units") == "neurons" else "heads"
+    shard_config = ExplainConfig(**{**config, field: ",".join(labels)})
     client = make_client(shard_config, Path(run_dir), progress=False)
     run = run_explainer(shard_config, shard_dir, skip=["taxonomy", "report"], client=client,
                         progress=False)
@@ -184,7 +184,8 @@ def _explain_shard(config: dict[str, Any], run_dir: str, shard_dir: str,
 def explain_sharded(config: Any, out: str, *, shards: int, address: str | None = None,
                     cpus_per_task: float = 1.0, gpus_per_task: float = 0.0, max_retries: int = 2,
                     progress: bool = True) -> dict[str, Any]:
-    """``interp-lib explain --executor ray``: split the heads into ``shards`` contiguous ranges,
+    """``interp-lib explain --executor ray``: split the units (heads, or neurons with
+    ``units="neurons"``) into ``shards`` contiguous ranges,
     run each range as one Ray task (events, explanations, scores, refinement and the causal
     check on the worker that loads the model; ``<out>/shards/<i>-of-<n>/`` holds its
     checkpoints, so a rerun resumes each shard where it stopped), then merge the records into
@@ -193,7 +194,7 @@ def explain_sharded(config: Any, out: str, *, shards: int, address: str | None =
     Returns ``{"records", "unfinished", "retried", "files"}``; ``unfinished`` maps a shard (or
     stage) to why it did not finish -- its records are missing or partial and a rerun retries.
     """
-    from .explain.pipeline import make_client, select_heads
+    from .explain.pipeline import make_client, select_units
     from .explain.records import HeadRecord
     from .models import load_model
     from .runtime import resolve_model_name
@@ -202,11 +203,11 @@ def explain_sharded(config: Any, out: str, *, shards: int, address: str | None =
     out_path = Path(out).expanduser().resolve()
     out_path.mkdir(parents=True, exist_ok=True)
     model_name = resolve_model_name(config.model, default="toy-2l")
-    model = load_model(model_name)  # the shape and the head selection (validated here, once)
+    model = load_model(model_name)  # the shape and the unit selection (validated here, once)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    ranges = shard_heads(select_heads(model, config.heads), shards)
+    ranges = shard_heads(select_units(model, config), shards)
     del model
-    labels = [[Head(*head).label for head in heads] for heads in ranges]
+    labels = [[unit.label for unit in units] for units in ranges]
     config_dict = {**config.to_dict(), "model": model_name}
     records: list = []
     unfinished: dict[str, str] = {}
@@ -238,7 +239,7 @@ def explain_sharded(config: Any, out: str, *, shards: int, address: str | None =
             usage[span] = result["usage"]
             skipped_scorers.update(result["skipped_scorers"])
         bar.close()
-    records.sort(key=lambda r: (r.layer, r.head))
+    records.sort(key=lambda r: (r.layer, r.head))  # layer, then head / neuron index
 
     # the taxonomy and the report over every shard's heads, as the unsharded run writes them
     llm = make_client(config, out_path, progress=progress)
@@ -255,11 +256,12 @@ def explain_sharded(config: Any, out: str, *, shards: int, address: str | None =
         tax_meta = str(error)
     from .explain.report import write_report
 
+    neurons = config.units == "neurons"
     run_config = {**config_dict, "n_layers": n_layers, "n_heads": n_heads, "executor": "ray",
                   "shards": [f"{s[0]}..{s[-1]}" for s in labels]}
     meta = {"config": run_config, "usage": usage, "taxonomy": tax_meta,
             "skipped_scorers": skipped_scorers}
-    files = write_report(records, out_path, meta=meta, n_layers=n_layers, n_heads=n_heads)
+    files = write_report(records, out_path, meta=meta, n_layers=n_layers, n_heads=None if neurons else n_heads)
     atomic_write_json(out_path / "config.json", run_config, indent=1)
     atomic_write_json(out_path / "usage.json", usage, indent=1)
     return {"records": records, "unfinished": unfinished, "retried": retried, "files": files,

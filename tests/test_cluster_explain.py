@@ -142,3 +142,26 @@ def test_sharded_llm_explain_survives_faults_and_a_killed_worker(ray_cluster, ma
         for name in merged.scores:
             assert merged.scores[name].score == pytest.approx(alone.scores[name].score, abs=1e-5)
         assert merged.causal_effect == pytest.approx(alone.causal_effect, abs=1e-5)
+
+
+def test_sharded_neuron_explain_equals_the_one_process_run(ray_cluster, tmp_path, capsys):
+    from interp_lib.explain.config import ExplainConfig
+    from interp_lib.explain.pipeline import run_explainer
+    from interp_lib.explain.records import load_records
+
+    small = {**SMALL, "model": "toy-lm"}
+    neurons = "L0N1,L0N5,L1N3,L2N7"
+    out = tmp_path / "sharded"
+    args = ["explain", "--out", str(out), "--no-progress", "--executor", "ray", "--shards", "2", "--units", "neurons",
+            "--neurons", neurons, "--embedding", "tfidf", *[f"--{k.replace('_', '-')}={v}" for k, v in small.items()]]
+    assert main(args) == 0
+    assert "explained 4 of 4 neurons in 2 shard(s)" in capsys.readouterr().out
+    records, meta = load_records(out / "records.json")
+    assert meta["config"]["shards"] == ["L0N1..L0N5", "L1N3..L2N7"]
+    single = run_explainer(ExplainConfig(**small, units="neurons", neurons=neurons, embedding="tfidf"),
+                           tmp_path / "single", skip=["taxonomy"], progress=False)
+    assert [r.label for r in records] == [r.label for r in single.records] == neurons.split(",")
+    for merged, alone in zip(records, single.records):
+        assert merged.unit_kind == "neuron" and merged.explanation.text == alone.explanation.text
+        assert merged.causal_effect == pytest.approx(alone.causal_effect, abs=1e-5)
+        assert [e.to_dict() for e in merged.top_events] == [e.to_dict() for e in alone.top_events]
