@@ -120,3 +120,53 @@ def test_dry_run_prices_a_batch_at_half(make_server, capsys):
 def test_bad_batch_settings_are_named():
     with pytest.raises(ValueError, match="batch_poll_interval=0"):
         LLMClient(MODEL, base_url="http://127.0.0.1:9/v1", batch=True, batch_poll_interval=0)
+
+
+def test_explainer_scores_through_the_batch_api(make_server, tmp_path):
+    """--batch-api: the scoring requests go up as Batch API files (explanations stay direct), the
+    scores equal a direct run's, and the dry run prices scoring at half."""
+    import json as json_module
+    import re
+
+    from interp_lib.explain.config import ExplainConfig
+    from interp_lib.explain.pipeline import run_explainer
+    from interp_lib.explain.prompts import DETECT_SYSTEM, EXPLAIN_SYSTEM, SIMULATE_SYSTEM
+
+    def responder(body):
+        system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
+        if system == EXPLAIN_SYSTEM:
+            return json_module.dumps({"explanation": "Attends to the previous token.", "attends_from": "every token",
+                                      "attends_to": "the previous token", "positive_examples": ["the cat"],
+                                      "negative_examples": ["a"]})
+        if system == SIMULATE_SYSTEM:
+            n = int(re.search(r"Give the (\d+) activations", user).group(1))
+            return json_module.dumps({"activations": [(len(user) + i) % 11 for i in range(n)]})
+        if system == DETECT_SYSTEM:
+            n = int(re.search(r"Which of the (\d+) texts", user).group(1))
+            return json_module.dumps({"fires": [i for i in range(1, n + 1) if (len(user) + i) % 2]})
+        return "Previous-token heads"
+
+    small = dict(model="toy-2l", heads="L0H2,L1H0", windows=12, window_len=32, top_k=8, n_random=6, n_quantile=4,
+                 batch_size=8, refine_rounds=0, scorers=("contrastive", "simulation", "detection"),
+                 explainer="gpt-4o-mini", embedding="tfidf")
+    direct_server, batch_server = make_server(responder=responder), make_server(responder=responder)
+    direct = run_explainer(ExplainConfig(**small, base_url=direct_server.url), tmp_path / "direct", progress=False)
+    batched = run_explainer(ExplainConfig(**small, base_url=batch_server.url, batch_api=True), tmp_path / "batch",
+                            progress=False)
+    systems = [b["messages"][0]["content"] for b in batch_server.requests if isinstance(b, dict) and "messages" in b]
+    assert systems.count(EXPLAIN_SYSTEM) == 2 and SIMULATE_SYSTEM not in systems and DETECT_SYSTEM not in systems
+    lines = [b["messages"][0]["content"] for b in batch_server.batch_lines]
+    assert lines.count(SIMULATE_SYSTEM) > 0 and lines.count(DETECT_SYSTEM) > 0
+    for a, b in zip(direct.records, batched.records):
+        assert a.label == b.label and a.scores.keys() == b.scores.keys()
+        for name in a.scores:
+            assert b.scores[name].score == pytest.approx(a.scores[name].score, abs=1e-9)
+    plain = run_explainer(ExplainConfig(**small, base_url=direct_server.url, dry_run=True), tmp_path / "d1",
+                          progress=False).usage["dry_run"]
+    half = run_explainer(ExplainConfig(**small, base_url=direct_server.url, dry_run=True, batch_api=True),
+                         tmp_path / "d2", progress=False).usage["dry_run"]
+    assert half["calls"] == plain["calls"] and half["tokens"] == plain["tokens"]
+    assert plain["explain_cost_usd"] > 0 and plain["score_cost_usd"] > 0
+    assert half["explain_cost_usd"] == pytest.approx(plain["explain_cost_usd"])  # explanations go direct
+    assert half["score_cost_usd"] == pytest.approx(BATCH_DISCOUNT * plain["score_cost_usd"])
+    assert half["batch_api"] and not plain["batch_api"]

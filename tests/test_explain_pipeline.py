@@ -198,11 +198,15 @@ def test_dry_run_counts_calls_and_sends_nothing(tmp_path, model, capsys):
         assert server.n_requests == 0
     printed = capsys.readouterr().out
     match = re.search(r"dry run: (\d+) LLM calls \(explain 8, scoring (\d+), refinement ~(\d+), "
-                      r"taxonomy ~(\d+)\), estimated \$(\S+)", printed)
+                      r"taxonomy ~(\d+)\), ~([\d,]+) tokens, estimated \$(\S+)", printed)
     assert match, printed
     total, scoring, refining, taxonomy = (int(match.group(i)) for i in (1, 2, 3, 4))
     assert scoring > 8 and refining > 8 and taxonomy == 8 // 3  # at most one family name per 3 heads
-    assert total == 8 + scoring + refining + taxonomy and float(match.group(5)) > 0
+    assert total == 8 + scoring + refining + taxonomy and float(match.group(6)) > 0
+    dry = run.usage["dry_run"]
+    assert int(match.group(5).replace(",", "")) == dry["tokens"] == sum(
+        dry[f"{stage}_tokens"] for stage in ("explain", "score", "refine", "taxonomy")) > 0
+    assert dry["estimated_hours"] == pytest.approx(total / config.concurrency * dry["seconds_per_request_assumed"] / 3600)
     assert run.records == [] and not (tmp_path / "run" / "records.json").exists()
 
 

@@ -50,6 +50,7 @@ class ExplainConfig:
     prices: str | None = field(default=None, metadata={"help": "JSON file {model: [USD per 1M prompt tokens, USD per 1M completion tokens]} overriding the built-in price table"})
     max_cost_usd: float | None = field(default=None, metadata={"help": "spending cap in USD: the run stops sending requests when reached"})
     dry_run: bool = field(default=False, metadata={"help": "count the LLM calls and estimate their cost, send nothing"})
+    batch_api: bool = field(default=False, metadata={"help": "send the scoring requests (simulation, detection, refinement's scores) through OpenAI's Batch API: half the price, answers within 24 h; the run waits for them, and a killed run collects the same batch when rerun"})
     causal_method: str = field(default="zero", metadata={"help": "ablation for the causal check (interp_lib.patching's one definition): zero, mean (the per-position mean over the windows) or resample (another window's activation at the same position)"})
     min_cluster_size: int = field(default=3, metadata={"help": "HDBSCAN min cluster size for the taxonomy"})
     embedding: str = field(default="sentence-transformers", metadata={"help": "taxonomy embeddings: sentence-transformers (all-MiniLM-L6-v2, offline; an error says what to install if it cannot load), openai, or tfidf (weak, only when asked for: warns and is recorded); auto = sentence-transformers"})

@@ -159,8 +159,10 @@ def _check_stage_names(names: Sequence[str] | None, argument: str) -> list[str]:
     return list(names)
 
 
-def make_client(config: ExplainConfig, out: Path, model_name: str | None = None, *, progress: bool = True):
-    """An LLMClient for the run (cache under ``out/llm_cache``), or None without an explainer."""
+def make_client(config: ExplainConfig, out: Path, model_name: str | None = None, *, progress: bool = True,
+                batch: bool = False):
+    """An LLMClient for the run (cache under ``out/llm_cache``), or None without an explainer;
+    ``batch``: through OpenAI's Batch API."""
     if not config.uses_llm:
         return None
     from .client import LLMClient
@@ -177,7 +179,13 @@ def make_client(config: ExplainConfig, out: Path, model_name: str | None = None,
                      concurrency=config.concurrency, max_retries=config.max_retries,
                      timeout=config.timeout, cache_dir=out / "llm_cache",
                      max_cost_usd=config.max_cost_usd, dry_run=config.dry_run, progress=progress, prices=prices,
-                     seed=config.seed)
+                     seed=config.seed, batch=batch)
+
+
+# Seconds one LLM request takes, for the dry run's wall-time estimate only (an assumption: a
+# chat completion of a few hundred tokens from a hosted endpoint); the real run measures nothing
+# against it.
+DRY_RUN_SECONDS_PER_REQUEST = 2.0
 
 
 def _say(message: str) -> None:
@@ -293,9 +301,10 @@ def _load_model(config: ExplainConfig, model):
 def _sim_client(config: ExplainConfig, out: Path, llm, simulator_client, progress: bool):
     if simulator_client is not None or llm is None:
         return simulator_client
-    if not config.simulator or config.simulator == config.explainer:
+    if (not config.simulator or config.simulator == config.explainer) and not config.batch_api:
         return llm
-    return make_client(config, out, config.simulator, progress=progress)
+    # its own client: another model, or the same model through the Batch API (scoring only)
+    return make_client(config, out, config.simulator or config.explainer, progress=progress, batch=config.batch_api)
 
 
 def _run_locked(config: ExplainConfig, out: Path, wanted: list[str], skipped: set[str], model,
@@ -546,8 +555,12 @@ def _dry_run(config, out, llm, sim_client, heads, heuristic, splits, wanted: Seq
     from .taxonomy import LABEL_PROMPT
 
     wanted = list(STAGES) if wanted is None else list(wanted)
+
+    def used_tokens(client) -> int:
+        return client.usage.dry_run_prompt_tokens + client.usage.dry_run_completion_tokens
+
     explain_stage(heads, heuristic, splits, llm)
-    explain_calls, explain_cost = llm.usage.dry_run_calls, llm.usage.dry_run_cost_usd
+    explain_calls, explain_cost, explain_tokens = llm.usage.dry_run_calls, llm.usage.dry_run_cost_usd, used_tokens(llm)
 
     def scorer_for(name):
         return SimulationScorer(sim_client) if name == "simulation" else DetectionScorer(sim_client, seed=config.seed)
@@ -560,42 +573,46 @@ def _dry_run(config, out, llm, sim_client, heads, heuristic, splits, wanted: Seq
     baseline = {h: heuristic.get(h) for h in heads}
     parts_of = (splits.shown, splits.held)
 
-    def measured(name: str, parts: Sequence[int], explanations: Mapping) -> tuple[int, float]:
-        """(requests, USD) the scorer ``name`` sends for ``explanations`` (one per head) on the
+    def measured(name: str, parts: Sequence[int], explanations: Mapping) -> tuple[int, float, int]:
+        """(requests, USD, tokens) the scorer ``name`` sends for ``explanations`` (one per head) on the
         split parts ``parts`` (0: the events shown to the explainer, 1: the held-out events),
         in one batch: an event in both parts (the same context) is one request, as in the real
         run, where the cache answers the second. The dry-run client stores nothing, so each
         measurement counts every request not cached."""
-        calls, cost = sim_client.usage.dry_run_calls, sim_client.usage.dry_run_cost_usd
+        calls, cost, used = sim_client.usage.dry_run_calls, sim_client.usage.dry_run_cost_usd, used_tokens(sim_client)
         scorer_for(name).score_many([ScoringItem(h[0], h[1], explanations[h], parts_of[part][unit_key(h)],
                                                  getattr(h, "kind", "head"))
                                      for part in parts for h in heads])
-        return sim_client.usage.dry_run_calls - calls, sim_client.usage.dry_run_cost_usd - cost
+        return (sim_client.usage.dry_run_calls - calls, sim_client.usage.dry_run_cost_usd - cost,
+                used_tokens(sim_client) - used)
 
     llm_scorers = [name for name in config.scorers if name in LLM_SCORERS] if heads else []
-    score_calls, score_cost = 0, 0.0
+    score_calls, score_cost, score_tokens = 0, 0.0, 0
     if "score" in wanted:  # the LLM explanation and its heuristic baseline, on the held-out events
         for name in llm_scorers:
             for explanations in (stand_ins, baseline):
-                calls, cost = measured(name, [1], explanations)
-                score_calls, score_cost = score_calls + calls, score_cost + cost
-    refine_calls, refine_cost = 0, 0.0
+                calls, cost, used = measured(name, [1], explanations)
+                score_calls, score_cost, score_tokens = score_calls + calls, score_cost + cost, score_tokens + used
+    refine_calls, refine_cost, refine_tokens = 0, 0.0, 0
     if "refine" in wanted and llm_scorers and config.refine_rounds:
         name = llm_scorers[0]  # the scorer refinement uses
         # the first explanation's held-out score comes from the cache the score stage filled;
         # its feedback requests (those not already among them) are sent
-        held_calls, held_cost = measured(name, [1], stand_ins)
-        both_calls, both_cost = measured(name, [0, 1], stand_ins)
+        held_calls, held_cost, held_tokens = measured(name, [1], stand_ins)
+        both_calls, both_cost, both_tokens = measured(name, [0, 1], stand_ins)
         feedback_calls, feedback_cost = both_calls - held_calls, both_cost - held_cost
+        feedback_tokens = both_tokens - held_tokens
         rounds = config.refine_rounds
         # per round: one revision per head + its held-out score; the feedback events are scored
         # once before the first round and again, between rounds, for the heads that changed
         refine_calls = rounds * (len(heads) + feedback_calls + held_calls)
         refine_cost = rounds * (explain_cost + feedback_cost + held_cost)
+        refine_tokens = rounds * (explain_tokens + feedback_tokens + held_tokens)
         if "score" not in wanted:  # the first explanation's held-out score is not in the cache
             refine_calls += held_calls
             refine_cost += held_cost
-    taxonomy_calls, taxonomy_cost = 0, 0.0
+            refine_tokens += held_tokens
+    taxonomy_calls, taxonomy_cost, taxonomy_tokens = 0, 0.0, 0
     n_texts = len(heads)
     if "taxonomy" in wanted and 2 <= n_texts and config.min_cluster_size <= n_texts:
         families = n_texts // config.min_cluster_size
@@ -603,18 +620,31 @@ def _dry_run(config, out, llm, sim_client, heads, heuristic, splits, wanted: Seq
         prompt = [{"role": "user", "content": LABEL_PROMPT.format(members=members)}]
         taxonomy_calls = families
         taxonomy_cost = families * llm.cost(_estimate_prompt_tokens(prompt), 32)
+        taxonomy_tokens = families * (_estimate_prompt_tokens(prompt) + 32)
         if config.embedding == "openai":
             taxonomy_calls += -(-n_texts // EMBED_BATCH)
             tokens = sum(len(heuristic.get(h).text) // 4 + 1 for h in heads)
             taxonomy_cost += llm.cost(tokens, 0, model="text-embedding-3-small")
+            taxonomy_tokens += tokens
     total_calls = explain_calls + score_calls + refine_calls + taxonomy_calls
     total_cost = explain_cost + score_cost + refine_cost + taxonomy_cost
+    total_tokens = explain_tokens + score_tokens + refine_tokens + taxonomy_tokens
+    hours = total_calls / config.concurrency * DRY_RUN_SECONDS_PER_REQUEST / 3600
     _say(f"dry run: {total_calls} LLM calls (explain {explain_calls}, scoring {score_calls}, "
-         f"refinement ~{refine_calls}, taxonomy ~{taxonomy_calls}), estimated ${total_cost:.4f} "
-         f"(explain ${explain_cost:.4f}, scoring ${score_cost:.4f}, refinement ~${refine_cost:.4f}, "
-         f"taxonomy ~${taxonomy_cost:.4f}); at most this many: fewer when a head gets no usable "
-         "explanation or revision; nothing was sent: rerun without --dry-run to spend")
-    usage = {"dry_run": {"calls": total_calls, "estimated_cost_usd": total_cost, "explain_calls": explain_calls,
-                         "score_calls": score_calls, "refine_calls": refine_calls,
-                         "taxonomy_calls": taxonomy_calls}}
+         f"refinement ~{refine_calls}, taxonomy ~{taxonomy_calls}), ~{total_tokens:,} tokens, estimated "
+         f"${total_cost:.4f} (explain ${explain_cost:.4f}, scoring ${score_cost:.4f}"
+         f"{' at the Batch API price' if config.batch_api else ''}, refinement ~${refine_cost:.4f}, "
+         f"taxonomy ~${taxonomy_cost:.4f}); about {hours:.2g} h at {config.concurrency} requests in flight if each "
+         f"takes {DRY_RUN_SECONDS_PER_REQUEST:g} s (an assumption: measure your endpoint)"
+         f"{', plus up to 24 h per Batch API round' if config.batch_api else ''}; at most this many: fewer when a "
+         "unit gets no usable explanation or revision; nothing was sent: rerun without --dry-run to spend")
+    usage = {"dry_run": {"calls": total_calls, "estimated_cost_usd": total_cost, "tokens": total_tokens,
+                         "explain_calls": explain_calls, "score_calls": score_calls, "refine_calls": refine_calls,
+                         "taxonomy_calls": taxonomy_calls, "explain_tokens": explain_tokens,
+                         "score_tokens": score_tokens, "refine_tokens": refine_tokens,
+                         "taxonomy_tokens": taxonomy_tokens, "explain_cost_usd": explain_cost,
+                         "score_cost_usd": score_cost, "refine_cost_usd": refine_cost,
+                         "taxonomy_cost_usd": taxonomy_cost, "concurrency": config.concurrency,
+                         "seconds_per_request_assumed": DRY_RUN_SECONDS_PER_REQUEST, "estimated_hours": hours,
+                         "batch_api": config.batch_api}}
     return ExplainRun([], Path(out), config, ["dry_run"], usage=usage)
