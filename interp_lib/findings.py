@@ -20,7 +20,9 @@ __all__ = ["Finding", "show", "top_predictions", "heldout_loss", "calibration_at
            "ood_detection", "mixed_stream", "logit_difference", "lens_depth", "top_units",
            "patching_restoration", "attribution_agreement", "joint_ablation", "detection", "icl_ablation",
            "composition", "position_probes", "head_classes", "ablation_importance",
-           "integrated_gradients_check", "causal_trace", "interval_widths", "claim_verdicts", "summary"]
+           "integrated_gradients_check", "causal_trace", "known_heads_named", "explainer_run",
+           "heads_vs_neurons", "families", "taxonomy_stability", "text_vs_behaviour", "interval_widths",
+           "claim_verdicts", "summary"]
 
 
 class Finding(str):
@@ -371,6 +373,97 @@ def causal_trace(clean: float, corrupted: float, best: float) -> str:
               else f"{restored:.0%} of it")
     return (f"Noising the input drops the prediction's probability from {clean:.3f} to {corrupted:.3f}; the best "
             f"single restored state brings back {amount}.")
+
+
+# -------------------------------------------------------------------------------- 07 / 08 explainer and taxonomy
+
+def known_heads_named(named: Mapping[str, Sequence[bool]]) -> str:
+    """``named``: role -> whether each known head of that role got the role's explanation."""
+    if not named or not any(len(v) for v in named.values()):
+        return "No verified head table for this model: the heuristic's names cannot be checked here."
+    parts = [f"{sum(map(bool, v))} of {len(v)} {role.replace('_', '-')}" for role, v in named.items() if len(v)]
+    total, right = sum(len(v) for v in named.values()), sum(sum(map(bool, v)) for v in named.values())
+    verdict = "every known head named by its role" if right == total else f"{total - right} known head(s) misnamed"
+    return f"Against the verified table: {', '.join(parts)} heads named correctly ({verdict})."
+
+
+def explainer_run(frame) -> str:
+    """``frame``: ``explain.report.records_frame`` (unit, explanation, primary_score, causal_effect)."""
+    n = len(frame)
+    explained = int(frame["explanation"].notna().sum())
+    text = f"{explained} of {n} {'units' if frame['kind'].nunique() > 1 else frame['kind'].iloc[0] + 's'} explained"
+    scores = frame["primary_score"].dropna()
+    if len(scores):
+        negative = list(frame.loc[frame["primary_score"] < 0, "unit"])
+        text += (f"; scores {scores.min():.2f} to {scores.max():.2f}"
+                 + (f", negative (the score contradicts the explanation) for {', '.join(negative)}" if negative
+                    else ", none negative"))
+    causal = frame[["unit", "causal_effect"]].dropna()
+    if len(causal):
+        top = causal.loc[causal["causal_effect"].abs().idxmax()]
+        text += f"; ablating {top['unit']} changes the loss at its top events most ({float(top['causal_effect']):+.3f} nats)"
+        both = frame[["primary_score", "causal_effect"]].dropna()
+        if len(both) >= 4 and both["primary_score"].std() > 0 and both["causal_effect"].std() > 0:
+            rho = float(both["primary_score"].corr(both["causal_effect"], method="spearman"))
+            text += (f"; score and causal effect correlate with Spearman {rho:.2f} "
+                     + ("(well-explained units are the ones the model uses)" if rho > 0.3 else
+                        "(a good explanation does not mean the unit matters)"))
+    return text + "."
+
+
+def heads_vs_neurons(summary_frame) -> str:
+    """``summary_frame``: per kind (``kind`` index or column): units, explained, mean_score, mean_abs_causal."""
+    frame = summary_frame.reset_index() if "kind" not in summary_frame.columns else summary_frame
+    rows = {row["kind"]: row for _, row in frame.iterrows()}
+    if not {"head", "neuron"} <= set(rows):
+        return "Only one kind of unit was explained: nothing to compare."
+    h, n = rows["head"], rows["neuron"]
+    more = "heads" if float(h["mean_abs_causal"]) > float(n["mean_abs_causal"]) else "neurons"
+    return (f"Heads: {int(h['explained'])}/{int(h['units'])} explained, mean score {float(h['mean_score']):.2f}, "
+            f"mean |causal effect| {float(h['mean_abs_causal']):.3f} nats; neurons: {int(n['explained'])}/"
+            f"{int(n['units'])}, {float(n['mean_score']):.2f}, {float(n['mean_abs_causal']):.3f}: single {more} "
+            "matter more to the loss at their own events on this model.")
+
+
+def families(metrics: Mapping[str, Any], table) -> str:
+    """``metrics``: ``Taxonomy.metrics``; ``table``: ``explain.figures.family_table`` (label, size)."""
+    n = int(metrics.get("n_families", 0))
+    coverage = float(metrics.get("coverage", float("nan")))
+    if n == 0:
+        return "No family formed: the explanations are too few or too different to cluster."
+    largest = table.loc[table["size"].idxmax()] if len(table) else None
+    text = f"{n} famil{'y' if n == 1 else 'ies'} cover {coverage:.0%} of the units"
+    if largest is not None:
+        text += f"; the largest is '{largest['label']}' ({int(largest['size'])} units)"
+    if coverage < 1:
+        text += f"; {1 - coverage:.0%} stay unclustered"
+    return text + "."
+
+
+def taxonomy_stability(frame) -> str:
+    """``frame``: ``explain.taxonomy.stability``."""
+    ok = frame[frame["failure"].isna()] if "failure" in frame.columns else frame
+    if ok.empty:
+        return "No configuration could be clustered: stability not measured."
+    ari = ok.loc[~ok["reference"], "ari_vs_reference"].astype(float)
+    families = ok["n_families"].astype(float)
+    text = f"Across {len(ok)} configurations the number of families ranges {int(families.min())}-{int(families.max())}"
+    if len(ari):
+        text += (f" and agreement with the reference (ARI) {ari.min():.2f}-{ari.max():.2f}: "
+                 + ("stable" if ari.min() >= 0.8 else "sensitive to the embedder and cluster size: "
+                    "read the families as one view, not a fact"))
+    if (families == 0).any():
+        text += f"; {int((families == 0).sum())} configuration(s) find no family at all"
+    return text + "."
+
+
+def text_vs_behaviour(ari: float, disagreements) -> str:
+    n = len(disagreements) if disagreements is not None else 0
+    if not _finite(ari):
+        return "Text and behaviour families could not be compared (too few clustered units)."
+    verdict = ("agree closely" if ari >= 0.8 else "agree partly" if ari >= 0.3 else "barely agree")
+    return (f"Families from the explanations' text and from attention statistics {verdict} (ARI {ari:.2f}); "
+            f"{n} unit(s) sit in different families.")
 
 
 # -------------------------------------------------------------------------------- 09 claims

@@ -154,3 +154,30 @@ def test_head_and_position_sentences():
     assert "complete: the attributions add up" in findings.integrated_gradients_check(1e-4, 3.0, 1.0)
     assert "brings back 50% of it" in findings.causal_trace(0.9, 0.1, 0.5)
     assert "more than all of it (122%" in findings.causal_trace(0.167, 0.0, 0.204)
+
+
+def test_explainer_and_taxonomy_sentences():
+    assert "No verified head table" in findings.known_heads_named({})
+    text = findings.known_heads_named({"induction": [True, True, True], "previous_token": [True]})
+    assert text == ("Against the verified table: 3 of 3 induction, 1 of 1 previous-token heads named correctly "
+                    "(every known head named by its role).")
+    assert "1 known head(s) misnamed" in findings.known_heads_named({"induction": [True, False]})
+    frame = pd.DataFrame({"unit": ["L0H0", "L0H1", "L1H0", "L1H1"], "kind": "head",
+                          "explanation": ["a", None, "c", "d"], "primary_score": [0.5, None, -0.2, 2.0],
+                          "causal_effect": [0.01, 0.02, 0.3, 0.6]})
+    text = findings.explainer_run(frame)
+    assert text.startswith("3 of 4 heads explained; scores -0.20 to 2.00, negative")
+    assert "for L1H0" in text and "L1H1 changes the loss at its top events most (+0.600 nats)" in text
+    summary = pd.DataFrame({"kind": ["head", "neuron"], "units": [8, 8], "explained": [8, 7],
+                            "mean_score": [1.0, 0.5], "mean_abs_causal": [0.2, 0.05]})
+    assert "single heads matter more" in findings.heads_vs_neurons(summary)
+    assert "Only one kind" in findings.heads_vs_neurons(summary.iloc[:1])
+    table = pd.DataFrame({"label": ["Induction heads", "mixed"], "size": [3, 2]})
+    text = findings.families({"n_families": 2, "coverage": 0.625}, table)
+    assert text == "2 families cover 62% of the units; the largest is 'Induction heads' (3 units); 38% stay unclustered."
+    assert "No family formed" in findings.families({"n_families": 0}, table.iloc[:0])
+    stable = pd.DataFrame({"n_families": [2, 2, 0], "ari_vs_reference": [1.0, 0.9, 0.0],
+                           "reference": [True, False, False], "failure": [None, None, None]})
+    text = findings.taxonomy_stability(stable)
+    assert "ranges 0-2" in text and "sensitive" in text and "1 configuration(s) find no family" in text
+    assert "agree closely (ARI 0.90); 1 unit(s)" in findings.text_vs_behaviour(0.9, [1])
