@@ -826,7 +826,6 @@ def attention_statistics(model, length: int = 47, n_sequences: int = 16, seed: i
     attention to BOS, the previous token, itself, the earlier copy of the same token, the
     induction target, and the attention entropy normalised by log(#keys). One row per head: the
     unit columns (``unit``, ``layer``, ``index``, ``kind``; :func:`interp_lib.units.unit_columns`),
-    ``head`` (the label again, under the name ``explain.taxonomy.compare_with_behaviour`` reads),
     then the statistics."""
     tokens = repeat_probe_tokens(model, length, 0, n_sequences, seed)
     patterns = attention_patterns(model, tokens)  # [layer, batch, head, q, k]
@@ -846,7 +845,7 @@ def attention_statistics(model, length: int = 47, n_sequences: int = 16, seed: i
     for layer in range(model.cfg.n_layers):
         for head in range(model.cfg.n_heads):
             unit = Head(layer, head)
-            records.append({**unit_columns(unit), "head": unit.label,
+            records.append({**unit_columns(unit),
                             **{name: float(stats[name][layer, head]) for name in STAT_NAMES}})
     return pd.DataFrame(records)
 

@@ -539,7 +539,7 @@ def test_compare_with_behaviour_uses_family_ids_not_names():
 def test_compare_with_behaviour_on_toy_model_families(toy_2l):
     stats = il.heads.attention_statistics(toy_2l, length=11, n_sequences=4)
     behaviour = il.heads.head_families(stats)
-    keys = behaviour["head"].tolist()
+    keys = behaviour["unit"].tolist()
     result = tx.compare_with_behaviour(behaviour["family"].tolist(), behaviour, keys)
     assert result["n_heads"] == len(keys) and result["ari"] == pytest.approx(1.0)
 

@@ -837,10 +837,11 @@ def _as_label_map(labels, keys, name: str) -> dict[str, Any]:
         # The integer ``family`` id first: head_families names ("diffuse", "bos", ...) are not
         # unique, so grouping by name would merge distinct clusters.
         column = next((c for c in ("family", "family_name") if c in labels.columns), None)
-        if "head" not in labels.columns or column is None:
-            raise ValueError(f"{name}: a DataFrame needs columns 'head' and 'family' or "
+        key = next((c for c in ("unit", "head") if c in labels.columns), None)
+        if key is None or column is None:
+            raise ValueError(f"{name}: a DataFrame needs columns 'unit' (labels) and 'family' or "
                              "'family_name' (e.g. il.heads.head_families output)")
-        return dict(zip(labels["head"].astype(str), labels[column].tolist()))
+        return dict(zip(labels[key].astype(str), labels[column].tolist()))
     if isinstance(labels, Mapping):
         return {str(k): v for k, v in labels.items()}
     values = list(np.asarray(labels).tolist())
