@@ -38,8 +38,29 @@ def make_unit(layer: int, index: int, unit_kind: str = "head") -> Unit:
     return (Head if unit_kind == "head" else Neuron)(int(layer), int(index))
 
 
+class _UnitIdentity:
+    """``unit`` / ``index`` / ``label`` of a record that stores ``layer``, ``head`` (the unit's
+    index, named so for saved files) and ``unit_kind``."""
+
+    layer: int
+    head: int
+    unit_kind: str
+
+    @property
+    def unit(self) -> Unit:
+        return make_unit(self.layer, self.head, self.unit_kind)
+
+    @property
+    def index(self) -> int:
+        return self.head
+
+    @property
+    def label(self) -> str:
+        return self.unit.label
+
+
 @dataclass
-class Event:
+class Event(_UnitIdentity):
     """One position of one unit (an attention head or an MLP neuron) in one text window.
 
     ``head`` is the unit's index in its layer (the head, or the neuron when ``unit_kind`` is
@@ -59,18 +80,6 @@ class Event:
     tokens: list[str] = field(default_factory=list)
     attended: list[tuple[int, float]] = field(default_factory=list)
     unit_kind: str = "head"  # "head" | "neuron"
-
-    @property
-    def unit(self) -> Unit:
-        return make_unit(self.layer, self.head, self.unit_kind)
-
-    @property
-    def index(self) -> int:
-        return self.head
-
-    @property
-    def label(self) -> str:
-        return self.unit.label
 
     @property
     def query_token(self) -> str:
@@ -153,7 +162,7 @@ class RefinementStep:
 
 
 @dataclass
-class UnitRecord:
+class UnitRecord(_UnitIdentity):
     """Everything the explainer found about one unit (``HeadRecord`` is the same class).
 
     ``head`` is the unit's index in its layer (head or neuron, see ``unit_kind``); ``unit``
@@ -172,18 +181,6 @@ class UnitRecord:
     family_label: str | None = None
     stats: dict[str, float] = field(default_factory=dict)  # heuristic statistics of the unit
     unit_kind: str = "head"  # "head" | "neuron"
-
-    @property
-    def unit(self) -> Unit:
-        return make_unit(self.layer, self.head, self.unit_kind)
-
-    @property
-    def index(self) -> int:
-        return self.head
-
-    @property
-    def label(self) -> str:
-        return self.unit.label
 
     def best_score(self, scorer: str | None = None) -> float | None:
         """The preferred score: ``scorer`` if given, else the refined explanation's held-out
