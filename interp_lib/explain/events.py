@@ -428,22 +428,11 @@ def parse_heads(heads, n_layers: int, n_heads: int) -> list[Head]:
 
 
 def _check_windows(windows, model) -> Tensor:
-    try:
-        windows = torch.as_tensor(windows)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"windows of type {type(windows).__name__}: expected an integer tensor [window, pos]") from None
-    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise ValueError(f"windows has shape {tuple(windows.shape)}: expected a non-empty integer tensor "
-                         "[window, pos] with pos >= 2 (see sample_windows)")
-    if windows.is_floating_point() or windows.is_complex() or windows.dtype == torch.bool:
-        raise ValueError(f"windows has dtype {windows.dtype}: expected integer token ids")
-    cfg = model.cfg
-    if windows.shape[1] > cfg.n_ctx:
-        raise ValueError(f"windows has {windows.shape[1]} positions: the model's context is {cfg.n_ctx}")
-    low, high = int(windows.min()), int(windows.max())
-    if low < 0 or high >= cfg.d_vocab:
-        raise ValueError(f"windows has token ids in [{low}, {high}]: expected ids in [0, {cfg.d_vocab - 1}]")
-    return windows.long().cpu()
+    """Token windows ``[window, pos]`` (pos >= 2) on the CPU: the one token check,
+    :func:`interp_lib.models.check_tokens`."""
+    from ..models import check_tokens
+
+    return check_tokens(model, windows, "windows", min_pos=2).cpu()
 
 
 class _TokenText:
