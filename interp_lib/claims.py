@@ -663,7 +663,8 @@ def measure_reproducibility(model, pool, n_runs: int = 10, n_windows: int = 16, 
 
 def claim7_position_probe(profile: pd.DataFrame, correct, groups, n_layers: int, in_domain: float,
                           cross_domain: float, claimed: float = 0.95, max_transfer_gap: float = 0.05,
-                          n_boot: int = 200, alpha: float = 0.05, seed: int = 0) -> ClaimResult:
+                          n_boot: int = 200, alpha: float = 0.05, seed: int = 0,
+                          stream_correct: Mapping[int, Any] | None = None) -> ClaimResult:
     """Claim 7: position is > 95% decodable from the residual stream, best at intermediate layers,
     and probes transfer across domains.
 
@@ -673,6 +674,10 @@ def claim7_position_probe(profile: pd.DataFrame, correct, groups, n_layers: int,
     - Metric: the best stream's held-out accuracy; ``correct``/``groups`` are that probe's
       per-token correctness and sequence (:func:`measure_position_probe`) for a cluster interval.
     - Intermediate: the best stream is neither the embeddings (stream 0) nor the last stream.
+      With ``stream_correct`` ({stream: per-token correctness on the same held-out tokens as
+      ``correct``, for the embeddings, the best intermediate stream and the last stream}) this
+      is tested: per-sequence accuracy of the best intermediate stream minus each end's, a
+      one-sided paired t-test each, Holm over the two comparisons at ``alpha``.
     - Transfer: the probe trained on one domain loses at most ``max_transfer_gap`` accuracy on
       another (``in_domain`` vs ``cross_domain``, ``il.probing.cross_domain_probe``).
     - Supported when accuracy > ``claimed`` (interval lower bound above the control's
@@ -687,16 +692,47 @@ def claim7_position_probe(profile: pd.DataFrame, correct, groups, n_layers: int,
     control = float(best.get("control_accuracy", 0.0))
     accurate = ci.estimate > claimed and ci.lower > control
     intermediate = 0 < best_layer < n_layers
+    tested = ""
+    extra: dict[str, Any] = {}
+    if stream_correct is not None:
+        middle = [s for s in stream_correct if 0 < int(s) < n_layers]
+        if 0 in stream_correct and n_layers in stream_correct and middle:
+            inner = max(middle, key=lambda s: float(np.mean(stream_correct[s])))
+            adjusted = _holm_paired_greater({f"{inner} > 0": (stream_correct[inner], stream_correct[0]),
+                                             f"{inner} > {n_layers}": (stream_correct[inner],
+                                                                       stream_correct[n_layers])}, groups, alpha)
+            intermediate = all(p <= alpha for p in adjusted.values())
+            tested = (f"; best intermediate stream {inner} vs the ends, paired per sequence, Holm-adjusted p "
+                      + ", ".join(f"{k}: {p:.2g}" for k, p in adjusted.items()))
+            extra = {"intermediate_stream": int(inner), "holm_p": adjusted}
     gap = float(in_domain - cross_domain)
     transfers = gap <= max_transfer_gap
     verdict = SUPPORTED if accurate and intermediate and transfers else NOT_SUPPORTED
     reason = (f"best stream {best_layer} of 0..{n_layers} ({'intermediate' if intermediate else 'not intermediate'}): "
               f"accuracy {ci.estimate:.1%} {_fmt_ci(ci)} vs control {control:.1%} (claimed > {claimed:.0%}); "
               f"cross-domain {cross_domain:.1%} vs in-domain {in_domain:.1%} (gap {gap:+.1%}, allowed "
-              f"{max_transfer_gap:.0%})")
+              f"{max_transfer_gap:.0%})" + tested)
     return _result(7, "best-stream position-probe accuracy", claimed, ci.estimate, _ci_tuple(ci), verdict, reason,
                    best_layer=best_layer, control_accuracy=control, in_domain=in_domain, cross_domain=cross_domain,
-                   profile=profile["accuracy"].round(4).tolist())
+                   profile=profile["accuracy"].round(4).tolist(), **extra)
+
+
+def _holm_paired_greater(pairs: Mapping[str, tuple[Any, Any]], groups, alpha: float) -> dict[str, float]:
+    """Holm-adjusted one-sided p-values that the first per-token correctness beats the second,
+    each compared through per-sequence (``groups``) accuracy differences and a paired t-test."""
+    from scipy import stats as scipy_stats
+
+    groups = np.asarray(groups)
+    _, index = np.unique(groups, return_inverse=True)
+    counts = np.bincount(index)
+    pvalues = []
+    for a, b in pairs.values():
+        diff = (np.bincount(index, weights=np.asarray(a, dtype=float))
+                - np.bincount(index, weights=np.asarray(b, dtype=float))) / counts
+        p = scipy_stats.ttest_1samp(diff, 0.0, alternative="greater").pvalue
+        pvalues.append(float(p) if np.isfinite(p) else 1.0)
+    adjusted, _ = stats.holm(pvalues, alpha)
+    return dict(zip(pairs, (float(p) for p in adjusted)))
 
 
 def measure_position_probe(model, tokens, other_tokens, seed: int = 0) -> dict[str, Any]:
@@ -710,21 +746,30 @@ def measure_position_probe(model, tokens, other_tokens, seed: int = 0) -> dict[s
 
     profile = position_probe(model, tokens, seed=seed)
     best = int(profile.loc[profile["accuracy"].idxmax(), "layer"])
-    acts = collect_activations(model, tokens, [best])[best]
+    n_layers = model.cfg.n_layers
+    inner = profile[(profile["layer"] > 0) & (profile["layer"] < n_layers)]
+    streams = sorted({best, 0, n_layers} | ({int(inner.loc[inner["accuracy"].idxmax(), "layer"])} if len(inner) else set()))
+    acts_by_stream = collect_activations(model, tokens, streams)
     labels = position_labels(tokens.shape)
     train, test = split_sequences(len(tokens), 0.25, seed)
     keep = labels[0] >= 0
 
-    def flat(rows):
-        return acts[rows][:, keep].reshape(-1, acts.shape[-1]), labels[rows][:, keep].reshape(-1)
+    def correct_at(stream):  # the same held-out tokens for every stream, so they can be paired
+        acts = acts_by_stream[stream]
 
-    with threadpool_limits(1):
-        fitted = make_probe("linear", "classification", seed).fit(*flat(train))
-    x_test, y_test = flat(test)
-    correct = fitted.predict(x_test) == y_test
+        def flat(rows):
+            return acts[rows][:, keep].reshape(-1, acts.shape[-1]), labels[rows][:, keep].reshape(-1)
+
+        with threadpool_limits(1):
+            fitted = make_probe("linear", "classification", seed).fit(*flat(train))
+        x_test, y_test = flat(test)
+        return fitted.predict(x_test) == y_test
+
+    stream_correct = {s: correct_at(s) for s in streams}
     groups = np.repeat(test, int(keep.sum()))
     transfer = cross_domain_probe(model, tokens, other_tokens, layers=[best], seed=seed)
-    return {"profile": profile, "correct": correct, "groups": groups, "n_layers": model.cfg.n_layers,
+    return {"profile": profile, "correct": stream_correct[best], "groups": groups, "n_layers": n_layers,
+            "stream_correct": stream_correct,
             "in_domain": float(transfer["in_domain"].iloc[0]), "cross_domain": float(transfer["cross_domain"].iloc[0])}
 
 
@@ -1004,7 +1049,8 @@ def run_claims(model, model_name: str, *, dataset: str = "auto", window_len: int
         other = _other_domain_tokens(model, model_name, val_text, len(text_tokens), text_tokens.shape[1], seed)
         data = measure_position_probe(model, text_tokens, other, seed=seed)
         return claim7_position_probe(data["profile"], data["correct"], data["groups"], data["n_layers"],
-                                     data["in_domain"], data["cross_domain"], n_boot=n_boot, seed=seed)
+                                     data["in_domain"], data["cross_domain"], n_boot=n_boot, seed=seed,
+                                     stream_correct=data["stream_correct"])
 
     def c8():
         detection = detect_heads(model, "induction", n_sequences=8)

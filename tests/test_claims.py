@@ -208,6 +208,26 @@ def test_claim7_position_probe():
     weak = np.random.default_rng(1).random(3000) < 0.7
     assert claims.claim7_position_probe(table, weak, groups, 2, 0.98, 0.96, n_boot=100).verdict == "not supported"
 
+    # "best at intermediate layers" tested: stream 1 against both ends, paired per sequence, Holm
+    rng = np.random.default_rng(2)
+    streams = {0: rng.random(3000) < 0.6, 1: correct, 2: rng.random(3000) < 0.8}
+    tested = claims.claim7_position_probe(table, correct, groups, 2, 0.98, 0.96, n_boot=100, stream_correct=streams)
+    assert tested.verdict == "supported" and tested.details["intermediate_stream"] == 1
+    assert max(tested.details["holm_p"].values()) < 1e-6 and "Holm-adjusted" in tested.reason
+    # the last stream as good as the middle one: not "best at intermediate layers", whatever the point estimate
+    tie = {**streams, 2: np.random.default_rng(3).random(3000) < 0.98}
+    result = claims.claim7_position_probe(table, correct, groups, 2, 0.98, 0.96, n_boot=100, stream_correct=tie)
+    assert result.verdict == "not supported" and result.details["holm_p"]["1 > 2"] > 0.05
+    # the adjustment is Holm's over the two raw one-sided paired t-tests (oracle: scipy + the formula)
+    from scipy import stats as scipy_stats
+
+    per_seq = {k: np.bincount(groups, weights=v.astype(float)) / 30 for k, v in tie.items()}
+    raw = [scipy_stats.ttest_1samp(per_seq[1] - per_seq[k], 0, alternative="greater").pvalue for k in (0, 2)]
+    order = np.argsort(raw)
+    expected = np.empty(2)
+    expected[order] = np.maximum.accumulate(np.minimum(1, (2 - np.arange(2)) * np.sort(raw)))
+    assert [result.details["holm_p"]["1 > 0"], result.details["holm_p"]["1 > 2"]] == pytest.approx(expected)
+
 
 def test_claim8_against_toy_2l_truth(toy_2l):
     import interp_lib as il
