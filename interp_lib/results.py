@@ -93,8 +93,8 @@ HEADLINES: dict[str, tuple[str, Sequence[str | tuple[str, ...]]]] = {
     "09_claims": ("Published claims under test", [
         "Of nine published claims, {n_supported:.0f} supported, {n_not_supported:.0f} not supported "
         "and {n_not_testable:.0f} not testable on this model (the verdict table is in the notebook).",
-        "Resampling whole sequences widens the next-token ECE interval {ece_ci_width_ratio_cluster_vs_token:.2f}x "
-        "over resampling tokens; debiased L2 calibration error {ece_debiased_l2:.4f} vs binned "
+        "Resampling whole sequences gives a next-token ECE interval {ece_ci_width_ratio_cluster_vs_token:.2f}x as "
+        "wide as resampling tokens; debiased L2 calibration error {ece_debiased_l2:.4f} vs binned "
         "{ece_binned_l2:.4f}.",
     ]),
     "08_head_taxonomy": ("Head taxonomy", [
