@@ -39,7 +39,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .models import next_token_loss
-from .patching import ablation_hooks, mean_activations
+from .patching import ablation_hooks, mean_activations, unit_source
 from .paths import data_dir
 from .units import Head, head_label, parse_units, unit_columns
 
@@ -613,7 +613,8 @@ def ablation_effects(model, heads: Iterable, length: int = 47, n_sequences: int 
     means = None
     if method == "mean" and heads:  # one pass for every group below
         tokens = repeat_probe_tokens(model, _check_n(length, "length"), 0, _check_n(n_sequences, "n_sequences"), seed)
-        means = mean_activations(model, tokens, sorted({Head(*h).hook_name for h in heads}), batch_size=len(tokens))
+        names = sorted({unit_source(Head(*h))[1] for h in heads})
+        means = mean_activations(model, tokens, names, batch_size=len(tokens))
     rows = []
     groups = [[h] for h in heads] + ([heads] if len(heads) > 1 else [])
     for group in groups:

@@ -493,7 +493,7 @@ def head_ablation_importance(model, tokens, layer: int | None = None, probe: str
     head writes. Columns: the unit columns (``unit``, ``layer``, ``index``, ``kind``), ``head`` /
     ``name`` (as in :func:`head_position_scores`), ``clean_accuracy``, ``ablated_accuracy``, ``drop``.
     """
-    from .patching import ablation_hooks, mean_activations
+    from .patching import ablation_hooks, mean_activations, unit_source
 
     tokens = check_tokens(model, tokens, min_seqs=2, min_pos=2)
     layer = model.cfg.n_layers if layer is None else layer
@@ -511,7 +511,7 @@ def head_ablation_importance(model, tokens, layer: int | None = None, probe: str
     rows_all = np.arange(len(test_rows))
     clean = _score(fitted, *_flat(acts[test_rows], test_labels, rows_all), "classification")["accuracy"]
     # the means over all held-out sequences, once (not per batch, not per head)
-    means = mean_activations(model, test_tokens, [Head(l, 0).hook_name for l in range(stream)], batch_size) \
+    means = mean_activations(model, test_tokens, [unit_source(Head(l, 0))[1] for l in range(stream)], batch_size) \
         if method == "mean" else None
     rows = []
     for l in range(stream):

@@ -59,13 +59,14 @@ class _UnitBase(tuple):
 
     __hash__ = tuple.__hash__  # equal to the plain pair's hash, so (layer, head) keys still find it
 
-    @property
-    def hook_name(self) -> str:
-        raise NotImplementedError
+    @classmethod
+    def parse(cls, value):
+        """A unit of this kind from a label, a unit or a ``(layer, index)`` pair (:func:`parse_unit`)."""
+        return parse_unit(value, kind=cls.kind)
 
 
 class Head(_UnitBase, NamedTuple("_Head", [("layer", int), ("head", int)])):
-    """Attention head ``head`` of layer ``layer``; its per-head activation is ``blocks.{layer}.attn.hook_z``."""
+    """Attention head ``head`` of layer ``layer`` (its activation source: ``interp_lib.patching.unit_source``)."""
 
     __slots__ = ()
     kind = "head"
@@ -75,31 +76,13 @@ class Head(_UnitBase, NamedTuple("_Head", [("layer", int), ("head", int)])):
     def index(self) -> int:
         return self.head
 
-    @property
-    def hook_name(self) -> str:
-        return f"blocks.{self.layer}.attn.hook_z"
-
-    @classmethod
-    def parse(cls, value) -> "Head":
-        unit = parse_unit(value, kind="head")
-        return unit  # type: ignore[return-value]
-
 
 class Neuron(_UnitBase, NamedTuple("_Neuron", [("layer", int), ("index", int)])):
-    """MLP neuron ``index`` of layer ``layer``: ``blocks.{layer}.mlp.hook_post[..., index]``."""
+    """MLP neuron ``index`` of layer ``layer`` (the post-activation, ``interp_lib.patching.unit_source``)."""
 
     __slots__ = ()
     kind = "neuron"
     letter = "N"
-
-    @property
-    def hook_name(self) -> str:
-        return f"blocks.{self.layer}.mlp.hook_post"
-
-    @classmethod
-    def parse(cls, value) -> "Neuron":
-        unit = parse_unit(value, kind="neuron")
-        return unit  # type: ignore[return-value]
 
 
 Unit = Head | Neuron
