@@ -1109,15 +1109,15 @@ class LLMClient:
         results: list[ChatResult | None] = [None] * len(requests)
 
         if self.dry_run:
-            usd = sum(self.cost(_estimate_prompt_tokens(requests[groups[k][0]].messages),
-                                requests[groups[k][0]].max_tokens) for k in to_send)
+            prompt = [_estimate_prompt_tokens(requests[groups[k][0]].messages) for k in to_send]
+            completion = [requests[groups[k][0]].max_tokens for k in to_send]
+            usd = sum(self.cost(p, c) for p, c in zip(prompt, completion))
             usd *= BATCH_DISCOUNT if self.batch else 1.0
             with self._lock:
                 self.usage.dry_run_calls += len(to_send)
                 self.usage.dry_run_cost_usd += usd
-                self.usage.dry_run_prompt_tokens += sum(_estimate_prompt_tokens(requests[groups[k][0]].messages)
-                                                        for k in to_send)
-                self.usage.dry_run_completion_tokens += sum(requests[groups[k][0]].max_tokens for k in to_send)
+                self.usage.dry_run_prompt_tokens += sum(prompt)
+                self.usage.dry_run_completion_tokens += sum(completion)
                 self.usage.cache_hits += n_cached
             print(f"dry run: {len(to_send)} calls ({n_cached} cached), estimated ${usd:.4f}")
             for key, indices in groups.items():
