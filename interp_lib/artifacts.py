@@ -33,6 +33,7 @@ import numbers
 import os
 import re
 import secrets
+import sys
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -199,9 +200,12 @@ def record_metrics(metrics: Mapping[str, Any], output_dir: str | os.PathLike, no
                    **context: Any) -> Path:
     """Record a notebook's headline metrics as ``<output_dir>/metrics/<notebook>.json``.
 
-    The file is ``{"notebook": notebook, "metrics": {name: float}, **context}``; ``context``
-    carries provenance such as ``seed=seed, model=model_name``. ``interp-lib run`` gathers these
-    files across seeds into ``aggregate.csv``.
+    The file is ``{"notebook": notebook, "metrics": {name: float}, "peak_rss_mib": float,
+    **context}``; ``context`` carries provenance such as ``seed=seed, model=model_name``.
+    ``peak_rss_mib`` is this process's peak resident memory so far (``peak_rss_mib()``): called
+    as a notebook's last step, the notebook's peak memory, since each notebook runs in a fresh
+    kernel. ``interp-lib run`` gathers these files across seeds into ``aggregate.csv`` and shows
+    each notebook's peak memory next to its time.
 
     Args:
         metrics: non-empty mapping of metric name -> finite real number (Python, numpy or 0-d
@@ -237,8 +241,27 @@ def record_metrics(metrics: Mapping[str, Any], output_dir: str | os.PathLike, no
 
         output_dir = resolve_output_dir(output_dir, notebook)
     path = Path(output_dir).expanduser() / "metrics" / f"{notebook}.json"
-    atomic_write_json(path, {"notebook": notebook, "metrics": values, **extras}, allow_nan=True)
+    record = {"notebook": notebook, "metrics": values, "peak_rss_mib": peak_rss_mib(), **extras}
+    atomic_write_json(path, record, allow_nan=True)
     return path
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident set size so far, in MiB: ``VmHWM`` from /proc on Linux
+    (``getrusage``'s ``ru_maxrss`` there can carry the pre-exec size of the process that
+    started it, such as a large runner), else ``ru_maxrss`` (bytes on macOS); None where
+    neither exists."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 2**10, 1)  # kB
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def seed_of_dir(folder: Path) -> int | None:

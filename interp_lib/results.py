@@ -282,6 +282,9 @@ def _run_header(root: Path) -> list[str]:
         shown = ", ".join(f"{k} {v}" for k, v in packages.items()
                           if k in ("torch", "transformers", "transformer-lens", "numpy"))
         lines += [f"Versions: {shown}.", ""]
+    cost = _cost_line(run.get("runs") or [])
+    if cost:
+        lines += [cost, ""]
     failed = [r for r in run.get("runs") or [] if isinstance(r, dict) and r.get("status") not in ("ok", None)]
     for record in failed:
         error = record.get("error")
@@ -289,6 +292,25 @@ def _run_header(root: Path) -> list[str]:
         lines.append(f"- **{record.get('notebook')} (seed {record.get('seed')}) did not finish**: "
                      f"{message or record.get('status')}")
     return lines + ([""] if failed else [])
+
+
+def _cost_line(runs: Sequence[Any]) -> str:
+    """One line with each finished notebook's wall time and peak memory (from run.json), and
+    the total time; '' when no notebook finished."""
+    done = [r for r in runs if isinstance(r, dict) and isinstance(r.get("seconds"), (int, float))]
+    if not done:
+        return ""
+    several_seeds = len({r.get("seed") for r in done}) > 1
+    parts = []
+    for r in done:
+        part = f"{r.get('notebook')}" + (f" (seed {r.get('seed')})" if several_seeds else "")
+        part += f" {r['seconds']:.0f} s"
+        if isinstance(r.get("peak_rss_mib"), (int, float)):
+            part += f", {r['peak_rss_mib']:.0f} MiB"
+        parts.append(part)
+    total = sum(r["seconds"] for r in done)
+    return (f"Time and peak memory (resident, the notebook's kernel) per notebook: {'; '.join(parts)}. "
+            f"Total {total / 60:.1f} min.")
 
 
 def _missing(value: Any) -> bool:

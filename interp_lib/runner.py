@@ -597,7 +597,7 @@ class _Run:
             "status": "running",
             "runs": [
                 {"seed": t.seed, "notebook": t.notebook, "config": t.config, "model": t.model,
-                 "params": t.params, "status": "pending", "seconds": None, "attempts": 0,
+                 "params": t.params, "status": "pending", "seconds": None, "peak_rss_mib": None, "attempts": 0,
                  "output": t.output, "metrics": None, "error": None, "failure": None,
                  "parameters": t.parameters}
                 for t in tasks
@@ -625,9 +625,10 @@ class _Run:
         if self.remote is not None and result.get("metrics") and result.get("metrics_record"):
             # the worker uploaded its files; the tables are built from this staged copy
             atomic_write_text(self.out / result["metrics"], json.dumps(result["metrics_record"]))
+        record = result.get("metrics_record") or {}
         entry.update(status=result["status"], error=result["error"], failure=result["failure"],
                      seconds=result["seconds"], metrics=result["metrics"],
-                     attempts=result.get("attempt", 1))
+                     peak_rss_mib=record.get("peak_rss_mib"), attempts=result.get("attempt", 1))
         self.save()
         return entry
 
@@ -774,6 +775,8 @@ def _run_locked(config: RunConfig, argv: Sequence[str] | None, out: Path,
         bar.update()
         where = f"seed {entry['seed']}" + (f", {entry['config']}" if entry["config"] else "")
         line = f"[{where}] {entry['notebook']}: {entry['status']} in {entry['seconds']:.1f} s"
+        if entry.get("peak_rss_mib") is not None:
+            line += f", peak memory {entry['peak_rss_mib']:.0f} MiB"
         if entry["attempts"] > 1:
             line += f" (attempt {entry['attempts']})"
         if entry["status"] == "failed":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import nbformat
@@ -73,6 +74,7 @@ def test_two_seeds_execute_the_series_and_aggregate(series, tmp_path, capsys):
             assert ("scale = 2.5" in injected[0].source) == (stem == "01_toy")
             assert ("width = 7" in injected[0].source) == (stem == "02_plain")
         record = json.loads((out / f"seed-{seed}" / "metrics" / "01_toy.json").read_text())
+        assert 20 < record.pop("peak_rss_mib") < 4000  # the kernel's peak memory, in MiB
         assert record == {"notebook": "01_toy", "metrics": {"value": seed * 2.5, "const": 1.0},
                           "seed": seed, "model": "toy-2l"}
         assert not (out / f"seed-{seed}" / "metrics" / "02_plain.json").exists()
@@ -85,6 +87,11 @@ def test_two_seeds_execute_the_series_and_aggregate(series, tmp_path, capsys):
     assert [(r["seed"], r["notebook"], r["status"]) for r in run["runs"]] == [
         (3, "01_toy", "ok"), (3, "02_plain", "ok"), (5, "01_toy", "ok"), (5, "02_plain", "ok")]
     assert all(r["seconds"] > 0 for r in run["runs"])
+    # each notebook's peak memory comes from its metrics file (none for the one that records none)
+    assert [r["peak_rss_mib"] for r in run["runs"]] == [
+        json.loads((out / f"seed-{s}" / "metrics" / "01_toy.json").read_text())["peak_rss_mib"] if nb == "01_toy"
+        else None for s, nb in ((3, "01_toy"), (3, "02_plain"), (5, "01_toy"), (5, "02_plain"))]
+    assert "01_toy: ok in" in captured.out and "MiB" in captured.out
     assert run["runs"][0]["metrics"] == "seed-3/metrics/01_toy.json"
     assert run["runs"][1]["metrics"] is None
 
@@ -121,6 +128,9 @@ def test_one_seed_writes_a_summary(series, tmp_path, capsys):
     # the results page, written by the run: every recorded metric, its run's command and status
     page = (out / "results.md").read_text()
     assert "### 01_toy (01_toy)" in page and "| value | 1 | 2 |" in page and "status ok" in page
+    entry = read_run(out)["runs"][0]
+    assert (f"per notebook: 01_toy {entry['seconds']:.0f} s, {entry['peak_rss_mib']:.0f} MiB. "
+            f"Total {entry['seconds'] / 60:.1f} min.") in page
     assert not (out / "seed-2" / "02_plain.ipynb").exists()
 
 
@@ -242,10 +252,31 @@ def test_record_metrics_writes_json_atomically(tmp_path):
     path = record_metrics({"loss": np.float32(0.5), "acc": torch.tensor(0.25), "n": 3},
                           tmp_path, "05_x", seed=np.int64(4), where=tmp_path)
     assert path == tmp_path / "metrics" / "05_x.json"
-    assert json.loads(path.read_text()) == {
+    record = json.loads(path.read_text())
+    assert record.pop("peak_rss_mib") > 0
+    assert record == {
         "notebook": "05_x", "metrics": {"loss": 0.5, "acc": 0.25, "n": 3.0},
         "seed": 4, "where": str(tmp_path)}
     assert [p.name for p in path.parent.iterdir()] == ["05_x.json"]  # no temp file left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_recorded_peak_memory_is_the_process_high_water_mark(tmp_path):
+    """Planted: a child touches 300 MiB, frees it, then records; the file's peak is the kernel's
+    own high-water mark (/proc's VmHWM, read right after, not ru_maxrss, which can carry the
+    size of the pytest process that started it) and includes the 300 MiB."""
+    import subprocess
+    script = ("import numpy as np, json, sys\n"
+              "from interp_lib.artifacts import record_metrics\n"
+              "a = np.ones(300 * 2**20 // 8); del a\n"
+              "path = record_metrics({'x': 1.0}, sys.argv[1], '00_x')\n"
+              "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+              "print(json.dumps([json.loads(path.read_text())['peak_rss_mib'], int(hwm) / 1024]))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    recorded, high_water = json.loads(done.stdout)
+    assert recorded > 300
+    assert recorded == pytest.approx(high_water, abs=2)
 
 
 @pytest.mark.parametrize("metrics, message", [
