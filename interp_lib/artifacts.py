@@ -33,8 +33,8 @@ import numbers
 import os
 import re
 import secrets
-import sys
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
