@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import zipfile
 from pathlib import Path
 
@@ -547,7 +548,6 @@ def test_every_patching_component_equals_plain_hook_patches_on_smollm2(smollm2, 
 def _explain_memory(*args) -> dict:
     """One measurement of tests/explain_memory.py, in a fresh process (its own peak memory)."""
     import subprocess
-    import sys
 
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("explain_memory.py")), *map(str, args)],
                           capture_output=True, text=True)
@@ -562,6 +562,7 @@ def _explain_memory(*args) -> dict:
 EXPLAIN_PEAK_BOUND_MIB = 3072
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads and resets /proc/self's memory high-water mark")
 def test_explainer_on_all_270_heads_stays_in_its_memory_bound_and_events_stay_flat(smollm2_location, tmp_path):
     """Event collection streams: the memory it adds stays under one bound at 32 and at 128
     windows, while a collector that kept every head's z until the end would add windows x 64
