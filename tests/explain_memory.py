@@ -25,12 +25,6 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def high_water_mib() -> float:
-    """The process's peak resident memory (VmHWM) since it started or was last reset."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**10
-
-
 class PeakRSS:
     """Peak resident memory (MiB) while the block runs: the kernel's own high-water mark, reset
     at entry (writing 5 to /proc/self/clear_refs, Linux >= 4.0), so no short-lived buffer is
@@ -43,7 +37,9 @@ class PeakRSS:
         return self
 
     def __exit__(self, *exc):
-        self.peak = high_water_mib()
+        from interp_lib.artifacts import peak_rss_mib
+
+        self.peak = peak_rss_mib()  # VmHWM, the high-water mark since the reset
 
 
 def main(argv: list[str]) -> dict:
