@@ -497,7 +497,7 @@ def test_every_patching_component_equals_plain_hook_patches_on_smollm2(smollm2, 
     from interp_lib import patching as P
 
     model = smollm2
-    assert P.n_kv_heads(model) == 3 and model.cfg.n_heads == 9
+    assert P.n_kv_heads(model) == 3 and model.cfg.n_heads == 9 and model.cfg.d_mlp == 1536
     generator = torch.Generator().manual_seed(0)
     clean = torch.randint(0, model.cfg.d_vocab, (2, 8), generator=generator)
     corrupted = clean.clone()
@@ -522,11 +522,11 @@ def test_every_patching_component_equals_plain_hook_patches_on_smollm2(smollm2, 
             kwargs["heads"] = [0, 2] if comp.act_name in ("k", "v") else [0, 8]
         ours = P.activation_patch(model, clean, corrupted, metric, name, by_position=by_position, **kwargs)
         chosen = {"layer": kwargs["layers"], "pos": positions, "dest_pos": positions, "head": kwargs.get("heads")}
-        assert ours.shape == tuple(len(chosen[a]) if a in chosen else 1536 for a in axes)
+        assert ours.shape == tuple(len(chosen[a]) if a in chosen else model.cfg.d_mlp for a in axes)
         if "neuron" in axes:  # 1,536 neurons a layer: three of them are checked the plain way
             picks = [(*index, n) for index in torch.cartesian_prod(
                 *[torch.arange(s) for s in ours.shape[:-1]]).reshape(-1, ours.ndim - 1).tolist()
-                for n in (0, 700, 1535)]
+                for n in (0, 700, model.cfg.d_mlp - 1)]
         else:
             picks = torch.cartesian_prod(*[torch.arange(s) for s in ours.shape]).reshape(-1, ours.ndim).tolist()
         for pick in picks:
