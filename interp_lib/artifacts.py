@@ -5,7 +5,8 @@ One home for:
 * **atomic writes**: ``atomic_write(path, write)`` (a callback given the open binary file),
   ``atomic_write_bytes``, ``atomic_write_text``, ``atomic_write_json``. Each writes a temp file
   ``.<name>.<host>-<pid>.<random>.tmp`` in the target's folder (created if missing), flushes and
-  fsyncs it, ``os.replace``-s it over the target and fsyncs the folder, so a reader or a killed
+  fsyncs it, ``os.replace``-s it over the target (a link there is replaced, never written
+  through) and fsyncs the folder, so a reader or a killed
   session sees the old file or the new one, never half of one; the temp name says which process
   wrote it (``interp_lib.checkpoint`` removes those of dead writers). Files get the ordinary mode
   (0666 less the umask).
@@ -42,7 +43,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "jsonable",
+__all__ = ["atomic_write", "check_run_folder", "RunFolderLinkError", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "jsonable",
            "record_metrics", "load_metrics", "read_metrics_file", "write_run_manifest",
            "read_run_manifest", "markdown_table", "METRICS_COLUMNS", "RUN_MANIFEST", "RUNNER_PARAMETERS"]
 
@@ -112,6 +113,37 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> i
         raise
     fsync_dir(path.parent)
     return size
+
+
+class RunFolderLinkError(ValueError):
+    """An entry of a run folder is a link that resolves outside it (see ``check_run_folder``)."""
+
+
+def check_run_folder(folder: str | os.PathLike) -> None:
+    """Refuse a run folder whose entries resolve outside it: every symlink under ``folder``
+    (searched without following links) must point inside ``folder``. A run writes only through
+    ``atomic_write`` (a new file in the folder, renamed over the old name: a link is replaced,
+    never written through), but papermill, a notebook's kernel or a reader would follow a link
+    planted in a folder someone shared; so such a folder is refused before anything runs.
+
+    Raises:
+        RunFolderLinkError: one line naming the entry and where it points.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return
+    resolved_root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in [*dirnames, *filenames]:
+            entry = Path(dirpath) / name
+            if not entry.is_symlink():
+                continue
+            target = entry.resolve()
+            if target != resolved_root and resolved_root not in target.parents:
+                raise RunFolderLinkError(
+                    f"run folder {root}: {entry.relative_to(root)} is a link to {target}, outside "
+                    "the folder; a run never writes through links: remove it (or choose another "
+                    "output folder)")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> int:
@@ -282,8 +314,16 @@ def read_metrics_file(path: Path) -> dict:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
         if not isinstance(record.get("metrics"), dict):
             raise TypeError("'metrics' is not an object")
+    except RecursionError:  # a hostile file nested 100,000 levels deep
+        raise ValueError(f"{path}: not a metrics file written by record_metrics (nested too "
+                         "deeply)") from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not a metrics file written by record_metrics ({exc})") from None
+    for name, value in record["metrics"].items():  # what record_metrics accepts, nothing else
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+            raise ValueError(f"{path}: metric {name!r} is {shown[:60]}: expected a finite number "
+                             "(as record_metrics writes)")
     return record
 
 

@@ -770,7 +770,7 @@ class Predictions:
         return self.subset(is_val), self.subset(~is_val)
 
 
-def _token_batch(tokens: Any, name: str = "tokens") -> Tensor:
+def _token_batch(tokens: Any, name: str = "tokens", model: Any = None) -> Tensor:
     if isinstance(tokens, np.ndarray):
         tokens = torch.from_numpy(tokens)
     if not isinstance(tokens, Tensor):
@@ -782,6 +782,12 @@ def _token_batch(tokens: Any, name: str = "tokens") -> Tensor:
                          "and pos >= 2 (one prediction per following token)")
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
         raise ValueError(f"{name} has dtype {tokens.dtype}; expected integer token ids")
+    d_vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
+    if tokens.numel() and (int(tokens.min()) < 0 or isinstance(d_vocab, int) and int(tokens.max()) >= d_vocab):
+        low, high = int(tokens.min()), int(tokens.max())
+        bound = f"[0, {d_vocab - 1}] (the model's vocabulary has {d_vocab} tokens)" \
+            if isinstance(d_vocab, int) else "of at least 0"
+        raise ValueError(f"{name} holds token id {low if low < 0 else high}: expected ids in {bound}")
     return tokens.long()
 
 
@@ -824,7 +830,7 @@ def next_token_predictions(model: Any, tokens: Int[Tensor, "batch pos"], batch_s
         attention_mask: optional [batch, pos] 0/1; a prediction is kept only when both its
             input and its target position are 1 (drops padding).
     """
-    tokens = _token_batch(tokens)
+    tokens = _token_batch(tokens, model=model)
     _check_batch_size(batch_size)
     keep = torch.ones_like(tokens[:, 1:], dtype=torch.bool)
     if attention_mask is not None:
@@ -1155,7 +1161,7 @@ def next_token_confidence(model: Any, tokens: Int[Tensor, "batch pos"], scaler: 
     ``confidence_scaled``. Logits are kept only while scaling, a batch at a time."""
     if scaler is not None and not hasattr(scaler, "nll_after_"):
         raise ValueError("scaler is not fitted; expected a TemperatureScaler after fit(...) or None")
-    tokens = _token_batch(tokens)
+    tokens = _token_batch(tokens, model=model)
     _check_batch_size(batch_size)
     frames = []
     for start in range(0, tokens.shape[0], batch_size):

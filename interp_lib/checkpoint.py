@@ -24,6 +24,13 @@ Guarantees and limits:
   rebuilds only plain values, tensors, arrays, DataFrames and dataclass / interp_lib objects),
   so a run folder someone shared with you is safe to resume. Stage files of the old pickle
   format (``*.pt``) are never loaded: their stages are recomputed, with a warning.
+* Stages are signed (HMAC-SHA256 of the stage, file name, params hash, size and SHA-256 under
+  a key kept outside run folders, see ``interp_lib.signing``): a stage whose data *and*
+  manifest were edited elsewhere no longer verifies; it is recomputed (``untrusted="recompute"``,
+  the default) or loaded and marked unverified (``untrusted="load"``), with a one-line warning
+  naming the folder as produced elsewhere. Stages of older, unsigned folders load with a
+  warning. A manifest's ``file`` must be a plain stage-file name inside the root: anything else
+  (``../x``, an absolute path) is refused, recomputed and never deleted.
 * Secrets are never written: params whose key looks like a credential (see ``is_secret_key``),
   at any nesting depth, are stored as ``"<redacted>"`` and left out of the hash; so is any string
   param equal to the value of a credential-named environment variable. A *result* that equals
@@ -293,6 +300,22 @@ def _library_version() -> str | None:
     return getattr(package, "__version__", None)
 
 
+# ----------------------------------------------------------------------------- signatures
+
+UNTRUSTED_ENV = "INTERP_LIB_UNTRUSTED"
+
+
+def _entry_fields(name: str, file: Any, digest: Any, size: Any, sha256: Any) -> dict[str, Any]:
+    return {"stage": name, "file": file, "params_hash": digest, "bytes": size, "sha256": sha256}
+
+
+def _entry_signature(name: str, file: str, digest: str, size: int, sha256: str) -> str:
+    """HMAC of what identifies a stage's stored result (``interp_lib.signing``)."""
+    from .signing import sign_json
+
+    return sign_json(_entry_fields(name, file, digest, size, sha256))
+
+
 # ----------------------------------------------------------------------------- checkpointer
 
 
@@ -306,13 +329,24 @@ class Checkpointer:
         root: folder for stage files and ``manifest.json``; created if missing. ``None`` ->
             ``default_root()``. Must be writable: checked here, not at the first save.
         verbose: print one line per stage ("loaded from ..." / "computed in 1.2 s").
+        untrusted: what to do with a stage whose signature does not verify (the folder was
+            produced elsewhere, or edited): ``"recompute"`` it (the default) or ``"load"`` it,
+            marked unverified (its name is added to ``self.unverified``). Default:
+            ``$INTERP_LIB_UNTRUSTED``, else ``"recompute"``. See ``interp_lib.signing``.
 
     Raises:
         ValueError: ``root`` is not a path, or it (or a parent) is an existing regular file.
         PermissionError: ``root`` cannot be created or written.
     """
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, verbose: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike[str] | None = None, verbose: bool = False,
+                 untrusted: str | None = None) -> None:
+        from .signing import check_untrusted
+
+        self.untrusted = check_untrusted(
+            untrusted if untrusted is not None else os.environ.get(UNTRUSTED_ENV) or "recompute",
+            "untrusted" if untrusted is not None else f"${UNTRUSTED_ENV}")
+        self.unverified: set[str] = set()
         if root is None:
             root = default_root()
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
@@ -366,6 +400,8 @@ class Checkpointer:
         entry = self._finished_entry(name, digest)
         if entry is None and self.verbose and self._finished_entry(name, None) is not None:
             self._say(f"stage {name}: params changed, recomputing")
+        if entry is not None and not force and not self._trusted(name, entry, load=False):
+            entry = None
         if entry is not None and not force:
             path = self.root / entry["file"]
             try:
@@ -394,6 +430,7 @@ class Checkpointer:
             "file": path.name,
             "bytes": size,
             "sha256": _sha256(data),
+            "signature": _entry_signature(name, path.name, digest, size, _sha256(data)),
             "finished_at": _now_utc(),
             "seconds": round(seconds, 3),
             "library_version": _library_version(),
@@ -402,7 +439,11 @@ class Checkpointer:
         }
         self._write_manifest(manifest)
         if isinstance(previous, dict) and previous.get("file") not in (None, path.name):
-            self._unlink_quietly(self.root / str(previous["file"]))
+            old = previous["file"]
+            # only a plain stage-file name inside root is ever removed: a manifest edited to name
+            # "../../victim" or "/etc/x" must not delete files outside the run folder
+            if isinstance(old, str) and (_STAGE_FILE_RE.fullmatch(old) or _LEGACY_FILE_RE.fullmatch(old)):
+                self._unlink_quietly(self.root / old)
         self._say(f"stage {name}: computed in {seconds:.1f} s, saved to {path}")
         return result
 
@@ -428,6 +469,10 @@ class Checkpointer:
             under = "" if params is None else " under these params"
             raise KeyError(f"stage {name!r} has not finished{under} in {self.root} "
                            f"(finished stages: {finished})")
+        if not self._trusted(name, entry, load=True):
+            raise RuntimeError(f"stage {name!r} in {self.root} was produced elsewhere: its "
+                               "signature does not verify; run the stage again to recompute it "
+                               "(or pass untrusted='load')")
         path = self.root / entry["file"]
         try:
             return self._load_file(path, entry)
@@ -539,6 +584,8 @@ class Checkpointer:
                           stacklevel=3)
             return None
         if not _STAGE_FILE_RE.fullmatch(entry["file"]):  # never follow a path out of root
+            warnings.warn(f"stage {name!r}: the manifest names {entry['file']!r}, not a plain "
+                          f"stage file name inside {self.root}; refused, recomputing", stacklevel=3)
             return None
         if not isinstance(entry.get("sha256"), str):
             warnings.warn(f"stage {name!r}: the manifest records no SHA-256 for "
@@ -554,6 +601,32 @@ class Checkpointer:
                           stacklevel=3)
             return None
         return entry
+
+    def _trusted(self, name: str, entry: dict[str, Any], load: bool) -> bool:
+        """Whether the manifest entry of ``name`` may be used: warns when it is unsigned or its
+        signature does not verify (see ``interp_lib.signing`` and ``untrusted``)."""
+        from .signing import key_path, verify_json
+
+        signature = entry.get("signature")
+        if signature is None:
+            warnings.warn(f"stage {name!r} in {self.root} is unsigned (written by an older "
+                          "interp_lib, or its signature was removed): loaded as unverified",
+                          stacklevel=4)
+            self.unverified.add(name)
+            return True
+        fields = _entry_fields(name, entry.get("file"), entry.get("params_hash"), entry.get("bytes"),
+                               entry.get("sha256"))
+        if verify_json(fields, signature):
+            self.unverified.discard(name)
+            return True
+        what = ("loaded as unverified (untrusted='load')" if self.untrusted == "load"
+                else "refused" if load else "recomputing")
+        warnings.warn(f"stage {name!r} in {self.root} was produced elsewhere: its signature does "
+                      f"not verify with this user's key ({key_path()}); {what}", stacklevel=4)
+        if self.untrusted == "load":
+            self.unverified.add(name)
+            return True
+        return False
 
     @staticmethod
     def _load_file(path: Path, entry: dict[str, Any]) -> Any:

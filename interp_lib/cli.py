@@ -44,6 +44,23 @@ def _add_ray_options(parser: argparse.ArgumentParser, task: str) -> None:
                         help=f"with --executor ray: GPUs each {task} declares (default: 0)")
 
 
+def _add_untrusted_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--untrusted", choices=["recompute", "load"], default=None,
+                        help="a checkpointed stage whose signature does not verify (the folder was "
+                             "produced elsewhere or edited): recompute it, or load it marked "
+                             "unverified; either way a warning names it (default: "
+                             "$INTERP_LIB_UNTRUSTED, else recompute)")
+
+
+def _apply_untrusted(args: argparse.Namespace) -> None:
+    """--untrusted reaches every Checkpointer of the run (notebook kernels included) through
+    $INTERP_LIB_UNTRUSTED."""
+    import os
+
+    if getattr(args, "untrusted", None) is not None:
+        os.environ["INTERP_LIB_UNTRUSTED"] = args.untrusted
+
+
 def _add_run_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "run",
@@ -102,6 +119,7 @@ def _add_run_command(subparsers: argparse._SubParsersAction) -> None:
                         help="Jupyter kernel to execute in (default: python3, this interpreter)")
     parser.add_argument("--fail-fast", action="store_true",
                         help="stop at the first failing notebook (default: run the rest)")
+    _add_untrusted_option(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars (status lines still print)")
     parser.set_defaults(handler=_run)
@@ -110,6 +128,7 @@ def _add_run_command(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .runner import RunConfig, run_series
 
+    _apply_untrusted(args)
     config = RunConfig(
         notebooks=list(args.notebooks), seeds=list(args.seeds),
         params=[(key, value) for key, value in args.params], out=args.out,
@@ -249,6 +268,7 @@ def _add_explain_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shards", type=int, default=2, metavar="N",
                         help="with --executor ray: unit ranges run as separate tasks (default: 2)")
     _add_ray_options(parser, "shard")
+    _add_untrusted_option(parser)
     parser.set_defaults(handler=_explain)
 
 
@@ -261,6 +281,7 @@ def _explain(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .explain.report import unit_noun
     from .models import ModelLoadError
 
+    _apply_untrusted(args)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExplainConfig)}
     with _usage_errors(ValueError):
         config = ExplainConfig(**values)

@@ -41,7 +41,10 @@ only to the notebooks that declare ``KEY`` and is refused before anything runs w
 
 Parameter checks, all before a kernel starts: every name the parameters cell assigns is
 declared (papermill's inference, completed from the cell's own Python where papermill skips a
-line); a value must have the declared default's type (bool, int, float, str, list; a ``None``
+line); for the notebooks of the series, a value must fit the schema declared in
+``interp_lib.notebook_params`` (type, range or choices; converted to the declared type, so
+``-p n_prompts 8`` arrives as 8 where the default is "auto"). For other notebooks, a value must
+have the declared default's type (bool, int, float, str, list; a ``None``
 default takes any literal) and respect a range the line's comment states in words ("at least
 1", "more than 0", "at most 10", "less than 1") or a choice list the comment opens with
 (``"auto | tfidf | openai"``, when the default is one of them). A parameter whose name or value
@@ -83,6 +86,7 @@ from typing import Any, Sequence
 from .artifacts import (METRICS_COLUMNS, RUNNER_PARAMETERS, atomic_write_text, load_metrics, markdown_table,
                         params_text, record_metrics, write_run_manifest)
 from .errors import RunInputError, UsageError, first_line
+from .notebook_params import parse_param_value
 from .paths import repo_root
 from .results import aggregate, aggregate_runs
 from .tasks import (_ATTEMPTS_DIR, DEFAULT_KERNEL, attempt_pids, execute_task, failure_detail, is_url,
@@ -261,21 +265,6 @@ def inspect_notebooks(paths: Sequence[Path]) -> list[NotebookPlan]:
     return plans
 
 
-def parse_param_value(text: str) -> Any:
-    """``-p`` value text -> JSON or Python literal (``64``, ``0.5``, ``true``, ``None``,
-    ``[1, 2]``), else the text itself."""
-    for parse in (json.loads, ast.literal_eval):
-        try:
-            value = parse(text)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            continue
-        if isinstance(value, tuple):
-            value = list(value)
-        if value is None or isinstance(value, (str, bool, int, float, list, dict)):
-            return value
-    return text
-
-
 _NOT_LITERAL = object()
 
 
@@ -345,7 +334,7 @@ _URL_USERINFO_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]*@")
 
 def _credential_reason(key: str, text: str) -> str | None:
     """Why ``-p key text`` looks like a credential, or None."""
-    from urllib.parse import parse_qsl, urlsplit
+    from urllib.parse import urlsplit
 
     from .checkpoint import is_secret_key, secret_env_values
 
@@ -354,12 +343,16 @@ def _credential_reason(key: str, text: str) -> str | None:
     if _URL_USERINFO_RE.match(text.strip()):
         return "the URL carries user-info (user:key@host); give the URL without it"
     if "://" in text:
+        # any query string or fragment may carry a credential (?auth=, ?sig=, ?X-Amz-Signature=,
+        # #token=...): the same rule as `interp-lib explain`, which keeps only public_url(url)
         try:
-            query = parse_qsl(urlsplit(text.strip()).query)
+            parts = urlsplit(text.strip())
+            carries = bool(parts.query or parts.fragment or "@" in parts.netloc)
         except ValueError:
-            query = []
-        if any(is_secret_key(name) or name.lower() in ("key", "sig", "signature") for name, _ in query):
-            return "the URL's query carries a key; give the URL without it"
+            carries = True
+        if carries:
+            return ("the URL carries a query string, a fragment or user-info, any of which may "
+                    "hold a key; give the URL without them")
     if _SECRET_VALUE_RE.search(text):
         return "its value has the form of an API key or token"
     if text and any(secret in text for secret in secret_env_values()):
@@ -370,7 +363,10 @@ def _credential_reason(key: str, text: str) -> str | None:
 def plan_parameters(plans: Sequence[NotebookPlan], params: Sequence[tuple[str, str]],
                     model: str | None = None) -> dict[str, dict[str, Any]]:
     """The extra parameters each notebook gets (stem -> {name: value}), before seed and
-    output_dir. RunInputError for a name the runner sets or no selected notebook declares."""
+    output_dir. RunInputError for a name the runner sets or no selected notebook declares, and
+    for a value its schema (``interp_lib.notebook_params``) does not allow."""
+    from .notebook_params import ParameterError, coerce_and_check, declared
+
     typed: dict[str, str] = {}
     for key, text in params:
         if key in RUNNER_PARAMETERS:
@@ -400,6 +396,17 @@ def plan_parameters(plans: Sequence[NotebookPlan], params: Sequence[tuple[str, s
             chosen["model_name"] = model
         for key, text in typed.items():
             if key not in plan.declared:
+                continue
+            schema = declared(plan.stem)
+            if schema is not None:  # a notebook of the series: its declared schema decides
+                if key not in schema:
+                    raise RunInputError(f"parameter {key!r}: {plan.path.name} assigns it but "
+                                        "interp_lib.notebook_params declares no type or range for it")
+                try:
+                    chosen[key] = coerce_and_check(plan.stem, key, text, schema[key], model,
+                                                   plan.declared[key].get("default"))
+                except ParameterError as exc:
+                    raise RunInputError(str(exc)) from None
                 continue
             default = _declared_default(plan.declared[key])
             # A notebook whose default is a string gets the text as typed (-p prompt 123).
@@ -724,6 +731,12 @@ def run_series(config: RunConfig, argv: Sequence[str] | None = None) -> int:
     out_path = Path(config.out).expanduser().absolute()
     tasks = plan_grid(plans, config.params, config.models, seeds, out_path)
     out = ensure_writable_dir(Path(config.out))
+    from .artifacts import RunFolderLinkError, check_run_folder
+
+    try:  # a link planted in the folder would receive an executed notebook, run.json, ...
+        check_run_folder(out)
+    except RunFolderLinkError as exc:
+        raise RunInputError(str(exc)) from None
     from .checkpoint import RunFolderBusyError, RunLock
 
     lock = RunLock(out, "interp-lib run")

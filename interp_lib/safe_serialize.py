@@ -12,11 +12,16 @@ and one JSON tree describing how to reassemble them, and the only objects it may
 * ``pandas`` DataFrame / Series / Index (column by column: numeric columns as arrays, others as
   JSON values, then ``astype`` the recorded dtype);
 * ``pathlib`` paths, ``torch.dtype`` / ``torch.device``;
-* instances of dataclasses and of ``interp_lib`` classes, and ``interp_lib`` enum members.
-  The class is looked up by name -- only ``interp_lib`` modules are ever imported for it; other
-  modules must already be loaded -- and the instance is rebuilt with ``object.__new__`` and its
-  stored attributes. No ``__init__``, ``__setstate__``, ``__reduce__`` or custom ``__new__``
-  is called.
+* instances of dataclasses (the declared result types), by their declared fields only, and
+  ``interp_lib`` enum members. The class is looked up by name in module namespaces -- only
+  ``interp_lib`` modules are ever imported for it; other modules must already be loaded, and no
+  module attribute hook runs (``torch:_dynamo.X`` imports nothing) -- and the instance is
+  rebuilt with ``object.__new__`` and its stored fields (a field the file does not hold gets its
+  default; one the class does not declare is refused). No ``__init__``, ``__setstate__``,
+  ``__reduce__`` or custom ``__new__`` is called, and classes with ``__del__`` (live
+  resources) are neither stored nor rebuilt.
+* sizes are checked before anything is allocated: a pandas index must be as long as the
+  values it labels; arrays must hold exactly the bytes their shape declares.
 
 Anything else (a lambda, a model, an open file, an arbitrary third-party object) is refused at
 save time with a ``TypeError`` naming where in the result it sits.
@@ -31,6 +36,7 @@ import importlib
 import json
 import math
 import sys
+import types
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -44,6 +50,10 @@ _TAG = "$"
 _PATH_TYPES = {cls.__name__: cls for cls in (Path, PurePath, PurePosixPath, PureWindowsPath)}
 # Library-owned packages whose modules may be imported to find a class named in a file.
 _TRUSTED_PACKAGES = ("interp_lib",)
+
+
+def _has_finalizer(cls: type) -> bool:
+    return any("__del__" in vars(c) for c in cls.__mro__ if c is not object)
 
 
 def _class_name(cls: type) -> str:
@@ -67,9 +77,14 @@ def _find_class(name: Any) -> type:
         module = importlib.import_module(module_name)
     obj: Any = module
     for part in qualname.split("."):
-        if part.startswith("__") or part == "<locals>":
-            raise ValueError(f"class {name!r}: not a module-level class")
-        obj = getattr(obj, part, None)
+        if part.startswith("_") or part == "<locals>" or not part.isidentifier():
+            raise ValueError(f"class {name!r}: not a public module-level class")
+        # the object's own namespace only: getattr would run a module's lazy __getattr__, which
+        # imports submodules (``torch:_dynamo.X`` imported torch._dynamo)
+        namespace = getattr(obj, "__dict__", None)
+        obj = namespace.get(part) if isinstance(namespace, dict) else None
+        if isinstance(obj, types.ModuleType):
+            raise ValueError(f"class {name!r}: {part!r} is a module, not a class")
     if not isinstance(obj, type):
         raise ValueError(f"class {name!r}: not found")
     return obj
@@ -247,18 +262,18 @@ class _Encoder:
                                 or cls.__name__ in ("builtin_function_or_method", "method")):
             raise TypeError(f"{path} is a function or class ({value!r}): not storable; store "
                             "its result or its name")
-        if not (dataclasses.is_dataclass(value) or _trusted_module(cls.__module__)):
+        if not dataclasses.is_dataclass(value):
             raise TypeError(f"{path} is a {_class_name(cls)}: not storable without pickle "
-                            "(store tensors, arrays, DataFrames, dataclasses or plain values)")
+                            "(store tensors, arrays, DataFrames, dataclasses or plain values; "
+                            "an object is stored only as a dataclass, by its declared fields)")
+        if _has_finalizer(cls):
+            raise TypeError(f"{path} is a {_class_name(cls)}, which defines __del__: objects that "
+                            "hold live resources are not stored")
         if cls.__new__ is not object.__new__ or "<locals>" in cls.__qualname__:
             raise TypeError(f"{path} is a {_class_name(cls)}: only module-level classes without "
                             "a custom __new__ can be stored")
-        if hasattr(value, "__dict__"):
-            state = dict(vars(value))
-        else:
-            names = [f.name for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value) \
-                else [n for c in cls.__mro__ for n in getattr(c, "__slots__", ())]
-            state = {n: getattr(value, n) for n in names if hasattr(value, n)}
+        names = [f.name for f in dataclasses.fields(value)]
+        state = {n: getattr(value, n) for n in names if hasattr(value, n)}
         return {_TAG: "object", "cls": _class_name(cls),
                 "state": {k: self.encode(v, f"{path}.{k}") for k, v in state.items()}}
 
@@ -419,12 +434,29 @@ class _Decoder:
 
         return pd.Index(self._column(node), name=self.decode(node["name"]), tupleize_cols=False)
 
+    @staticmethod
+    def _check_length(what: str, index: Any, values: Any) -> None:
+        """A stored index must be as long as the values it labels: checked before pandas
+        allocates (a 0-d value over ``RangeIndex(0, 3e8)`` would be broadcast to 2.4 GB)."""
+        import numpy as np
+
+        n_values = len(values) if np.ndim(values) == 1 else None
+        if n_values is None or len(index) != n_values:
+            raise ValueError(f"{what}: the stored index has {len(index)} entries for "
+                             f"{n_values if n_values is not None else 'a scalar, not'} values")
+
     def _decode_dataframe(self, node: dict) -> Any:
         import pandas as pd
 
         columns = self.decode(node["columns"])
         index = self.decode(node["index"])
         data = [self._column(c) for c in node["data"]]
+        if not isinstance(index, pd.Index) or not isinstance(columns, pd.Index) \
+                or len(columns) != len(data):
+            raise ValueError(f"dataframe: {len(data)} stored columns, the header declares "
+                             f"{len(columns) if isinstance(columns, pd.Index) else 'none'}")
+        for i, col in enumerate(data):
+            self._check_length(f"dataframe column {i}", index, col)
         frame = pd.DataFrame({i: pd.Series(col, index=index, copy=False)
                               for i, col in enumerate(data)}, index=index)
         frame.columns = columns
@@ -434,8 +466,12 @@ class _Decoder:
     def _decode_series(self, node: dict) -> Any:
         import pandas as pd
 
-        return pd.Series(self._column(node["values"]), index=self.decode(node["index"]),
-                         name=self.decode(node["name"]))
+        values = self._column(node["values"])
+        index = self.decode(node["index"])
+        if not isinstance(index, pd.Index):
+            raise ValueError("series: the stored index is not an index")
+        self._check_length("series", index, values)
+        return pd.Series(values, index=index, name=self.decode(node["name"]))
 
     def _decode_pd_na(self, node: dict) -> Any:
         import pandas as pd
@@ -459,16 +495,29 @@ class _Decoder:
 
     def _decode_object(self, node: dict) -> Any:
         cls = _find_class(node["cls"])
-        if not (dataclasses.is_dataclass(cls) or _trusted_module(cls.__module__)) \
-                or issubclass(cls, (type, enum.Enum, BaseException)):
-            raise ValueError(f"class {node['cls']!r} may not be rebuilt from a file")
+        # only declared result types: dataclasses, by their declared fields; nothing that holds a
+        # live resource (a rebuilt AnswerStore's __del__ once took a RunLock at a path in the file)
+        if not dataclasses.is_dataclass(cls) or issubclass(cls, (type, enum.Enum, BaseException)) \
+                or _has_finalizer(cls):
+            raise ValueError(f"class {node['cls']!r} may not be rebuilt from a file (only "
+                             "dataclasses without __del__ are)")
         if cls.__new__ is not object.__new__:
             raise ValueError(f"class {node['cls']!r} has a custom __new__: not rebuilt")
         state = node["state"]
         if not isinstance(state, dict):
             raise ValueError(f"bad state for {node['cls']!r}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in state if k not in fields)
+        if unknown:
+            raise ValueError(f"{node['cls']!r} declares no field {unknown[0]!r}: not rebuilt")
         obj = object.__new__(cls)
         values = {str(k): self.decode(v) for k, v in state.items()}
+        for name, spec in fields.items():  # a field stored by an older version: its default
+            if name not in values:
+                if spec.default is not dataclasses.MISSING:
+                    values[name] = spec.default
+                elif spec.default_factory is not dataclasses.MISSING:
+                    values[name] = spec.default_factory()
         if hasattr(obj, "__dict__"):
             obj.__dict__.update(values)
         else:

@@ -171,11 +171,14 @@ def execute_task(task: dict[str, Any], run_dir: str, kernel: str = DEFAULT_KERNE
                         if progress else False)
     started = time.perf_counter()
     status, error, failure = "ok", None, None
+    target = out / task["output"]
+    if target.is_symlink():  # papermill writes through a link: start from a new file instead
+        target.unlink()
     try:
         import papermill
 
         papermill.execute_notebook(
-            task["path"], str(out / task["output"]), parameters=parameters,
+            task["path"], str(target), parameters=parameters,
             kernel_name=kernel, cwd=str(Path(task["path"]).parent), progress_bar=bar,
             execution_timeout=timeout, log_output=False)
     except Exception as exc:  # the notebook's error, a dead kernel, a timeout: all recorded

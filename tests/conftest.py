@@ -10,6 +10,9 @@ import pytest
 # Notebook kernels started by nbval inherit this environment: keep their checkpoints and
 # metrics out of the working tree.
 os.environ["INTERP_LIB_RUNS"] = tempfile.mkdtemp(prefix="interp_lib_test_runs_")
+# The signing key of run folders and answer caches (interp_lib.signing): a test session's own,
+# never the user's ~/.config one.
+os.environ["INTERP_LIB_SIGNING_KEY_DIR"] = tempfile.mkdtemp(prefix="interp_lib_test_key_")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -117,7 +117,10 @@ def test_offline_run_names_the_known_heads_and_reruns_from_checkpoints(tmp_path,
 def test_llm_run_with_30_percent_faults_completes_and_rerun_sends_nothing(tmp_path, model, monkeypatch):
     monkeypatch.setenv("INTERP_LIB_API_KEY", PLANTED_KEY)
     out = tmp_path / "run"
+    # transient faults only: a truncated answer (finish_reason=length) is a failure that leaves
+    # its stage unfinished and is sent again by a rerun (issue 29, item 8; tests/test_hardening2.py)
     with LocalOpenAIServer(responder, fault_rate=0.3, retry_after=0.05, timeout_delay=1.0, seed=3,
+                           faults=("429", "500", "timeout", "malformed"),
                            require_api_key=PLANTED_KEY) as server:
         config = ExplainConfig(**{**SMALL, "top_k": 6, "n_random": 4, "n_quantile": 2}, explainer="test-model",
                                base_url=server.url, refine_rounds=1, timeout=0.4, max_retries=8, embedding="tfidf")

@@ -82,11 +82,12 @@ def test_pickle_payload_in_a_checkpoint_is_never_executed(tmp_path):
     ckpt = Checkpointer(root)
     ckpt.stage("scores", lambda: {"t": torch.arange(4)}, params={"n": 4})
     _plant_pickle(root, "scores", marker)
-    with pytest.warns(UserWarning, match="unreadable"):
+    # the forged manifest entry no longer verifies (issue 29, item 5): refused before it is read
+    with pytest.warns(UserWarning, match="unreadable|produced elsewhere"):
         result = Checkpointer(root).stage("scores", lambda: {"t": torch.arange(4)}, params={"n": 4})
     assert torch.equal(result["t"], torch.arange(4))
     assert not marker.exists()
-    with pytest.raises(RuntimeError, match="unreadable"):
+    with pytest.raises(RuntimeError, match="unreadable|produced elsewhere"):
         _plant_pickle(root, "scores", marker)
         Checkpointer(root).load("scores")
     assert not marker.exists()
@@ -111,7 +112,8 @@ def test_pickle_payload_in_an_explain_run_folder_is_never_executed(tmp_path):
     resumed = _cli("explain", "--out", str(out), "--heads", "L0H0,L1H0", *SMALL)
     assert resumed.returncode == 0, resumed.stderr
     assert not marker.exists()
-    assert "unreadable" in resumed.stderr and "recomputing" in resumed.stderr
+    assert ("unreadable" in resumed.stderr or "produced elsewhere" in resumed.stderr) \
+        and "recomputing" in resumed.stderr
     assert "explained 2 of 2 heads" in resumed.stdout
 
 
@@ -356,11 +358,11 @@ def test_the_runner_accepts_every_declared_parameter_of_the_series():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("top_k", "true", "'top_k': 07_head_explainer.ipynb expects an integer (declared default 12), got True"),
+    ("top_k", "true", "'top_k': 07_head_explainer.ipynb expects an integer at least 1 (declared default 12), got True"),
     ("top_k", "0", "'top_k': 07_head_explainer.ipynb expects an integer at least 1"),
     ("max_cost_usd", "-1", "'max_cost_usd': 07_head_explainer.ipynb expects a number more than 0"),
     ("dry_run", "1", "'dry_run': 07_head_explainer.ipynb expects true or false"),
-    ("n_windows", "nan", "'n_windows': 07_head_explainer.ipynb declares a int"),
+    ("n_windows", "nan", "'n_windows': 07_head_explainer.ipynb expects an integer at least 1 (declared default 48), got 'nan'"),
 ])
 def test_parameter_values_are_checked_before_a_kernel_starts(tmp_path, capsys, key, value, message):
     from interp_lib.cli import main

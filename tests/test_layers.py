@@ -29,12 +29,12 @@ PACKAGE = "interp_lib"
 # A name covers the module and, for a package, everything in it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("interp_lib", "models", "data", "units", "paths", "artifacts", "errors", "runtime",
-                    "checkpoint", "safe_serialize", "versions", "display")),
+                    "checkpoint", "safe_serialize", "signing", "versions", "display")),
     ("analyses", ("calibration", "selective", "attribution", "patching", "heads", "probing", "stats",
                   "explain")),
     ("figures", ("plots",)),
     ("notebook glue", ("claims", "findings", "notebook", "results")),
-    ("commands", ("runner", "tasks", "cluster", "cli")),
+    ("commands", ("runner", "notebook_params", "tasks", "cluster", "cli")),
 ]
 
 # Edges that still break the rules, each with what should replace it. Every entry must still

@@ -18,6 +18,11 @@ Readers index every log once (``refresh``), then read only what was appended sin
 after each file's last complete line), so a worker sees the answers other workers stored while
 it ran. A line cut short by a killed process, or damaged, is skipped (the request is simply
 sent again); the first complete value stored for a key wins. Values are plain JSON.
+
+Every line is signed (``"sig"``: HMAC of kind, key and value under the user's key, see
+``interp_lib.signing``): a line edited elsewhere, or copied from another user's cache, does not
+verify and is ignored with a warning (the request is sent again). Lines of logs written before
+signing have no signature and are still used (``unsigned_lines`` counts them).
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class AnswerStore:
         self._fd_pid: int | None = None
         self._log_name: str | None = None
         self.skipped_lines = 0
+        self.unsigned_lines = 0  # lines of logs written before signing (used, unverified)
+        self.untrusted_lines = 0  # lines whose signature does not verify (ignored)
         self.refresh()
 
     # -- reading -------------------------------------------------------------------------------
@@ -101,6 +108,15 @@ class AnswerStore:
             log.warning("skipping a damaged line of cache log %s (%s)", path, type(exc).__name__)
             return 0
         if (kind, key) in self._index:
+            return 0
+        from ..signing import verify_json
+
+        if "sig" not in entry:
+            self.unsigned_lines += 1  # written before signing existed: still used
+        elif not verify_json([kind, key, value], entry["sig"]):
+            self.untrusted_lines += 1
+            log.warning("ignoring an entry of cache log %s whose signature does not verify "
+                        "(produced elsewhere, or edited): the request is sent again", path)
             return 0
         self._index[(kind, key)] = value
         return 1
@@ -152,8 +168,11 @@ class AnswerStore:
         """Store ``value`` (JSON-serialisable) under (kind, key): one line appended to this
         process's log, written whole with one ``write``. OSError when the folder cannot be
         written (the caller keeps its answer and only loses the cache entry)."""
-        line = json.dumps({"kind": kind, "key": key, "value": value}, ensure_ascii=False,
-                          separators=(",", ":")).encode("utf-8") + b"\n"
+        from ..signing import sign_json
+
+        signature = sign_json([kind, key, value])
+        line = json.dumps({"kind": kind, "key": key, "value": value, "sig": signature},
+                          ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
         with self._lock:
             fd = self._open_log()
             view = memoryview(line)
@@ -220,8 +239,11 @@ class AnswerStore:
         merged = self.log_dir / f"merged-{secrets.token_hex(4)}.jsonl"
         tmp = merged.with_suffix(".tmp")
         with open(tmp, "wb") as handle:
+            from ..signing import sign_json
+
             for (kind, key), value in self.items():
-                handle.write(json.dumps({"kind": kind, "key": key, "value": value},
+                handle.write(json.dumps({"kind": kind, "key": key, "value": value,
+                                         "sig": sign_json([kind, key, value])},
                                         ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
             handle.flush()
             os.fsync(handle.fileno())

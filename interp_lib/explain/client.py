@@ -14,7 +14,11 @@ halves the CPU per request and lets a body that is not JSON be retried) and retu
   another one (the first 400 is the reason if all fail), and the client remembers it
   (``supports_json_mode``, ``supports_logprobs``);
 * ``finish_reason == "length"`` gives ``ok=False``, ``failure="truncated (finish_reason=length)"``
-  and keeps the partial text in ``content``;
+  and keeps the partial text in ``content``; null or empty content is a failure too. All three
+  count in ``usage.failed_requests`` (a rerun may fix them: the explainer does not save the stage
+  as finished), as do requests that got no answer;
+* answer content is scrubbed of the API key (an endpoint that echoes the Bearer value): the key
+  is never stored or shown;
 * a disk cache (``interp_lib.explain.cache.AnswerStore``: one append-only log per writing
   process, shared safely by concurrent workers; the old one-file-per-request layout is still
   read; an entry that cannot be written is logged and skipped), keyed by the SHA-256 of the canonical request:
@@ -45,7 +49,10 @@ halves the CPU per request and lets a body that is not JSON be retried) and retu
   or one 401 / 403 (a rejected key), nothing more is sent, the remaining requests fail at once, and ``chat_many`` /
   ``embed`` raise ``EndpointError`` naming the URL and the cause (also when a whole batch
   failed that way before the threshold). 408 / 409 / 429 / 5xx and timeouts are transient:
-  they keep their backoff and neither trip nor reset the breaker;
+  they keep their backoff and neither trip nor reset that count; but ``timeout_breaker``
+  (default ``TIMEOUT_BREAKER`` = 6) timeouts in a row with no usable answer between them trip
+  the breaker as well, so an endpoint that accepts and never answers costs about
+  ``timeout_breaker / concurrency`` timeouts of wall time, not every request's retries;
 * a response size limit applied while the body is read (``max_response_bytes``; by default
   derived from each request's ``max_tokens`` and logprobs), so a huge body never sits in memory
   and is never cached.
@@ -96,6 +103,9 @@ CACHE_FORMAT = 1
 COLAB_SECRET_NAME = "OPENAI_API_KEY"
 EMBED_BATCH = 256
 BREAKER_THRESHOLD = 5
+# A hanging endpoint (accepts, never answers): this many timeouts in a row, with no usable answer
+# between them, trip the breaker too (``timeout_breaker`` of LLMClient; stated in --help).
+TIMEOUT_BREAKER = 6
 BATCH_DISCOUNT = 0.5  # OpenAI's Batch API bills half the standard price
 BATCH_ENDPOINT = "/v1/chat/completions"
 _BATCH_DONE = ("completed", "failed", "expired", "cancelled")
@@ -512,7 +522,8 @@ class LLMClient:
                  max_cost_usd: float | None = None, dry_run: bool = False,
                  progress: bool = True, seed: int = 0, breaker_threshold: int = BREAKER_THRESHOLD,
                  max_response_bytes: int | None = None, batch: bool = False,
-                 batch_poll_interval: float = 30.0, batch_timeout: float = 26 * 3600.0):
+                 batch_poll_interval: float = 30.0, batch_timeout: float = 26 * 3600.0,
+                 timeout_breaker: int = TIMEOUT_BREAKER):
         if not isinstance(model, str) or not model:
             raise ValueError(f"model={model!r}: expected a non-empty model name")
         if base_url is not None and (not isinstance(base_url, str)
@@ -548,6 +559,8 @@ class LLMClient:
         self._secret = _Secret(resolve_api_key(api_key if api_key is not None else url_key,
                                                self.base_url))
         self.breaker_threshold = _int("breaker_threshold", breaker_threshold, 1)
+        self.timeout_breaker = _int("timeout_breaker", timeout_breaker, 1)
+        self._consecutive_timeouts = 0
         self.max_response_bytes = (None if max_response_bytes is None
                                    else _int("max_response_bytes", max_response_bytes, 1024))
         self.endpoint_error: str | None = None  # set once the breaker trips; sticky
@@ -751,7 +764,16 @@ class LLMClient:
                     log.info("%s", self.endpoint_error)
             elif outcome.reason is None or not outcome.retry:
                 self._consecutive_fatal = 0
-
+            if outcome.reason == "timeout":
+                self._consecutive_timeouts += 1
+                if self._consecutive_timeouts >= self.timeout_breaker and self.endpoint_error is None:
+                    self.endpoint_error = (
+                        f"endpoint {self.base_url} is unusable: {self._consecutive_timeouts} "
+                        f"timeouts in a row (each after {self.timeout:g} s) with no answer, nothing "
+                        "more sent; check that the server is up and answering, or raise --timeout")
+                    log.info("%s", self.endpoint_error)
+            elif outcome.reason is None or not outcome.retry:
+                self._consecutive_timeouts = 0
     def _endpoint_message(self, reason: str | None, count: int) -> str:
         hint = ("check the API key ($INTERP_LIB_API_KEY, or $OPENAI_API_KEY for OpenAI)"
                 if reason and reason.startswith(("http 401", "http 403"))
@@ -837,6 +859,8 @@ class LLMClient:
             return None
         if content is not None and not isinstance(content, str):
             return None
+        if content is not None:  # an endpoint that echoes the Bearer key: never stored or shown
+            content = self._scrub(content)
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         prompt_tokens = _count(usage.get("prompt_tokens"))
         completion_tokens = _count(usage.get("completion_tokens"))
@@ -852,6 +876,8 @@ class LLMClient:
             failure = "truncated (finish_reason=length)"
         elif content is None:
             failure = f"no content (finish_reason={finish_reason})"
+        elif not content.strip():
+            failure = f"empty content (finish_reason={finish_reason})"
         elif finish_reason == "content_filter":
             failure = "content filter (finish_reason=content_filter)"
         return ChatResult(ok=failure is None, content=content, failure=failure,
@@ -1176,10 +1202,12 @@ class LLMClient:
         with self._lock:
             self.usage.cache_hits += sum(1 for r in results if r.cached)  # type: ignore[union-attr]
             self.usage.failures += sum(1 for r in results if not r.ok)  # type: ignore[union-attr]
-            # no answer came back (an answer cut short or filtered is the endpoint's answer;
-            # the spending cap is a decision): a rerun may fix these
+            # no usable answer came back -- none at all, null or empty content, or one cut short
+            # (finish_reason=length): a rerun may fix these, so the stage is not saved as
+            # finished. A content filter's refusal is the endpoint's answer and the spending
+            # cap is a decision: neither counts.
             failed = [r for r in results  # type: ignore[union-attr]
-                      if not r.ok and r.finish_reason is None
+                      if not r.ok and r.finish_reason != "content_filter"
                       and not (r.failure or "").startswith("budget cap")]
             self.usage.failed_requests += len(failed)
             if failed:

@@ -45,7 +45,9 @@ class ExplainConfig:
     refine_rounds: int = field(default=1, metadata={"help": "refinement rounds (0 = none); a revision is kept only if its held-out score improves"})
     holdout_fraction: float = field(default=0.5, metadata={"help": "fraction of each head's events held out for scoring (never shown to the explainer)"})
     concurrency: int = field(default=16, metadata={"help": "LLM requests in flight at once"})
-    timeout: float = field(default=60.0, metadata={"help": "seconds per LLM request before it is retried"})
+    timeout: float = field(default=60.0, metadata={"help": "seconds per LLM request before it is retried; "
+                                                   "6 timeouts in a row with no answer between them stop "
+                                                   "the run (exit 1): a hanging endpoint"})
     max_retries: int = field(default=5, metadata={"help": "retries per LLM request (429 / 5xx / timeouts)"})
     prices: str | None = field(default=None, metadata={"help": "JSON file {model: [USD per 1M prompt tokens, USD per 1M completion tokens]} overriding the built-in price table"})
     max_cost_usd: float | None = field(default=None, metadata={"help": "spending cap in USD: the run stops sending requests when reached"})
@@ -75,6 +77,8 @@ class ExplainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}={value!r}: expected a non-negative integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed!r}: expected an integer from 0 to {2**32 - 1}")
         if self.window_len < 4:
             raise ValueError(f"window_len={self.window_len!r}: expected at least 4 tokens")
         if not 0.0 < float(self.holdout_fraction) < 1.0:

@@ -114,7 +114,11 @@ def _dataset_text(dataset: str, split: str) -> tuple[str, str]:
         return load_texts(dataset, split), f"{dataset}/{split}"
     path = Path(dataset).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8"), str(path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as error:
+            raise ValueError(f"dataset={dataset!r}: {path} is not UTF-8 text (byte {error.start}: "
+                             f"{error.reason}); expected a UTF-8 text file") from None
     raise ValueError(f"dataset={dataset!r}: expected one of {DATASETS} or a path to a text file")
 
 

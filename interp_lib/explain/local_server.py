@@ -153,7 +153,9 @@ class LocalOpenAIServer:
 
     ``reject_params`` names request fields ("response_format", "logprobs") that this server
     answers with a 400, like an endpoint that does not support them. ``ignore_max_tokens``
-    answers in full whatever ``max_tokens`` says.
+    answers in full whatever ``max_tokens`` says. A responder returns the content (str) or a dict
+    ``{"content": str | None, "finish_reason": ..., "logprobs": ...}``; ``"content": None``
+    answers with a null content, as a broken endpoint may.
     """
 
     def __init__(self, responder: Callable[[dict], str | dict] | None = None, *,
@@ -363,6 +365,7 @@ class LocalOpenAIServer:
             return _error_reply(exc.status, exc.message)
         if isinstance(answer, str):
             answer = {"content": answer}
+        null_content = "content" in answer and answer["content"] is None  # {"content": None}: null
         content = str(answer.get("content") or "")
         finish_reason = answer.get("finish_reason") or "stop"
         given_logprobs = answer.get("logprobs")
@@ -373,7 +376,8 @@ class LocalOpenAIServer:
             tokens, finish_reason = tokens[:max(1, len(tokens) // 2)], "length"
         content = "".join(tokens)
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason,
-                                  "message": {"role": "assistant", "content": content},
+                                  "message": {"role": "assistant",
+                                              "content": None if null_content else content},
                                   "logprobs": None}
         if body.get("logprobs") and self.logprobs:
             top_n = int(body.get("top_logprobs") or 0)

@@ -49,6 +49,7 @@ import numpy as np
 from jaxtyping import Int
 from torch import Tensor
 
+from ..artifacts import atomic_write_text
 from .client import public_url  # re-exported: it used to live here
 from .records import HeadRecord, RefinementStep, ScoreResult
 
@@ -219,6 +220,9 @@ def run_explainer(config: ExplainConfig, out: str | Path, *, stages: Sequence[st
     except OSError as error:
         raise ValueError(f"out={str(out)!r}: cannot create the run folder "
                          f"({error.strerror or error})") from None
+    from ..artifacts import check_run_folder
+
+    check_run_folder(out)  # a link planted in a shared folder is refused, never written through
     # one writer per run folder: a second run would replace this one's stage files
     with ckpt_module.RunLock(out, "interp-lib explain"):
         return _run_locked(config, out, wanted, skipped, model, client, simulator_client, progress)
@@ -418,11 +422,11 @@ def _finish(config, out: Path, model, records, taxonomy, scores, run_config, sta
         files = write_report(records, out, meta=meta, n_layers=model.cfg.n_layers,
                              n_heads=model.cfg.n_heads if config.units == "heads" else None)
         # written with the records it describes (a partial or refused run leaves both alone)
-        (out / "config.json").write_text(json.dumps(run_config, indent=1))
+        atomic_write_text(out / "config.json", json.dumps(run_config, indent=1))
         files["config"] = out / "config.json"
         _say(f"[report] {', '.join(str(p.relative_to(out)) for p in files.values())} in {out}")
     if usage:
-        (out / "usage.json").write_text(json.dumps(usage, indent=1))
+        atomic_write_text(out / "usage.json", json.dumps(usage, indent=1))
         _say(f"LLM usage: {usage.get('summary', '')}")
     retried = [label for label in previous.get("heads", []) if label in {r.label for r in records}]
     _write_unfinished(out, stage.unfinished, [r.label for r in records if r.explanation is None])
@@ -441,7 +445,7 @@ def _read_unfinished(out: Path) -> dict[str, Any]:
 def _write_unfinished(out: Path, unfinished: dict[str, str], unexplained: list[str]) -> None:
     path = out / UNFINISHED_NAME
     if unfinished:
-        path.write_text(json.dumps({"stages": unfinished, "heads": unexplained}, indent=1))
+        atomic_write_text(path, json.dumps({"stages": unfinished, "heads": unexplained}, indent=1))
     else:
         path.unlink(missing_ok=True)
 
