@@ -462,6 +462,38 @@ def test_12_values_outside_the_schema_are_refused_before_a_kernel_starts(tmp_pat
     assert not out.exists() or not any(out.iterdir())  # no run.json, no executed notebook
 
 
+def test_14_a_tampered_batch_id_never_reaches_a_url_and_the_batch_timeout_is_a_flag(tmp_path, make_server,
+                                                                                    capsys, monkeypatch):
+    from interp_lib.cli import main
+    from interp_lib.explain.client import ChatRequest, LLMClient
+
+    for name in ("OPENAI_API_KEY", "INTERP_LIB_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    server = make_server(batch_delay=30.0)
+    batch = [ChatRequest([{"role": "user", "content": f"question {i}"}], max_tokens=16) for i in range(3)]
+
+    def client(**kwargs):
+        return LLMClient("gpt-4o-mini", base_url=server.url, cache_dir=tmp_path, progress=False, batch=True,
+                         batch_poll_interval=0.05, backoff_base=0.01, backoff_max=0.1, **kwargs)
+
+    first = client(batch_timeout=0.3).chat_many(batch)  # still running: its id is kept for a rerun
+    assert not any(r.ok for r in first)
+    (state_path,) = (tmp_path / "batches").glob("*.json")
+    state = json.loads(state_path.read_text())
+    state["batch_id"] = "../models"  # what a tampered file puts into the URL path
+    state_path.write_text(json.dumps(state))
+    server.batch_delay = 0.0
+    polled = len(server.log)
+    answers = client(batch_timeout=20.0).chat_many(batch)  # main: polls GET /v1/models for 20 s
+    assert all(r.ok for r in answers)
+    paths = [entry["path"] for entry in server.log[polled:]]
+    assert not any("models" in path or ".." in path for path in paths), paths
+    assert main(["explain", "--help"]) == 0
+    assert "--batch-timeout BATCH_TIMEOUT" in capsys.readouterr().out
+    assert main(["explain", "--out", str(tmp_path / "run"), "--batch-timeout", "0", *SMALL]) == 2
+    assert "batch_timeout=0.0: expected a positive number of seconds" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- Low
 
 

@@ -79,6 +79,7 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -103,6 +104,8 @@ CACHE_FORMAT = 1
 COLAB_SECRET_NAME = "OPENAI_API_KEY"
 EMBED_BATCH = 256
 BREAKER_THRESHOLD = 5
+# Batch and file ids go into URL paths: letters, digits, '_' and '-' only (never "../models").
+_BATCH_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # A hanging endpoint (accepts, never answers): this many timeouts in a row, with no usable answer
 # between them, trip the breaker too (``timeout_breaker`` of LLMClient; stated in --help).
 TIMEOUT_BREAKER = 6
@@ -1025,8 +1028,12 @@ class LLMClient:
         if state_path is not None and state_path.exists():
             try:
                 state = json.loads(state_path.read_text())
+                if not _BATCH_ID_RE.fullmatch(str(state["batch_id"])):
+                    raise ValueError("not a batch id")
                 log.info("collecting batch %s submitted by an earlier run", state["batch_id"])
             except (OSError, ValueError, KeyError, TypeError):
+                log.warning("ignoring the batch-id file %s: not a batch id this client wrote "
+                            "(a new batch is submitted)", state_path)
                 state = None
         try:
             if state is None:
@@ -1037,6 +1044,10 @@ class LLMClient:
                 created = await self._batch_call("creation of the batch", lambda: client.post(
                     "/batches", cast_to=str, body={"input_file_id": uploaded["id"], "endpoint": BATCH_ENDPOINT,
                                                       "completion_window": "24h"}))
+                for what, value in (("batch", created.get("id")), ("file", uploaded.get("id"))):
+                    if not _BATCH_ID_RE.fullmatch(str(value)):
+                        raise _BatchUnavailable(f"the endpoint answered a {what} id {str(value)[:40]!r}, "
+                                                "not an id", None)
                 state = {"batch_id": created["id"], "input_file_id": uploaded["id"], "n": len(keys),
                          "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds")}
                 if state_path is not None:
@@ -1059,6 +1070,9 @@ class LLMClient:
             file_id = batch.get(name)
             if not file_id:
                 continue
+            if not _BATCH_ID_RE.fullmatch(str(file_id)):
+                raise EndpointError(f"Batch API at {self.base_url}: batch {state['batch_id']} names "
+                                    f"{name}={str(file_id)[:40]!r}, not a file id")
             token = _BODY_LIMIT.set(sum(self._body_limit(by_key[k].max_tokens, by_key[k].logprobs,
                                                          by_key[k].top_logprobs) for k in keys))
             try:
@@ -1069,9 +1083,10 @@ class LLMClient:
                 try:
                     entry = json.loads(line)
                     key, response = entry["custom_id"], entry.get("response") or {}
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, AttributeError):
                     continue
-                if key not in by_key or response.get("status_code") != 200:
+                if key not in by_key or not isinstance(response, dict) \
+                        or response.get("status_code") != 200:
                     continue
                 result = self._result_from_body(response.get("body"), by_key[key], attempts=1,
                                                 price_factor=BATCH_DISCOUNT)
@@ -1111,6 +1126,10 @@ class LLMClient:
         while True:
             batch = await self._batch_call(f"status of batch {batch_id}", lambda: client.get(
                 f"/batches/{batch_id}", cast_to=str))
+            if not isinstance(batch, dict) or batch.get("object") != "batch" \
+                    or batch.get("id") != batch_id:
+                raise _BatchUnavailable(f"status of batch {batch_id}: the answer is not that batch "
+                                        "object", None)
             counts = batch.get("request_counts") or {}
             bar.set_postfix_str(f"batch {batch.get('status')}: {counts.get('completed', 0)}/"
                                 f"{counts.get('total', '?')}", refresh=True)

@@ -56,6 +56,7 @@ class ExplainConfig:
     causal_method: str = field(default="zero", metadata={"help": "ablation for the causal check (interp_lib.patching's one definition): zero, mean (the per-position mean over the windows) or resample (another window's activation at the same position)"})
     min_cluster_size: int = field(default=3, metadata={"help": "HDBSCAN min cluster size for the taxonomy"})
     embedding: str = field(default="sentence-transformers", metadata={"help": "taxonomy embeddings: sentence-transformers (all-MiniLM-L6-v2, offline; an error says what to install if it cannot load), openai, or tfidf (weak, only when asked for: warns and is recorded); auto = sentence-transformers"})
+    batch_timeout: float = field(default=26 * 3600.0, metadata={"help": "with --batch-api: seconds to wait for a batch before the run stops with its requests failed (a rerun collects the same batch)"})
     batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
     seed: int = field(default=0, metadata={"help": "seed for sampling, splits and clustering"})
 
@@ -79,6 +80,9 @@ class ExplainConfig:
                 raise ValueError(f"{name}={value!r}: expected a non-negative integer")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed={self.seed!r}: expected an integer from 0 to {2**32 - 1}")
+        if isinstance(self.batch_timeout, bool) or not isinstance(self.batch_timeout, (int, float)) \
+                or not 0 < float(self.batch_timeout) < float("inf"):
+            raise ValueError(f"batch_timeout={self.batch_timeout!r}: expected a positive number of seconds")
         if self.window_len < 4:
             raise ValueError(f"window_len={self.window_len!r}: expected at least 4 tokens")
         if not 0.0 < float(self.holdout_fraction) < 1.0:

@@ -180,7 +180,7 @@ def make_client(config: ExplainConfig, out: Path, model_name: str | None = None,
                      concurrency=config.concurrency, max_retries=config.max_retries,
                      timeout=config.timeout, cache_dir=out / "llm_cache",
                      max_cost_usd=config.max_cost_usd, dry_run=config.dry_run, progress=progress, prices=prices,
-                     seed=config.seed, batch=batch)
+                     seed=config.seed, batch=batch, batch_timeout=config.batch_timeout)
 
 
 # Seconds one LLM request takes, for the dry run's wall-time estimate only (an assumption: a
