@@ -369,6 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; finished stages and batch ids are kept
+        print(f"interrupted: finished stages, cached answers and submitted batch ids are kept; rerun "
+              f"the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # `python -m interp_lib.cli`

@@ -565,3 +565,33 @@ def test_19_hostile_metrics_files_are_one_line_errors_naming_the_file(tmp_path, 
         assert main(command) == 2, command
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(path) in err[0] and said in err[0], err
+
+
+def test_21_ctrl_c_while_a_batch_is_polled_is_one_line_and_keeps_the_batch_id(tmp_path, make_server):
+    import signal
+    import time
+
+    server = make_server(responder=_explaining_responder, batch_delay=600.0)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "interp_lib.cli", "explain", "--out", str(out), "--heads", "L0H0",
+               *SMALL, "--explainer", "gpt-4o-mini", "--scorers", "detection", "--refine-rounds", "0",
+               "--skip", "taxonomy", "--batch-api", "--base-url", server.url]
+    process = subprocess.Popen(command, env=_env(INTERP_LIB_API_KEY="test-key"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not server.batches and time.time() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        assert server.batches, "the run never submitted a batch"
+        time.sleep(0.5)  # polling now
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("interrupted:") and "rerun" in lines[-1], stderr
+    assert list((out / "llm_cache" / "batches").glob("*.json")), "the batch id is kept"
+
