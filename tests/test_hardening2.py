@@ -462,6 +462,32 @@ def test_12_values_outside_the_schema_are_refused_before_a_kernel_starts(tmp_pat
     assert not out.exists() or not any(out.iterdir())  # no run.json, no executed notebook
 
 
+def test_13_duplicate_ids_in_a_batch_output_file_one_rule_first_answer_counted_once(tmp_path, make_server,
+                                                                                    monkeypatch, caplog):
+    import logging
+
+    from interp_lib.explain.client import ChatRequest, LLMClient
+
+    for name in ("OPENAI_API_KEY", "INTERP_LIB_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    batch = [ChatRequest([{"role": "user", "content": f"question {i}"}], max_tokens=16) for i in range(3)]
+
+    def run(server, cache):
+        client = LLMClient("gpt-4o-mini", base_url=server.url, cache_dir=cache, progress=False, batch=True,
+                           batch_poll_interval=0.05)
+        return client.chat_many(batch), client.usage
+
+    honest, honest_usage = run(make_server(), tmp_path / "a")
+    doubled = make_server(batch_duplicates=True)
+    with caplog.at_level(logging.WARNING, logger="interp_lib.explain.client"):
+        answers, usage = run(doubled, tmp_path / "b")
+    assert [r.content for r in answers] == [r.content for r in honest]  # the first answer, not "(duplicate) ..."
+    assert usage.completion_tokens == honest_usage.completion_tokens  # counted once
+    assert sum("a second answer for request" in record.getMessage() for record in caplog.records) == 3
+    cached, _ = run(doubled, tmp_path / "b")  # a rerun from the cache: the same rule, the same answers
+    assert [r.content for r in cached] == [r.content for r in answers] and all(r.cached for r in cached)
+
+
 def test_14_a_tampered_batch_id_never_reaches_a_url_and_the_batch_timeout_is_a_flag(tmp_path, make_server,
                                                                                     capsys, monkeypatch):
     from interp_lib.cli import main

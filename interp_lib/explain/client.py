@@ -1088,6 +1088,10 @@ class LLMClient:
                 if key not in by_key or not isinstance(response, dict) \
                         or response.get("status_code") != 200:
                     continue
+                if key in results:  # one rule for a duplicate id: the first answer counts, once
+                    log.warning("batch %s: a second answer for request %s ignored (the first is "
+                                "used, its tokens counted once)", state["batch_id"], key[:12])
+                    continue
                 result = self._result_from_body(response.get("body"), by_key[key], attempts=1,
                                                 price_factor=BATCH_DISCOUNT)
                 if result is None:

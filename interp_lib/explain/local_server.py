@@ -6,7 +6,8 @@ Tests, notebooks and benchmarks point ``LLMClient`` (or the ``openai`` package i
 (deterministic hashed bag-of-words vectors, so similar texts get similar vectors) and
 ``GET /v1/models``, and OpenAI's Batch API (``POST /v1/files`` with ``purpose=batch``, ``POST
 /v1/batches``, ``GET /v1/batches/{id}``, ``GET /v1/files/{id}/content``): a batch answers its
-lines after ``batch_delay`` seconds (``in_progress`` until then), each line through the same
+lines after ``batch_delay`` seconds (``batch_duplicates``: every answered line twice, the copy's
+content prefixed "(duplicate) ", as a faulty endpoint may) (``in_progress`` until then), each line through the same
 chat handler; faults drawn for a line make that line an error (status 500 in the error file), and
 ``"truncated"`` cuts it as for a direct request. ``batch_lines`` records every line's body.
 
@@ -165,7 +166,7 @@ class LocalOpenAIServer:
                  require_api_key: str | None = None, fault_sequence: Sequence[str | None] = (),
                  reject_params: Sequence[str] = (), model_name: str = "local-model",
                  oversized_bytes: int = 64 << 20, ignore_max_tokens: bool = False,
-                 batch_delay: float = 0.0, batch_api: bool = True):
+                 batch_delay: float = 0.0, batch_api: bool = True, batch_duplicates: bool = False):
         if not 0.0 <= float(fault_rate) <= 1.0:
             raise ValueError(f"fault_rate={fault_rate!r}: expected a probability in [0, 1]")
         bad = [f for f in [*faults, *(f for f in fault_sequence if f is not None)]
@@ -190,6 +191,8 @@ class LocalOpenAIServer:
         self.oversized_bytes = int(oversized_bytes)
         self.ignore_max_tokens = bool(ignore_max_tokens)  # answer in full, like a broken endpoint
         self.batch_delay, self.batch_api = float(batch_delay), bool(batch_api)
+        # each answered batch line written twice, the copy's content prefixed "(duplicate) "
+        self.batch_duplicates = bool(batch_duplicates)
         # Only a digest of the required key is kept, so the server holds no copy of the secret.
         self._key_digest = (None if require_api_key is None
                             else hashlib.sha256(require_api_key.encode()).digest())
@@ -484,6 +487,11 @@ class LocalOpenAIServer:
             record = {"id": f"batch_req_{n_done + n_failed}", "custom_id": entry.get("custom_id"),
                       "response": {"status_code": reply.status, "body": json.loads(reply.body)}, "error": None}
             (output if reply.status == 200 else errors).append(json.dumps(record))
+            if self.batch_duplicates and reply.status == 200:
+                copy = json.loads(json.dumps(record))
+                message = copy["response"]["body"]["choices"][0]["message"]
+                message["content"] = "(duplicate) " + (message["content"] or "")
+                output.append(json.dumps(copy))
             n_done += reply.status == 200
             n_failed += reply.status != 200
         with self._lock:
