@@ -50,7 +50,7 @@ halves the CPU per request and lets a body that is not JSON be retried) and retu
   ``embed`` raise ``EndpointError`` naming the URL and the cause (also when a whole batch
   failed that way before the threshold). 408 / 409 / 429 / 5xx and timeouts are transient:
   they keep their backoff and neither trip nor reset that count; but ``timeout_breaker``
-  (default ``TIMEOUT_BREAKER`` = 6) timeouts in a row with no usable answer between them trip
+  (default ``TIMEOUT_BREAKER`` = 6) timeouts in a row with no answer of any kind between them trip
   the breaker as well, so an endpoint that accepts and never answers costs about
   ``timeout_breaker / concurrency`` timeouts of wall time, not every request's retries;
 * a response size limit applied while the body is read (``max_response_bytes``; by default
@@ -775,8 +775,8 @@ class LLMClient:
                         f"timeouts in a row (each after {self.timeout:g} s) with no answer, nothing "
                         "more sent; check that the server is up and answering, or raise --timeout")
                     log.info("%s", self.endpoint_error)
-            elif outcome.reason is None or not outcome.retry:
-                self._consecutive_timeouts = 0
+            elif not (outcome.reason or "").startswith("connection error"):
+                self._consecutive_timeouts = 0  # any answer at all (even a 429 / 500) resets it
     def _endpoint_message(self, reason: str | None, count: int) -> str:
         hint = ("check the API key ($INTERP_LIB_API_KEY, or $OPENAI_API_KEY for OpenAI)"
                 if reason and reason.startswith(("http 401", "http 403"))
