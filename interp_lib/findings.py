@@ -711,7 +711,9 @@ def interval_widths(ratio: float) -> str:
 
 
 def claim_verdicts(table) -> str:
-    """``table``: ``claims.verdict_table`` (index: claim number; column verdict)."""
+    """``table``: ``claims.claims_table`` (index: claim number; columns verdict, and decided_by:
+    the sub-test that decided) or ``claims.verdict_table``. Each claim that is not supported is
+    named with the sub-test it failed."""
     counts = table["verdict"].value_counts()
     supported = [str(i) for i, v in table["verdict"].items() if v == "supported"]
     not_supported = [str(i) for i, v in table["verdict"].items() if v == "not supported"]
@@ -720,6 +722,10 @@ def claim_verdicts(table) -> str:
     text += (f", {int(counts.get('not supported', 0))} not supported"
              + (f" ({', '.join(not_supported)})" if not_supported else ""))
     text += f" and {int(counts.get('not testable', 0))} not testable on this model."
+    if "decided_by" in table.columns:
+        for i, v in table["verdict"].items():
+            if v == "not supported":
+                text += f" Claim {i} fails: {str(table.loc[i, 'decided_by']).removeprefix('failed: ')}."
     return text
 
 
