@@ -160,6 +160,11 @@ def _fmt_ci(ci: stats.BootstrapCI | tuple[float, float]) -> str:
     return f"[{low:.3g}, {high:.3g}]"
 
 
+def _fmt_pct_ci(ci: stats.BootstrapCI | tuple[float, float]) -> str:
+    low, high = (ci.lower, ci.upper) if hasattr(ci, "lower") else ci
+    return f"[{low:.1%}, {high:.1%}]"
+
+
 def _is_gpt2(model_name: str | None) -> bool:
     return model_name is not None and str(model_name).strip().lower() in GPT2_NAMES
 
@@ -241,7 +246,7 @@ def claim1_temperature_scaling(val, test, claimed_reduction: float = 0.15, rare_
               "'edge cases' not tested")
     return _result(1, "relative ECE reduction on test", claimed_reduction, reduction.estimate, _ci_tuple(reduction),
                    verdict, reason, subtests=_subtests(
-                       (f"ECE reduction {reduction.estimate:.1%} {_fmt_ci(reduction)} >= {claimed_reduction:.0%} with "
+                       (f"ECE reduction {reduction.estimate:.1%} {_fmt_pct_ci(reduction)} >= {claimed_reduction:.0%} with "
                         "interval above 0", reduces),
                        (f"rare-class over-confidence gap {rare_gap.estimate:+.3f} {_fmt_ci(rare_gap)} above 0", rare_worse)),
                    temperature=scaler.temperature_, rare_gap_difference=rare_gap.estimate,
@@ -292,7 +297,7 @@ def claim2_selective_prediction(confidence, correct, groups, abstain: float = 0.
               f"{'meets' if supported else 'does not meet'} {claimed:.0%} with CI above 0")
     return _result(2, "relative error reduction at 88% coverage", claimed, ci.estimate, _ci_tuple(ci),
                    SUPPORTED if supported else NOT_SUPPORTED, reason, subtests=_subtests(
-                       (f"error reduction {ci.estimate:.1%} {_fmt_ci(ci)} >= {claimed:.0%} with interval above 0",
+                       (f"error reduction {ci.estimate:.1%} {_fmt_pct_ci(ci)} >= {claimed:.0%} with interval above 0",
                         supported)), accuracy_retained=accuracy_kept,
                    error_all=error_all, error_retained=1 - accuracy_kept, claimed_accuracy_retained=0.92)
 
@@ -551,7 +556,7 @@ def claim5_few_heads(clean_loss, top_loss, all_loss, groups=None, null_fractions
                       f" >= alpha {alpha}: the top set must beat every other set instead)" if floor else ""))
     reason = (f"top {k} of {n_heads_total} heads carry {ci.estimate:.1%} {_fmt_ci(ci)} of the loss increase from "
               f"ablating every head (claimed {claimed:.0%})" + (f"; {random_test}" if random_test else ""))
-    tests = [(f"share {ci.estimate:.1%} {_fmt_ci(ci)} >= {claimed:.0%} with interval above 0",
+    tests = [(f"share {ci.estimate:.1%} {_fmt_pct_ci(ci)} >= {claimed:.0%} with interval above 0",
               ci.estimate >= claimed and ci.lower > 0)]
     if null_fractions is not None:
         tests.append((f"beats random {k}-head sets (p = {p_value:.3f}"
@@ -741,7 +746,7 @@ def claim7_position_probe(profile: pd.DataFrame, correct, groups, n_layers: int,
               f"{max_transfer_gap:.0%})" + tested)
     return _result(7, "best-stream position-probe accuracy", claimed, ci.estimate, _ci_tuple(ci), verdict, reason,
                    subtests=_subtests(
-                       (f"accuracy {ci.estimate:.1%} {_fmt_ci(ci)} > {claimed:.0%} (lower bound above control "
+                       (f"accuracy {ci.estimate:.1%} {_fmt_pct_ci(ci)} > {claimed:.0%} (lower bound above control "
                         f"{control:.1%})", accurate),
                        (f"best stream intermediate (stream {best_layer} of 0..{n_layers}"
                         + (", tested" if tested else "") + ")", intermediate),
