@@ -688,12 +688,18 @@ def taxonomy_stability(frame) -> str:
     return text + "."
 
 
-def text_vs_behaviour(ari: float, disagreements) -> str:
+def text_vs_behaviour(ari: float, disagreements, n_units: int | None = None) -> str:
+    """``ari``: adjusted Rand index of text vs behaviour families over ``n_units`` clustered units
+    (below :data:`MIN_UNITS` the sentence says too few units to say)."""
     n = len(disagreements) if disagreements is not None else 0
     if not _finite(ari):
         return "Text and behaviour families could not be compared (too few clustered units)."
+    over = f" over {n_units} clustered units" if n_units is not None else ""
+    if n_units is not None and n_units < MIN_UNITS:
+        return (f"Families from the explanations' text and from attention statistics: ARI {ari:.2f}{over}, too few "
+                f"units to say how well they agree (that needs {MIN_UNITS}); {n} unit(s) sit in different families.")
     verdict = ("agree closely" if ari >= 0.8 else "agree partly" if ari >= 0.3 else "barely agree")
-    return (f"Families from the explanations' text and from attention statistics {verdict} (ARI {ari:.2f}); "
+    return (f"Families from the explanations' text and from attention statistics {verdict} (ARI {ari:.2f}{over}); "
             f"{n} unit(s) sit in different families.")
 
 

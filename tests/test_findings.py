@@ -227,6 +227,9 @@ def test_explainer_and_taxonomy_sentences():
     text = findings.taxonomy_stability(stable)
     assert "ranges 0-2" in text and "sensitive" in text and "1 configuration(s) find no family" in text
     assert "agree closely (ARI 0.90); 1 unit(s)" in findings.text_vs_behaviour(0.9, [1])
+    assert "agree closely (ARI 0.90 over 12 clustered units)" in findings.text_vs_behaviour(0.9, [1], n_units=12)
+    few = findings.text_vs_behaviour(0.48, [1, 2], n_units=5)
+    assert "ARI 0.48 over 5 clustered units, too few units to say" in few and "agree partly" not in few
 
 
 # ------------------------------------------------------------------------------------------------
