@@ -169,9 +169,16 @@ def reconcile(by_notebook: Mapping[str, Mapping[str, float]]) -> list[str]:
             if all(math.isfinite(v.get(k, math.nan)) for k in ("n_prompts", "prompt_tokens")):
                 return f"{v['n_prompts']:.0f} prompts of {v['prompt_tokens']:.0f} tokens"
             return "prompt count not recorded by this run"
-        out.append(f"Logit difference of the task: 03 measures {lens['logit_diff']:.2f} ({size(lens)}), 04 "
-                   f"{patch['clean_logit_diff']:.2f} on its clean prompts ({size(patch)}): different prompt sets "
-                   "(04's work size shrinks with 'auto' on a CPU), so the two numbers differ.")
+        a, b = lens["logit_diff"], patch["clean_logit_diff"]
+        if f"{a:.2f}" == f"{b:.2f}" and size(lens) == size(patch):
+            out.append(f"Logit difference of the task: 03 and 04 both measure {a:.2f} ({size(lens)}).")
+        else:
+            known = "not recorded" not in size(lens) + size(patch)
+            why = ("different prompt sets (04's work size shrinks with 'auto' on a CPU)" if known and
+                   size(lens) != size(patch) else "the prompt sets differ" if known else
+                   "the prompt sets may differ (their sizes are not all recorded)")
+            out.append(f"Logit difference of the task: 03 measures {a:.2f} ({size(lens)}), 04 {b:.2f} on its clean "
+                       f"prompts ({size(patch)}): {why}, so the two numbers differ.")
     return out
 
 

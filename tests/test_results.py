@@ -102,4 +102,8 @@ def test_page_says_what_the_numbers_say_smollm2_metrics(tmp_path):
     _record(tmp_path / "b", 0, "09_claims", {"claim1_measured": 0.2, "claim1_ci_low": 0.1, "claim1_ci_high": 0.4})
     other = R.results_page(tmp_path / "b")
     assert "first becomes the lens' top prediction after layer 2 of 2" in other and "never" not in other
+    _record(tmp_path / "c", 0, "03_logit_lens_and_dla", {"logit_diff": 12.59, "n_prompts": 16, "prompt_tokens": 41})
+    _record(tmp_path / "c", 0, "04_activation_patching", {"clean_logit_diff": 12.589, "n_prompts": 16,
+                                                          "prompt_tokens": 41})
+    assert "03 and 04 both measure 12.59 (16 prompts of 41 tokens)." in R.results_page(tmp_path / "c")
     assert "01's cut lies inside claim 1's interval" in other
