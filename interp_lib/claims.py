@@ -56,7 +56,7 @@ __all__ = [
     "CLAIMS", "ClaimResult", "FUNCTION_WORDS", "GPT2_NAMES", "PUBLISHED_INDUCTION_HEADS", "VERDICTS",
     "claim1_temperature_scaling", "claim2_selective_prediction", "claim3_depth_specialisation",
     "claim4_named_heads", "claim5_few_heads", "claim6_reproducibility", "claim7_position_probe",
-    "claim8_induction_detection", "claim9_explainer_comparison", "claims_metrics", "function_word_labels",
+    "claim8_induction_detection", "claim9_explainer_comparison", "claims_metrics", "claims_table", "deciding_test", "function_word_labels",
     "head_token_enrichment", "llm_endpoint_configured", "measure_depth_probes", "measure_explainer_comparison",
     "measure_few_heads",
     "measure_position_probe", "measure_reproducibility", "proper_noun_mask", "run_claims", "verdict_table",
@@ -141,6 +141,12 @@ def _result(claim_id: int, metric: str, claimed: float | None, measured: float |
                        ci, verdict, reason, _plain(details))
 
 
+def _subtests(*tests: tuple[str, bool]) -> list[dict[str, Any]]:
+    """The sub-tests a verdict is the conjunction of, each with its numbers in its name and
+    whether it passed (``claims_table`` shows the one that decided)."""
+    return [{"test": name, "passed": bool(passed)} for name, passed in tests]
+
+
 def _not_testable(claim_id: int, metric: str, claimed: float | None, reason: str, **details: Any) -> ClaimResult:
     return _result(claim_id, metric, claimed, None, None, NOT_TESTABLE, reason, **details)
 
@@ -152,6 +158,11 @@ def _ci_tuple(ci: stats.BootstrapCI) -> tuple[float, float]:
 def _fmt_ci(ci: stats.BootstrapCI | tuple[float, float]) -> str:
     low, high = (ci.lower, ci.upper) if hasattr(ci, "lower") else ci
     return f"[{low:.3g}, {high:.3g}]"
+
+
+def _fmt_pct_ci(ci: stats.BootstrapCI | tuple[float, float]) -> str:
+    low, high = (ci.lower, ci.upper) if hasattr(ci, "lower") else ci
+    return f"[{low:.1%}, {high:.1%}]"
 
 
 def _is_gpt2(model_name: str | None) -> bool:
@@ -234,7 +245,11 @@ def claim1_temperature_scaling(val, test, claimed_reduction: float = 0.15, rare_
               f"{rare_gap.estimate:+.3f} {_fmt_ci(rare_gap)} ({'above' if rare_worse else 'not above'} 0); "
               "'edge cases' not tested")
     return _result(1, "relative ECE reduction on test", claimed_reduction, reduction.estimate, _ci_tuple(reduction),
-                   verdict, reason, temperature=scaler.temperature_, rare_gap_difference=rare_gap.estimate,
+                   verdict, reason, subtests=_subtests(
+                       (f"ECE reduction {reduction.estimate:.1%} {_fmt_pct_ci(reduction)} >= {claimed_reduction:.0%} with "
+                        "interval above 0", reduces),
+                       (f"rare-class over-confidence gap {rare_gap.estimate:+.3f} {_fmt_ci(rare_gap)} above 0", rare_worse)),
+                   temperature=scaler.temperature_, rare_gap_difference=rare_gap.estimate,
                    rare_gap_ci=list(_ci_tuple(rare_gap)), n_test=len(test), n_sequences=reduction.n_clusters)
 
 
@@ -281,7 +296,9 @@ def claim2_selective_prediction(confidence, correct, groups, abstain: float = 0.
               f"{claimed_error_before:.0%} -> {claimed_error_after:.0%}); reduction {ci.estimate:.1%} {_fmt_ci(ci)} "
               f"{'meets' if supported else 'does not meet'} {claimed:.0%} with CI above 0")
     return _result(2, "relative error reduction at 88% coverage", claimed, ci.estimate, _ci_tuple(ci),
-                   SUPPORTED if supported else NOT_SUPPORTED, reason, accuracy_retained=accuracy_kept,
+                   SUPPORTED if supported else NOT_SUPPORTED, reason, subtests=_subtests(
+                       (f"error reduction {ci.estimate:.1%} {_fmt_pct_ci(ci)} >= {claimed:.0%} with interval above 0",
+                        supported)), accuracy_retained=accuracy_kept,
                    error_all=error_all, error_retained=1 - accuracy_kept, claimed_accuracy_retained=0.92)
 
 
@@ -358,7 +375,12 @@ def claim3_depth_specialisation(syntax: pd.DataFrame, semantics: pd.DataFrame, n
               f"topic probe peaks at depth {semantic_depth:.2f} (selectivity {semantic_sel:.3f}); needs syntax <= 0.33, "
               f"semantics >= 0.67 and both selectivities >= {min_selectivity}")
     return _result(3, "semantic minus syntactic peak depth", (10 - 2.5) / 12, semantic_depth - syntax_depth, None,
-                   verdict, reason, syntax_peak_depth=syntax_depth, semantic_peak_depth=semantic_depth,
+                   verdict, reason, subtests=_subtests(
+                       (f"both probes beat their control by >= {min_selectivity} (selectivity {syntax_sel:.3f}, "
+                        f"{semantic_sel:.3f})", readable),
+                       (f"syntax peak depth {syntax_depth:.2f} <= 0.33", early),
+                       (f"semantic peak depth {semantic_depth:.2f} >= 0.67", late)),
+                   syntax_peak_depth=syntax_depth, semantic_peak_depth=semantic_depth,
                    syntax_selectivity=syntax_sel, semantic_selectivity=semantic_sel,
                    syntax_profile=syntax["selectivity"].round(4).tolist(),
                    semantic_profile=semantics["selectivity"].round(4).tolist())
@@ -527,12 +549,21 @@ def claim5_few_heads(clean_loss, top_loss, all_loss, groups=None, null_fractions
     beats_random = null_fractions is None or (np.isfinite(p_value) and (
         p_value < alpha or (smallest_p >= alpha and p_value <= smallest_p + 1e-12)))
     supported = ci.estimate >= claimed and ci.lower > 0 and beats_random
+    floor = (smallest_p >= alpha and null_fractions is not None and len(null_fractions) == n_sets)
+    random_test = ("" if null_fractions is None else
+                   f"random {k}-head sets: mean {np.mean(null_fractions):.1%}, p = {p_value:.3f}"
+                   + (f" (with {n_sets} possible {k}-head sets the smallest p possible is 1/{n_sets} = {smallest_p:.3f}"
+                      f" >= alpha {alpha}: the top set must beat every other set instead)" if floor else ""))
     reason = (f"top {k} of {n_heads_total} heads carry {ci.estimate:.1%} {_fmt_ci(ci)} of the loss increase from "
-              f"ablating every head (claimed {claimed:.0%})"
-              + ("" if null_fractions is None else f"; random {k}-head sets: mean {np.mean(null_fractions):.1%}, "
-                                                    f"p = {p_value:.3f}"))
+              f"ablating every head (claimed {claimed:.0%})" + (f"; {random_test}" if random_test else ""))
+    tests = [(f"share {ci.estimate:.1%} {_fmt_pct_ci(ci)} >= {claimed:.0%} with interval above 0",
+              ci.estimate >= claimed and ci.lower > 0)]
+    if null_fractions is not None:
+        tests.append((f"beats random {k}-head sets (p = {p_value:.3f}"
+                      + (f", the smallest possible with {n_sets} sets)" if floor else f" < {alpha})"), beats_random))
     return _result(5, "share of performance carried by the top heads", claimed, ci.estimate, _ci_tuple(ci),
-                   SUPPORTED if supported else NOT_SUPPORTED, reason, k=k, n_heads_total=n_heads_total, p_value=p_value,
+                   SUPPORTED if supported else NOT_SUPPORTED, reason, subtests=_subtests(*tests), k=k,
+                   n_heads_total=n_heads_total, p_value=p_value, smallest_possible_p=smallest_p,
                    null_mean=None if null_fractions is None else float(np.mean(null_fractions)))
 
 
@@ -629,7 +660,8 @@ def claim6_reproducibility(per_run: pd.DataFrame, claimed_cv: float = 0.02, min_
     reason = (f"{len(data)} runs; CV " + ", ".join(f"{name} {cv:.2%}" for name, cv in cvs.items())
               + f"; largest ({worst}) {'below' if supported else 'not below'} {claimed_cv:.0%}")
     return _result(6, metric, claimed_cv, cvs[worst], _ci_tuple(ci), SUPPORTED if supported else NOT_SUPPORTED,
-                   reason, cv=cvs, n_runs=len(data))
+                   reason, subtests=_subtests((f"largest CV ({worst}) {cvs[worst]:.2%} < {claimed_cv:.0%}", supported)),
+                   cv=cvs, n_runs=len(data))
 
 
 def measure_reproducibility(model, pool, n_runs: int = 10, n_windows: int = 16, n_bins: int = 15,
@@ -713,6 +745,12 @@ def claim7_position_probe(profile: pd.DataFrame, correct, groups, n_layers: int,
               f"cross-domain {cross_domain:.1%} vs in-domain {in_domain:.1%} (gap {gap:+.1%}, allowed "
               f"{max_transfer_gap:.0%})" + tested)
     return _result(7, "best-stream position-probe accuracy", claimed, ci.estimate, _ci_tuple(ci), verdict, reason,
+                   subtests=_subtests(
+                       (f"accuracy {ci.estimate:.1%} {_fmt_pct_ci(ci)} > {claimed:.0%} (lower bound above control "
+                        f"{control:.1%})", accurate),
+                       (f"best stream intermediate (stream {best_layer} of 0..{n_layers}"
+                        + (", tested" if tested else "") + ")", intermediate),
+                       (f"cross-domain gap {gap:+.1%} <= {max_transfer_gap:.0%}", transfers)),
                    best_layer=best_layer, control_accuracy=control, in_domain=in_domain, cross_domain=cross_domain,
                    profile=profile["accuracy"].round(4).tolist(), **extra)
 
@@ -820,6 +858,7 @@ def claim8_induction_detection(model_name: str, detected: Sequence, truth: Seque
               + ("" if icl_fraction_removed is None else
                  f"; ablating them removes {icl_fraction_removed:.0%} of the in-context loss drop"))
     extra: dict[str, Any] = {}
+    tests_given = tests is not None
     if tests is not None:
         tested = tests[tests["significant"]]
         significant = [(int(l), int(i)) for l, i in tested[["layer", "index"]].to_numpy()]
@@ -830,7 +869,13 @@ def claim8_induction_detection(model_name: str, detected: Sequence, truth: Seque
                    f"precision {tested_scores['precision']:.2f}, recall {tested_scores['recall']:.2f}")
         extra = {"significant": list(tested["unit"]), "tested_precision": tested_scores["precision"],
                  "tested_recall": tested_scores["recall"]}
+    tests = [("at least one head detected", bool(found)),
+             (f"precision {scores['precision']:.2f} >= {good}", scores["precision"] >= good),
+             (f"recall {scores['recall']:.2f} >= {good}", scores["recall"] >= good)]
+    if tests_given:
+        tests.append(("the FDR-controlled test finds induction heads", bool(extra.get("significant"))))
     return _result(8, metric, good, scores["f1"], None, SUPPORTED if supported else NOT_SUPPORTED, reason,
+                   subtests=_subtests(*tests),
                    precision=scores["precision"], recall=scores["recall"], detected=found,
                    truth_source=source, icl_fraction_removed=icl_fraction_removed, **extra)
 
@@ -899,7 +944,10 @@ def claim9_explainer_comparison(weak_scores: Mapping | None = None, strong_score
     reason = (f"mean score {weak.mean():.3f} -> {strong.mean():.3f}: ratio {ci.estimate:.2f} {_fmt_ci(ci)} (claimed "
               f"{claimed_ratio:.2f}, needs >= {min_ratio} with CI above 1); layer trend Spearman {rho:.2f} "
               f"(p = {p_layer:.3g}); unclustered {unclustered:.0%} (about a third: {unclustered_range})")
-    return _result(9, metric, claimed_ratio, ci.estimate, _ci_tuple(ci), verdict, reason, weak_mean=weak.mean(),
+    return _result(9, metric, claimed_ratio, ci.estimate, _ci_tuple(ci), verdict, reason, subtests=_subtests(
+                       (f"ratio {ci.estimate:.2f} {_fmt_ci(ci)} >= {min_ratio} with interval above 1", doubles),
+                       (f"layer trend Spearman {rho:.2f} > 0 with p = {p_layer:.3g} < {alpha}", later),
+                       (f"unclustered {unclustered:.0%} in {unclustered_range}", third)), weak_mean=weak.mean(),
                    strong_mean=strong.mean(), layer_spearman=rho, layer_p=p_layer, unclustered=unclustered)
 
 
@@ -953,6 +1001,29 @@ def measure_explainer_comparison(model, model_name: str, out: str | Path, explai
 def verdict_table(results: Sequence[ClaimResult]) -> pd.DataFrame:
     """One row per claim: claim, metric, claimed, measured, ci_low, ci_high, verdict, reason."""
     return pd.DataFrame([r.as_row() for r in results]).set_index("claim")
+
+
+def deciding_test(result: ClaimResult) -> str:
+    """The sub-test that decided the verdict: for "not supported" every failing sub-test, for
+    "supported" all of them (each passed), for "not testable" the reason."""
+    tests = result.details.get("subtests") or []
+    if result.verdict == NOT_TESTABLE:
+        return result.reason
+    if result.verdict == NOT_SUPPORTED:
+        failed = [t["test"] for t in tests if not t["passed"]]
+        return "failed: " + "; ".join(failed) if failed else result.reason
+    return "passed: " + "; ".join(t["test"] for t in tests) if tests else result.reason
+
+
+def claims_table(results: Sequence[ClaimResult]) -> pd.DataFrame:
+    """One row per claim with everything a verdict rests on: what is measured, the claimed value,
+    the measured value with its interval, the sub-test that decided, and the verdict."""
+    rows = []
+    for r in results:
+        ci = r.ci or (math.nan, math.nan)
+        rows.append({"claim": r.claim_id, "metric": r.metric, "claimed": _nan(r.claimed), "measured": _nan(r.measured),
+                     "ci_low": ci[0], "ci_high": ci[1], "decided_by": deciding_test(r), "verdict": r.verdict})
+    return pd.DataFrame(rows).set_index("claim")
 
 
 def claims_metrics(results: Sequence[ClaimResult]) -> dict[str, float]:

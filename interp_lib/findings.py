@@ -5,6 +5,17 @@ Each function takes what the section computed and returns a plain sentence; :fun
 it in a notebook as a highlighted line (``text/markdown`` with a ``text/plain`` copy, so it reads
 in Jupyter, Colab, nbconvert HTML and a terminal alike). Nothing here is typed by hand per run:
 every number and every verdict word comes from the inputs.
+
+Each function takes the quantities its verdict needs (estimates with intervals or a paired test,
+n, the direction expected) and picks its wording from them: a sentence that says a thing agrees,
+matters, rises, is within noise or is supported names n and an interval or a p-value; a
+correlation or trend over fewer than :data:`MIN_UNITS` units says "too few units to say"; a
+result against the expected direction (AUROC < 0.5, an interval that crosses 0, a risk bound
+violated on a shift) is said as such, with its number. ``tests/test_findings.py`` checks every
+number a sentence quotes against the inputs.
+
+Standard deviations: one convention across the library, the sample standard deviation
+(ddof = 1; :func:`sample_std`), as ``torch.Tensor.std`` and ``interp_lib.results.aggregate``.
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Finding", "show", "top_predictions", "heldout_loss", "calibration_at_t1", "temperature_scaling",
+__all__ = ["MIN_UNITS", "Finding", "show", "sample_std", "ece_change", "top_predictions", "heldout_loss", "calibration_at_t1", "temperature_scaling",
            "cloze_accuracy", "model_sizes", "risk_coverage", "guaranteed_risk", "abstention", "ensemble",
            "ood_detection", "mixed_stream", "logit_difference", "lens_depth", "top_units",
            "patching_restoration", "attribution_agreement", "joint_ablation", "detection", "icl_ablation",
@@ -38,6 +49,11 @@ class Finding(str):
 def show(text: str) -> Finding:
     """The sentence as a :class:`Finding` (the last expression of a cell displays it)."""
     return Finding(text)
+
+
+MIN_UNITS = 8
+"""Fewest units (heads, models, prompts) a correlation or trend is computed from; below it a
+sentence says "too few units to say"."""
 
 
 def _pct(x: float, digits: int = 1) -> str:
@@ -97,29 +113,47 @@ def calibration_at_t1(report) -> str:
             f"(gap {gap:+.3f}); test ECE {ci.estimate:.4f}, 95% interval [{ci.lower:.4f}, {ci.upper:.4f}].")
 
 
-def temperature_scaling(report) -> str:
-    """What the fitted temperature did on the test split (ECE and NLL before / after, and whether
-    the ECE intervals overlap)."""
+def temperature_scaling(report, n_boot: int = 200, seed: int = 0, alpha: float = 0.05) -> str:
+    """What the fitted temperature did on the test split: the ECE change as a *paired* test (the
+    difference ECE_after - ECE_before on the same resampled test windows, a cluster bootstrap over
+    ``report.test_group``; two intervals that overlap are not a test), and the NLL change."""
     t = report.temperature
     before, after = report.metrics.loc["before"], report.metrics.loc["after"]
-    ci_before, ci_after = report.ece_ci["before"], report.ece_ci["after"]
     if t is None or not _finite(t):
         return "No temperature was fitted (vector scaling or a failed fit): nothing to compare."
-    direction = ("softens an over-confident model" if t > 1.005 else
-                 "sharpens an under-confident model" if t < 0.995 else "leaves the model almost unchanged")
-    change = (float(before.ece) - float(after.ece)) / float(before.ece) if float(before.ece) > 0 else math.nan
-    if float(after.ece) < float(before.ece):
-        ece = f"lowers test ECE {float(before.ece):.4f} -> {float(after.ece):.4f} (a {_pct(change, 0)} cut"
-        ece += ("; the intervals do not overlap)" if ci_after.upper < ci_before.lower
-                else "; the intervals overlap, so the cut is within resampling noise)")
+    direction = ("softens the model (T > 1: it was over-confident)" if t > 1.005 else
+                 "sharpens the model (T < 1: it was under-confident)" if t < 0.995 else "leaves the model almost unchanged")
+    diff = ece_change(report, n_boot=n_boot, seed=seed, alpha=alpha)
+    b, a = float(before.ece), float(after.ece)
+    level = f"{1 - alpha:.0%}"
+    paired = (f"difference {diff.estimate:+.4f}, {level} interval [{diff.lower:+.4f}, {diff.upper:+.4f}], paired "
+              f"bootstrap over {diff.n_clusters} test windows")
+    if diff.upper < 0:
+        ece = f"lowers test ECE {b:.4f} -> {a:.4f} ({paired}: the cut is beyond resampling noise)"
+    elif diff.lower > 0:
+        ece = f"raises test ECE {b:.4f} -> {a:.4f} ({paired}: worse beyond resampling noise)"
     else:
-        ece = (f"does not lower test ECE ({float(before.ece):.4f} -> {float(after.ece):.4f}): the model was "
-               "already calibrated on this text, or the validation split does not transfer")
+        ece = (f"changes test ECE {b:.4f} -> {a:.4f} ({paired}: the interval contains 0, so the change is within "
+               "resampling noise)")
     nll = float(before.nll) - float(after.nll)
     nll_text = (f"test NLL improves by {nll:.4f} nats" if nll > 1e-4 else
                 f"test NLL is unchanged ({float(after.nll):.4f})" if nll > -1e-4 else
                 f"test NLL gets worse by {-nll:.4f} nats")
     return f"T = {t:.3f} {direction}: it {ece}; {nll_text}; the top prediction, hence accuracy, is unchanged."
+
+
+def ece_change(report, n_boot: int = 200, seed: int = 0, alpha: float = 0.05):
+    """The paired test behind :func:`temperature_scaling`: a BootstrapCI of ECE_after - ECE_before
+    (uniform bins, ``report.n_bins``), both evaluated on the same resampled test windows."""
+    import functools
+
+    from .calibration import bootstrap_ci, expected_calibration_error
+
+    ece = functools.partial(expected_calibration_error, n_bins=report.n_bins, strategy="uniform")
+    groups = report.test_group if report.test_group is not None and len(np.unique(report.test_group)) >= 2 else None
+    return bootstrap_ci(lambda before, after, correct: ece(after, correct) - ece(before, correct),
+                        report.test_confidence, report.test_confidence_scaled, report.test_correct,
+                        n_boot=n_boot, alpha=alpha, seed=seed, groups=groups)
 
 
 def cloze_accuracy(accuracy_ci, chance: float, report=None) -> str:
@@ -139,23 +173,64 @@ def cloze_accuracy(accuracy_ci, chance: float, report=None) -> str:
 
 
 def model_sizes(table) -> str:
-    """``table``: ``calibration.compare_models`` (model, n_params, ece, ece_scaled, nll, temperature)."""
+    """``table``: ``calibration.compare_models`` (model, n_params, accuracy, ece, ece_scaled,
+    temperature). Names the lowest ECE after scaling *with its accuracy* (a model that is almost
+    never right can match its confidence to that), and says whether ECE changes with size only
+    from a rank correlation over at least :data:`MIN_UNITS` models."""
     if len(table) == 0:
         return "No model could be compared."
     best = table.loc[table["ece_scaled"].idxmin()]
-    order = table.sort_values("n_params")
-    trend = ""
-    if len(order) >= 3:
-        eces = order["ece"].to_numpy(dtype=float)
-        if all(a >= b for a, b in zip(eces, eces[1:])):
-            trend = " Across these models ECE at T = 1 falls with parameter count."
-        elif all(a <= b for a, b in zip(eces, eces[1:])):
-            trend = " Across these models ECE at T = 1 rises with parameter count."
-        else:
-            trend = " ECE at T = 1 shows no monotone trend with parameter count."
+    text = (f"{len(table)} models: after per-model temperature scaling the lowest test ECE is {best['model']}'s "
+            f"({float(best['ece_scaled']):.4f}")
+    if "accuracy" in table.columns and _finite(best["accuracy"]):
+        text += f", at top-1 accuracy {_pct(float(best['accuracy']))}"
+        least = table.loc[table["accuracy"].astype(float).idxmin()]
+        if len(table) > 1 and least["model"] == best["model"]:
+            text += ", the least accurate model: low ECE there means its confidence matches a low accuracy"
+    text += ")"
     hotter = int((table["temperature"] > 1).sum())
-    return (f"{len(table)} models: after per-model temperature scaling {best['model']} is best calibrated "
-            f"(ECE {float(best['ece_scaled']):.4f}); {hotter} of {len(table)} needed T > 1 (over-confident).{trend}")
+    text += f"; {hotter} of {len(table)} needed T > 1 (over-confident at T = 1)"
+    text += "; " + _rank_trend(table["n_params"], table["ece"], "ECE at T = 1", "parameter count", "models")
+    return text + "."
+
+
+def _rank_trend(x, y, what: str, against: str, units: str) -> str:
+    """'what rises / falls with against' only from a Spearman test over >= MIN_UNITS units."""
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    n = int(keep.sum())
+    if n < MIN_UNITS:
+        return f"with {n} {units}, too few units to say whether {what} changes with {against} (a trend needs {MIN_UNITS})"
+    rho, p = _spearman(x[keep], y[keep])
+    if not _finite(rho):
+        return f"{what} does not vary across the {n} {units}: no trend with {against} to measure"
+    if p < 0.05:
+        way = "rises" if rho > 0 else "falls"
+        return f"{what} {way} with {against} (Spearman {rho:+.2f}, n = {n}, p = {p:.3f})"
+    return f"no trend of {what} with {against} (Spearman {rho:+.2f}, n = {n}, p = {p:.3f})"
+
+
+def _spearman(x, y) -> tuple[float, float]:
+    from scipy import stats
+
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, math.nan
+    result = stats.spearmanr(x, y)
+    return float(result.statistic), float(result.pvalue)
+
+
+def _pearson(x, y) -> tuple[float, float]:
+    from scipy import stats
+
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, math.nan
+    result = stats.pearsonr(x, y)
+    return float(result.statistic), float(result.pvalue)
 
 
 # -------------------------------------------------------------------------------- 02 selective
@@ -208,40 +283,94 @@ def ensemble(table, members: Sequence[str]) -> str:
 
 
 def ood_detection(table) -> str:
-    """``table``: ``selective.ood_detection_table`` (index: score names; column auroc)."""
+    """``table``: ``selective.ood_detection_table`` (index: score names; column auroc). Names the
+    best score, and every score that ranks the wrong way (AUROC < 0.5) with its AUROC."""
     auroc = table["auroc"].astype(float)
     best, worst = auroc.idxmax(), auroc.idxmin()
-    wrong = [name for name, value in auroc.items() if value < 0.5]
-    text = f"The best score tells code from prose with AUROC {auroc[best]:.3f} ({best})"
-    if wrong:
-        text += f"; {', '.join(wrong)} rank{'s' if len(wrong) == 1 else ''} the wrong way (AUROC < 0.5)"
-    elif auroc[worst] < 0.6:
+    wrong = [(name, value) for name, value in auroc.items() if value < 0.5]
+    if auroc[best] < 0.5:
+        text = f"No score tells code from prose the right way: the best, {best}, has AUROC {auroc[best]:.3f} (< 0.5)"
+    else:
+        text = f"The best score tells code from prose with AUROC {auroc[best]:.3f} ({best})"
+    others = [(n, v) for n, v in wrong if n != best]
+    if others:
+        text += ("; " + ", ".join(f"{n} ({v:.3f})" for n, v in others)
+                 + f" rank{'s' if len(others) == 1 else ''} the wrong way (AUROC < 0.5: code looks *more* familiar "
+                   "to them than prose)")
+    elif not wrong and auroc[worst] < 0.6 and worst != best:
         text += f"; {worst} is near chance ({auroc[worst]:.3f})"
     return text + "."
 
 
-def mixed_stream(table) -> str:
+def mixed_stream(table, target_risk: float | None = None, guaranteed: str | None = None) -> str:
     """``table``: ``selective.abstention_table(..., domain=...)`` (name, domain, coverage,
-    accuracy_predicted): what each policy keeps of each domain."""
+    accuracy_predicted): what each policy keeps of each domain. With ``target_risk`` and the name
+    of the policy that carries the risk guarantee (``guaranteed``), every domain on which that
+    policy's error rate on what it keeps exceeds the target is said, with the numbers."""
     domains = list(dict.fromkeys(table["domain"]))
     parts = []
     for name, rows in table.groupby("name", sort=False):
         kept = rows.set_index("domain")["coverage"]
         parts.append(f"{name} {' / '.join(_pct(float(kept.get(d, float('nan'))), 0) for d in domains)}")
-    return f"Kept on {' / '.join(domains)}: " + "; ".join(parts) + "."
+    text = f"Kept on {' / '.join(domains)}: " + "; ".join(parts)
+    if target_risk is not None and guaranteed is not None and "accuracy_predicted" in table.columns:
+        rows = table[table["name"] == guaranteed]
+        broken, held = [], []
+        for _, row in rows.iterrows():
+            risk = 1 - float(row["accuracy_predicted"])
+            if not _finite(risk):
+                continue
+            (broken if risk > target_risk else held).append(
+                f"{row['domain']} (keeps {_pct(float(row['coverage']))} at risk {risk:.3f})")
+        if broken:
+            text += (f"; the {guaranteed} risk bound (target {target_risk:.2f}) is VIOLATED on " + ", ".join(broken)
+                     + ": its guarantee holds only on the distribution it was chosen on")
+        if held:
+            text += f"; it holds on {', '.join(held)}"
+    return text + "."
 
 
 # -------------------------------------------------------------------------------- 03 / 04 circuits
 
 def logit_difference(diffs, what: str = "answer") -> str:
-    """``diffs``: per-prompt logit difference answer - alternative."""
+    """``diffs``: per-prompt logit difference answer - alternative. Mean ± sample standard
+    deviation (ddof = 1, the library's convention) and a Student-t 95% interval of the mean."""
     diffs = np.asarray(diffs, dtype=float)
-    share = float((diffs > 0).mean())
-    verdict = ("the model solves the task" if share >= 0.9 else
-               "the model prefers the answer on most prompts" if share > 0.5 else
-               "the model does not solve the task: later findings explain a behaviour it lacks")
-    return (f"The {what} beats the alternative by {diffs.mean():.2f} ± {diffs.std():.2f} logits and wins on "
-            f"{share:.0%} of {len(diffs)} prompts: {verdict}.")
+    n = len(diffs)
+    wins = int((diffs > 0).sum())
+    share = wins / n if n else math.nan
+    mean, sd = float(diffs.mean()), sample_std(diffs)
+    low, high = _t_interval(diffs)
+    ci = f", 95% interval of the mean [{low:.2f}, {high:.2f}]" if _finite(low) else ""
+    if share >= 0.9 and _finite(low) and low > 0:
+        verdict = "the model solves the task"
+    elif _finite(low) and low > 0:
+        verdict = "the model prefers the answer on average (interval above 0) but not on every prompt"
+    elif _finite(high) and high < 0:
+        verdict = "the model prefers the alternative (interval below 0): later findings explain a behaviour it lacks"
+    else:
+        verdict = ("the interval contains 0: no preference is shown on this many prompts" if _finite(low) else
+                   "too few prompts for an interval")
+    return (f"The {what} beats the alternative by {mean:.2f} ± {sd:.2f} logits (mean ± sample SD, n = {n}{ci}) and "
+            f"wins on {wins} of {n} prompts: {verdict}.")
+
+
+def sample_std(values) -> float:
+    """The library's one standard-deviation convention: the sample standard deviation (ddof = 1),
+    as ``torch.Tensor.std`` and ``results.aggregate`` compute it; NaN below two values."""
+    values = np.asarray(values, dtype=float)
+    return float(values.std(ddof=1)) if len(values) > 1 else math.nan
+
+
+def _t_interval(values, confidence: float = 0.95) -> tuple[float, float]:
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    if n < 2:
+        return math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sample_std(values) / math.sqrt(n)
+    return float(values.mean()) - half, float(values.mean()) + half
 
 
 def lens_depth(depth: float, n_layers: int, before_last: float, final: float) -> str:
@@ -258,19 +387,23 @@ def lens_depth(depth: float, n_layers: int, before_last: float, final: float) ->
 
 
 def top_units(frame, value: str, label: str = "unit", k: int = 3, total: float | None = None,
-              known: Sequence[str] | None = None, role: str = "") -> str:
-    """The ``k`` rows of ``frame`` with the largest |value|: who they are, what share of ``total``
-    they carry, and their overlap with ``known`` units of a ``role``."""
-    top = frame.reindex(frame[value].abs().sort_values(ascending=False).index).head(k)
+              known: Sequence[str] | None = None, role: str = "", rank: str = "abs") -> str:
+    """The ``k`` rows of ``frame`` with the largest |value| (``rank="abs"``) or the largest value
+    (``rank="signed"``: the order a notebook's own "top-k" print uses): who they are, what share of
+    ``total`` they carry, and their overlap with ``known`` units of a ``role``."""
+    if rank not in ("abs", "signed"):
+        raise ValueError(f"rank={rank!r}: expected 'abs' or 'signed'")
+    key = frame[value].abs() if rank == "abs" else frame[value]
+    top = frame.reindex(key.sort_values(ascending=False).index).head(k)
     names = ", ".join(f"{row[label]} ({float(row[value]):+.2f})" for _, row in top.iterrows())
-    text = f"The top {len(top)} by |{value}| are {names}"
+    text = f"The top {len(top)} by {'|' + value + '|' if rank == 'abs' else value} are {names}"
     if total is not None and _finite(total) and abs(total) > 1e-9:
         text += f", together {float(top[value].sum()) / total:.0%} of the total {total:.2f}"
     if known is not None:
         known = set(known)
         hits = [n for n in top[label] if n in known]
-        text += (f"; {len(hits)} of them {'is' if len(hits) == 1 else 'are'} known {role} heads" if known
-                 else f"; no {role} heads are on record for this model to compare with")
+        text += (f"; {len(hits)} of them {'is a' if len(hits) == 1 else 'are'} known {role} head{'' if len(hits) == 1 else 's'}"
+                 if known else f"; no {role} heads are on record for this model to compare with (overlap n/a)")
     return text + "."
 
 
@@ -286,12 +419,50 @@ def patching_restoration(value: float, where: str) -> str:
     return f"Patching {where} {grade} ({value:.2f} of the clean logit difference, normalised)."
 
 
-def attribution_agreement(spearman: float, sign: float) -> str:
-    quality = ("a reliable stand-in" if spearman > 0.8 and sign > 0.9 else
-               "a usable first pass, to be confirmed exactly" if spearman > 0.5 else
-               "not a reliable stand-in here")
-    return (f"Attribution patching ranks heads like exact patching with Spearman {spearman:.2f} and agrees on the "
-            f"sign of {sign:.0%} of head x position cells: {quality}.")
+def attribution_agreement(exact, estimate, sign: float | None = None, k: int = 3) -> str:
+    """``exact`` / ``estimate``: per-head exact (activation) patching effects and attribution
+    patching estimates, as Series indexed by head label (same labels). ``sign``: the sign
+    agreement per head and position. The verdict is a conclusion of the numbers quoted: Pearson
+    and Spearman over the n heads (with p; "too few units to say" below :data:`MIN_UNITS`), the
+    estimate of the head with the largest exact effect, and whether both name the same top-k."""
+    import pandas as pd
+
+    exact = pd.Series(exact, dtype=float)
+    estimate = pd.Series(estimate, dtype=float).reindex(exact.index)
+    n = len(exact)
+    r, p_r = _pearson(exact, estimate)
+    rho, p_rho = _spearman(exact, estimate)
+    largest = exact.abs().idxmax()
+    k = min(k, n)
+    top_exact = list(exact.sort_values(ascending=False).index[:k])
+    top_estimate = list(estimate.sort_values(ascending=False).index[:k])
+    same = len(set(top_exact) & set(top_estimate))
+    if n < MIN_UNITS:
+        correlation = f"with {n} heads, too few units to say how well the rankings agree"
+    else:
+        correlation = (f"over {n} heads Pearson r = {r:.2f} (p = {p_r:.2g}), Spearman {rho:.2f} (p = {p_rho:.2g})")
+    text = (f"Attribution against exact patching: {correlation}; the head with the largest exact effect, {largest} "
+            f"({float(exact[largest]):+.3f}), is estimated at {float(estimate[largest]):+.3f}; top {k} by exact "
+            f"patching {', '.join(top_exact)} vs by attribution {', '.join(top_estimate)} ({same} of {k} shared)")
+    if sign is not None and _finite(sign):
+        text += f"; signs agree on {_pct(float(sign), 0)} of head x position cells"
+    captured = (np.sign(exact[largest]) == np.sign(estimate[largest])
+                and abs(float(estimate[largest])) >= 0.5 * abs(float(exact[largest])))
+    good = n >= MIN_UNITS and _finite(rho) and rho >= 0.8 and _finite(r) and r >= 0.8 and same == k and captured
+    if good:
+        verdict = "attribution patching is a usable stand-in for exact patching here"
+    else:
+        reasons = []
+        if n >= MIN_UNITS and (not _finite(rho) or rho < 0.8 or not _finite(r) or r < 0.8):
+            reasons.append("a correlation below 0.8")
+        if not captured:
+            reasons.append(f"it misses the largest effect ({largest})")
+        if same < k:
+            reasons.append(f"the top {k} differ")
+        if n < MIN_UNITS:
+            reasons.append("too few heads")
+        verdict = "not a stand-in here (" + ", ".join(reasons) + "): confirm with exact patching"
+    return text + f": {verdict}."
 
 
 def joint_ablation(together: float, alone: Mapping[str, float], method: str) -> str:
@@ -343,21 +514,39 @@ def position_probes(accuracy: Sequence[float], streams: Sequence[str], chance: f
 
 
 def head_classes(labels: Sequence[str]) -> str:
+    """``labels``: each head's class (position / hybrid / content). The sentence reports the counts
+    and says which class is most common; nothing beyond the counts."""
     labels = list(labels)
-    counts = {name: labels.count(name) for name in ("position", "hybrid", "content")}
+    names = ("position", "hybrid", "content")
+    counts = {name: labels.count(name) for name in names}
+    other = len(labels) - sum(counts.values())
+    text = (f"{counts['position']} position, {counts['hybrid']} hybrid and {counts['content']} content heads among "
+            f"{len(labels)}" + (f" ({other} unclassified)" if other else ""))
+    if not labels:
+        return "No head was classified."
+    top = max(names, key=lambda n: counts[n])
+    tied = [n for n in names if counts[n] == counts[top]]
+    meaning = {"position": "attend by where tokens are", "hybrid": "mix where tokens are with what they are",
+               "content": "attend by what tokens are, not where they are"}
+    if len(tied) > 1:
+        text += f": {' and '.join(tied)} heads are equally common ({counts[top]} each)"
+    else:
+        text += f": most heads ({counts[top]} of {len(labels)}) {meaning[top]}"
     if counts["position"] == 0:
-        return (f"No position heads found among {len(labels)} heads ({counts['hybrid']} hybrid, {counts['content']} "
-                "content): attention here follows what tokens are, not where they are.")
-    return (f"{counts['position']} position, {counts['hybrid']} hybrid and {counts['content']} content heads "
-            f"among {len(labels)}.")
+        text += "; none attends by position alone"
+    return text + "."
 
 
 def ablation_importance(frame, value: str = "drop", label: str = "unit", floor: float = 0.02) -> str:
+    """The head whose ablation drops probe accuracy most, against a fixed ``floor`` (the sentence
+    says the floor; it makes no claim about noise it did not measure)."""
     top = frame.loc[frame[value].idxmax()]
+    n = len(frame)
     if float(top[value]) < floor:
-        return (f"No single head matters to the probe: the largest accuracy drop is {float(top[value]):.3f} "
-                f"({top[label]}), within noise.")
-    return f"{top[label]} matters most to the probe: ablating it drops accuracy by {float(top[value]):.3f}."
+        return (f"No single head's ablation drops probe accuracy by {floor:.2f} or more: the largest drop of {n} "
+                f"heads is {float(top[value]):.3f} ({top[label]}).")
+    return (f"{top[label]} matters most to the probe of {n} heads ablated one at a time: ablating it drops accuracy by "
+            f"{float(top[value]):.3f} (at least the {floor:.2f} floor).")
 
 
 def integrated_gradients_check(error: float, output: float, baseline: float) -> str:
@@ -388,7 +577,9 @@ def known_heads_named(named: Mapping[str, Sequence[bool]]) -> str:
 
 
 def explainer_run(frame) -> str:
-    """``frame``: ``explain.report.records_frame`` (unit, explanation, primary_score, causal_effect)."""
+    """``frame``: ``explain.report.records_frame`` (unit, explanation, primary_score, causal_effect).
+    Whether score and causal effect go together is said only from a Spearman test over at least
+    :data:`MIN_UNITS` units, with n and p."""
     n = len(frame)
     explained = int(frame["explanation"].notna().sum())
     text = f"{explained} of {n} {'units' if frame['kind'].nunique() > 1 else frame['kind'].iloc[0] + 's'} explained"
@@ -400,29 +591,69 @@ def explainer_run(frame) -> str:
                     else ", none negative"))
     causal = frame[["unit", "causal_effect"]].dropna()
     if len(causal):
+        if (causal["causal_effect"].abs() == 0).all():
+            text += (f"; ablating any of the {len(causal)} units at its top events changes the loss by exactly 0: "
+                     "they have no causal effect to check the explanations against")
+            return text + "."
         top = causal.loc[causal["causal_effect"].abs().idxmax()]
         text += f"; ablating {top['unit']} changes the loss at its top events most ({float(top['causal_effect']):+.3f} nats)"
         both = frame[["primary_score", "causal_effect"]].dropna()
-        if len(both) >= 4 and both["primary_score"].std() > 0 and both["causal_effect"].std() > 0:
-            rho = float(both["primary_score"].corr(both["causal_effect"], method="spearman"))
-            text += (f"; score and causal effect correlate with Spearman {rho:.2f} "
-                     + ("(well-explained units are the ones the model uses)" if rho > 0.3 else
-                        "(a good explanation does not mean the unit matters)"))
+        m = len(both)
+        if m < MIN_UNITS:
+            text += (f"; with {m} scored units, too few units to say whether score and causal effect go together "
+                     f"(that needs {MIN_UNITS})")
+        else:
+            rho, p = _spearman(both["primary_score"], both["causal_effect"])
+            if not _finite(rho):
+                text += f"; score or causal effect is constant over the {m} units: no correlation to measure"
+            elif p < 0.05:
+                text += (f"; score and causal effect correlate (Spearman {rho:+.2f}, n = {m}, p = {p:.3f}): "
+                         + ("better-explained units are the ones the model uses more" if rho > 0 else
+                            "better-explained units matter less to the loss"))
+            else:
+                text += (f"; no evidence that score and causal effect go together (Spearman {rho:+.2f}, n = {m}, "
+                         f"p = {p:.2f})")
     return text + "."
 
 
-def heads_vs_neurons(summary_frame) -> str:
-    """``summary_frame``: per kind (``kind`` index or column): units, explained, mean_score, mean_abs_causal."""
-    frame = summary_frame.reset_index() if "kind" not in summary_frame.columns else summary_frame
-    rows = {row["kind"]: row for _, row in frame.iterrows()}
-    if not {"head", "neuron"} <= set(rows):
+def heads_vs_neurons(frame) -> str:
+    """``frame``: ``explain.report.records_frame`` of heads and neurons together (kind, explanation,
+    primary_score, causal_effect). "matters more" is said only from a two-sided Mann-Whitney test
+    of |causal effect| between the kinds (with both n and p); a kind whose effects are all exactly
+    0 is said as such (nothing to compare)."""
+    from scipy import stats
+
+    if "kind" not in frame.columns:
+        frame = frame.reset_index()
+    kinds = set(frame["kind"])
+    if not {"head", "neuron"} <= kinds:
         return "Only one kind of unit was explained: nothing to compare."
-    h, n = rows["head"], rows["neuron"]
-    more = "heads" if float(h["mean_abs_causal"]) > float(n["mean_abs_causal"]) else "neurons"
-    return (f"Heads: {int(h['explained'])}/{int(h['units'])} explained, mean score {float(h['mean_score']):.2f}, "
-            f"mean |causal effect| {float(h['mean_abs_causal']):.3f} nats; neurons: {int(n['explained'])}/"
-            f"{int(n['units'])}, {float(n['mean_score']):.2f}, {float(n['mean_abs_causal']):.3f}: single {more} "
-            "matter more to the loss at their own events on this model.")
+    parts, effects = [], {}
+    for kind in ("head", "neuron"):
+        rows = frame[frame["kind"] == kind]
+        effect = rows["causal_effect"].dropna().abs().to_numpy(dtype=float)
+        effects[kind] = effect
+        score = rows["primary_score"].dropna()
+        parts.append(f"{kind}s: {int(rows['explanation'].notna().sum())}/{len(rows)} explained"
+                     + (f", mean score {float(score.mean()):.2f}" if len(score) else "")
+                     + (f", mean |causal effect| {float(effect.mean()):.3f} nats" if len(effect) else ""))
+    text = "; ".join(parts)
+    zero = [k for k, e in effects.items() if len(e) and (e == 0).all()]
+    if zero:
+        return (text + f"; every {' and '.join(zero)} ablation changes the loss by exactly 0 "
+                f"(n = {', '.join(str(len(effects[k])) for k in zero)}): "
+                "those units do nothing to the loss here, so their explanations cannot be checked causally and no "
+                "comparison is made.")
+    h, m = effects["head"], effects["neuron"]
+    if len(h) < 2 or len(m) < 2:
+        return text + f"; too few causal checks (heads {len(h)}, neurons {len(m)}) to compare."
+    p = float(stats.mannwhitneyu(h, m, alternative="two-sided").pvalue)
+    if p < 0.05:
+        more = "heads" if np.median(h) > np.median(m) else "neurons"
+        return (text + f": single {more} matter more to the loss at their own events (Mann-Whitney on |causal "
+                f"effect|, n = {len(h)} heads and {len(m)} neurons, p = {p:.3f}).")
+    return (text + f": no difference in |causal effect| between heads and neurons is shown (Mann-Whitney, "
+            f"n = {len(h)} heads and {len(m)} neurons, p = {p:.2f}).")
 
 
 def families(metrics: Mapping[str, Any], table) -> str:
@@ -457,12 +688,18 @@ def taxonomy_stability(frame) -> str:
     return text + "."
 
 
-def text_vs_behaviour(ari: float, disagreements) -> str:
+def text_vs_behaviour(ari: float, disagreements, n_units: int | None = None) -> str:
+    """``ari``: adjusted Rand index of text vs behaviour families over ``n_units`` clustered units
+    (below :data:`MIN_UNITS` the sentence says too few units to say)."""
     n = len(disagreements) if disagreements is not None else 0
     if not _finite(ari):
         return "Text and behaviour families could not be compared (too few clustered units)."
+    over = f" over {n_units} clustered units" if n_units is not None else ""
+    if n_units is not None and n_units < MIN_UNITS:
+        return (f"Families from the explanations' text and from attention statistics: ARI {ari:.2f}{over}, too few "
+                f"units to say how well they agree (that needs {MIN_UNITS}); {n} unit(s) sit in different families.")
     verdict = ("agree closely" if ari >= 0.8 else "agree partly" if ari >= 0.3 else "barely agree")
-    return (f"Families from the explanations' text and from attention statistics {verdict} (ARI {ari:.2f}); "
+    return (f"Families from the explanations' text and from attention statistics {verdict} (ARI {ari:.2f}{over}); "
             f"{n} unit(s) sit in different families.")
 
 
@@ -480,7 +717,9 @@ def interval_widths(ratio: float) -> str:
 
 
 def claim_verdicts(table) -> str:
-    """``table``: ``claims.verdict_table`` (index: claim number; column verdict)."""
+    """``table``: ``claims.claims_table`` (index: claim number; columns verdict, and decided_by:
+    the sub-test that decided) or ``claims.verdict_table``. Each claim that is not supported is
+    named with the sub-test it failed."""
     counts = table["verdict"].value_counts()
     supported = [str(i) for i, v in table["verdict"].items() if v == "supported"]
     not_supported = [str(i) for i, v in table["verdict"].items() if v == "not supported"]
@@ -489,6 +728,10 @@ def claim_verdicts(table) -> str:
     text += (f", {int(counts.get('not supported', 0))} not supported"
              + (f" ({', '.join(not_supported)})" if not_supported else ""))
     text += f" and {int(counts.get('not testable', 0))} not testable on this model."
+    if "decided_by" in table.columns:
+        for i, v in table["verdict"].items():
+            if v == "not supported":
+                text += f" Claim {i} fails: {str(table.loc[i, 'decided_by']).removeprefix('failed: ')}."
     return text
 
 

@@ -20,7 +20,28 @@ from .models import BUNDLED_MODELS
 from .runtime import COLAB_MODEL, DRIVE_MOUNT, in_colab, resolve_model_name, resolve_output_dir
 
 __all__ = ["setup", "resolve_model_name", "resolve_output_dir", "mount_drive", "set_plotly_renderer",
-           "record_environment", "work_size", "COLAB_MODEL", "DRIVE_MOUNT"]
+           "record_environment", "work_size", "quiet_third_party_warnings", "THIRD_PARTY_WARNING_MODULES",
+           "COLAB_MODEL", "DRIVE_MOUNT"]
+
+# packages whose UserWarnings (deprecations, n_jobs overrides, tokenizer notices) clutter the
+# notebooks without telling the reader anything about the results
+THIRD_PARTY_WARNING_MODULES = ("umap", "pynndescent", "sklearn", "hdbscan", "sentence_transformers", "transformers",
+                               "torch", "numba", "huggingface_hub", "transformer_lens", "plotly")
+
+
+def quiet_third_party_warnings(modules=THIRD_PARTY_WARNING_MODULES) -> str:
+    """Ignore ``UserWarning`` issued from the named third-party packages only (matched on the
+    warning's module, e.g. ``umap.umap_``); interp_lib's own warnings (``EnvironmentWarning``,
+    ``IGConvergenceWarning``, ...) and every other package's stay visible. Returns the module
+    pattern used."""
+    import re
+    import warnings
+
+    if isinstance(modules, str) or not modules or not all(isinstance(m, str) and m for m in modules):
+        raise ValueError(f"modules={modules!r}: expected a non-empty sequence of package names")
+    pattern = r"(?:" + "|".join(re.escape(m) for m in modules) + r")(?:\.|$)"
+    warnings.filterwarnings("ignore", category=UserWarning, module=pattern)
+    return pattern
 
 
 def mount_drive() -> bool:

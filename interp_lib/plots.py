@@ -572,3 +572,47 @@ def causal_trace_heatmap(trace, tokens, title: str | None = None):
                                       f"corrupted p = {trace.corrupted_prob:.3f} (* = noised)"),
                       xaxis_title="restored stream", yaxis_title="position: token", height=max(320, 22 * len(labels) + 120), width=560)
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Claims under test (interp_lib.claims)
+# --------------------------------------------------------------------------------------------
+
+def claims_forest(table, title: str | None = None):
+    """Forest plot of ``claims.claims_table``: per claim (one row each) the measured value with its
+    interval (a bar where there is one), and the claimed value as an open diamond; the colour is
+    the verdict. Claims measured in different units share the axis: read each row against its
+    own claimed value. Claims with nothing measured are left out (named in the title)."""
+    import math
+
+    import plotly.graph_objects as go
+
+    colours = {"supported": "#2ca02c", "not supported": "#d62728", "not testable": "#7f7f7f"}
+    rows = table.reset_index()
+    shown = rows[rows["measured"].map(lambda v: v is not None and math.isfinite(float(v)))]
+    missing = [str(c) for c in rows.loc[~rows.index.isin(shown.index), "claim"]]
+    labels = [f"{int(r.claim)}. {r.metric}"[:60] for r in shown.itertuples()]
+    traces = []
+    for verdict, colour in colours.items():
+        part = shown[shown["verdict"] == verdict]
+        if part.empty:
+            continue
+        low = (part["measured"] - part["ci_low"]).where(part["ci_low"].notna(), 0.0)
+        high = (part["ci_high"] - part["measured"]).where(part["ci_high"].notna(), 0.0)
+        traces.append(go.Scatter(
+            x=part["measured"].tolist(), y=[labels[list(shown.index).index(i)] for i in part.index], mode="markers",
+            name=f"measured ({verdict})", marker=dict(color=colour, size=10),
+            error_x=dict(type="data", symmetric=False, array=high.tolist(), arrayminus=low.tolist(), color=colour),
+            hovertemplate="%{y}<br>measured %{x:.3f}<extra></extra>"))
+    claimed = shown[shown["claimed"].map(lambda v: v is not None and math.isfinite(float(v)))]
+    traces.append(go.Scatter(
+        x=claimed["claimed"].tolist(), y=[labels[list(shown.index).index(i)] for i in claimed.index], mode="markers",
+        name="claimed", marker=dict(symbol="diamond-open", color="black", size=12),
+        hovertemplate="%{y}<br>claimed %{x:.3f}<extra></extra>"))
+    fig = go.Figure(traces)
+    fig.update_layout(
+        title=title or ("Claims: measured (95% interval) vs claimed"
+                        + (f"; nothing measured for claim {', '.join(missing)}" if missing else "")),
+        xaxis_title="value (each row in its claim's own unit)", yaxis=dict(autorange="reversed"),
+        height=max(260, 60 + 48 * len(shown)), width=_width(FIGURE_WIDTH))
+    return fig

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 # notebook -> (section title, sentences). A sentence is a format string over the notebook's
 # metric names; it appears only when all of its metrics were recorded. A tuple holds variants,
-# fullest first: the first whose metrics are all there is used.
+# fullest first: the first whose metrics are all there is used. A callable takes the values and
+# returns the sentence (or None), for wording that depends on the numbers.
 HEADLINES: dict[str, tuple[str, Sequence[str | tuple[str, ...]]]] = {
     "00_tour": ("Language modelling", [
         "Held-out loss {heldout_loss:.3f} nats per token; the top prediction is the next token "
@@ -47,26 +48,31 @@ HEADLINES: dict[str, tuple[str, Sequence[str | tuple[str, ...]]]] = {
         "temperature scaling {aurc_after:.4f}.",
         "The guaranteed-risk threshold (risk at most {sgr_bound:.2f}) keeps {sgr_coverage_test:.1%} "
         "of the test predictions, whose error rate is {sgr_risk_test:.3f}.",
-        "Telling out-of-distribution text apart (AUROC; 0.5 is chance, below 0.5 the score ranks "
-        "the wrong way): max-probability {ood_auroc_msp:.3f}, energy {ood_auroc_energy:.3f}, "
-        "Mahalanobis {ood_auroc_mahalanobis:.3f}.",
+        lambda v: _ood_sentence(v),
     ]),
     "03_logit_lens_and_dla": ("Logit lens and direct logit attribution", [
         ("Logit lens: the answer first becomes the lens' top prediction after layer "
         "{lens_answer_layer:.0f} of {lens_layers:.0f}; its probability is "
         "{lens_before_last_target_prob:.3g} before the last layer and {lens_final_target_prob:.3g} "
         "after it.",
-         "Logit lens: the answer's probability is {lens_before_last_target_prob:.3g} before the last "
-         "layer and {lens_final_target_prob:.3g} after it."),
-        "The answer beats the alternative by {logit_diff:.2f} logits ({answer_preferred:.0%} of "
-        "prompts); DLA parts sum to it within {dla_sum_error:.1e}.",
+         # lens_answer_layer is recorded only when finite: absent = never the top prediction
+         "Logit lens: the answer never becomes the lens' top prediction at any of the {lens_layers:.0f} "
+         "layers; its probability is {lens_before_last_target_prob:.3g} before the last layer and "
+         "{lens_final_target_prob:.3g} after it."),
+        ("The answer beats the alternative by {logit_diff:.2f} logits ({answer_preferred:.0%} of "
+         "{n_prompts:.0f} prompts of {prompt_tokens:.0f} tokens); DLA parts sum to it within {dla_sum_error:.1e}.",
+         "The answer beats the alternative by {logit_diff:.2f} logits ({answer_preferred:.0%} of "
+         "prompts); DLA parts sum to it within {dla_sum_error:.1e}."),
     ]),
     "04_activation_patching": ("Activation patching", [
         "Clean logit difference {clean_logit_diff:.2f}, corrupted {corrupted_logit_diff:.2f}; "
         "the best single residual-stream patch restores {resid_patch_max:.2f} of it and the last "
         "attention layer {last_attn_layer_patch:.2f}.",
-        "Attribution patching agrees with exact patching: Spearman {patching_agreement_spearman:.2f} "
-        "per head, sign agreement {patching_sign_agreement:.0%} per head and position.",
+        lambda v: _work_size_sentence("04", v),
+        "Attribution against exact patching: Spearman {patching_agreement_spearman:.2f} per head, "
+        "Pearson r {patching_agreement_r:.2f} per head and position, signs agree on "
+        "{patching_sign_agreement:.0%} of head x position cells (the notebook's finding says whether "
+        "that makes it a stand-in).",
         "Ablating the top heads together leaves {ablated_metric:.2f} of the clean behaviour.",
     ]),
     "05_induction_and_qk": ("Induction heads", [
@@ -102,6 +108,78 @@ HEADLINES: dict[str, tuple[str, Sequence[str | tuple[str, ...]]]] = {
         "clusterings agree with ARI {text_vs_behaviour_ari:.2f}.",
     ]),
 }
+
+
+def _ood_sentence(values: Mapping[str, float]) -> str | None:
+    """Every recorded OOD score's AUROC, the best named, and the ones below 0.5 said as ranking
+    the wrong way."""
+    names = {"msp": "max-probability", "energy": "energy", "log_prob": "log-probability",
+             "mahalanobis": "Mahalanobis"}
+    scores = {k[len("ood_auroc_"):]: v for k, v in values.items()
+              if k.startswith("ood_auroc_") and math.isfinite(v)}
+    if not scores:
+        return None
+    label = {k: names.get(k, k) for k in scores}
+    best = max(scores, key=scores.get)
+    text = ("Telling out-of-distribution text apart (AUROC, 0.5 is chance): "
+            + ", ".join(f"{label[k]} {v:.3f}" for k, v in scores.items())
+            + f"; best {label[best]} ({scores[best]:.3f})")
+    wrong = [k for k, v in scores.items() if v < 0.5]
+    if wrong:
+        text += ("; " + ", ".join(f"{label[k]} ({scores[k]:.3f})" for k in wrong)
+                 + f" rank{'s' if len(wrong) == 1 else ''} the wrong way (below 0.5: the other domain looks "
+                   "more familiar to them)")
+    return text + "."
+
+
+def _work_size_sentence(notebook: str, values: Mapping[str, float]) -> str | None:
+    """How much work a notebook did, and that it is less than its toy setting when it is."""
+    if not all(math.isfinite(values.get(k, math.nan)) for k in ("n_prompts", "prompt_tokens")):
+        return None
+    n, tokens = values["n_prompts"], values["prompt_tokens"]
+    text = f"{notebook} ran {n:.0f} prompts of {tokens:.0f} tokens"
+    full = values.get("n_prompts_toy_setting", math.nan)
+    if math.isfinite(full) and n < full:
+        text += (f", fewer than the {full:.0f} of its toy setting (n_prompts 'auto' shrinks the work for a model "
+                 "over 20M parameters on a CPU)")
+    return text + "."
+
+
+def reconcile(by_notebook: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Sentences for quantities two notebooks measure differently, with both numbers and why they
+    differ: 01's next-token ECE cut vs claim 1's in 09, and 03's logit difference vs 04's clean one.
+    ``by_notebook``: notebook -> its metric values (one configuration)."""
+    out: list[str] = []
+    cal, claims = by_notebook.get("01_calibration", {}), by_notebook.get("09_claims", {})
+    if all(math.isfinite(cal.get(k, math.nan)) for k in ("ece_before", "ece_after")) and \
+            math.isfinite(claims.get("claim1_measured", math.nan)) and cal["ece_before"] > 0:
+        cut = 1 - cal["ece_after"] / cal["ece_before"]
+        low, high = claims.get("claim1_ci_low", math.nan), claims.get("claim1_ci_high", math.nan)
+        ci = f" [{low:.1%}, {high:.1%}]" if math.isfinite(low) and math.isfinite(high) else ""
+        inside = ("; 01's cut lies inside claim 1's interval, so the two agree within its uncertainty"
+                  if ci and low <= cut <= high else
+                  "; 01's cut lies outside claim 1's interval" if ci else "")
+        out.append(f"ECE reduction by temperature scaling: 01 measures {cut:.1%} ({cal['ece_before']:.4f} -> "
+                   f"{cal['ece_after']:.4f}) on its own validation / test split, without an interval; claim 1 in 09 "
+                   f"measures {claims['claim1_measured']:.1%}{ci} on 09's windows with its own fitted temperature "
+                   f"(a different, smaller sample, with a cluster-bootstrap interval){inside}.")
+    lens, patch = by_notebook.get("03_logit_lens_and_dla", {}), by_notebook.get("04_activation_patching", {})
+    if math.isfinite(lens.get("logit_diff", math.nan)) and math.isfinite(patch.get("clean_logit_diff", math.nan)):
+        def size(v: Mapping[str, float]) -> str:
+            if all(math.isfinite(v.get(k, math.nan)) for k in ("n_prompts", "prompt_tokens")):
+                return f"{v['n_prompts']:.0f} prompts of {v['prompt_tokens']:.0f} tokens"
+            return "prompt count not recorded by this run"
+        a, b = lens["logit_diff"], patch["clean_logit_diff"]
+        if f"{a:.2f}" == f"{b:.2f}" and size(lens) == size(patch):
+            out.append(f"Logit difference of the task: 03 and 04 both measure {a:.2f} ({size(lens)}).")
+        else:
+            known = "not recorded" not in size(lens) + size(patch)
+            why = ("different prompt sets (04's work size shrinks with 'auto' on a CPU)" if known and
+                   size(lens) != size(patch) else "the prompt sets differ" if known else
+                   "the prompt sets may differ (their sizes are not all recorded)")
+            out.append(f"Logit difference of the task: 03 measures {a:.2f} ({size(lens)}), 04 {b:.2f} on its clean "
+                       f"prompts ({size(patch)}): {why}, so the two numbers differ.")
+    return out
 
 
 def _ci_columns(confidence: float) -> tuple[str, str]:
@@ -214,6 +292,11 @@ def headline_sentences(notebook: str, values: Mapping[str, float],
     spread = spread or {}
     out: list[str] = []
     for entry in HEADLINES.get(notebook, ("", ()))[1]:
+        if callable(entry):  # a sentence whose wording depends on the values
+            sentence = entry(values)
+            if sentence:
+                out.append(sentence)
+            continue
         for template in (entry,) if isinstance(entry, str) else entry:
             names = _fields(template)
             if all(name in values and math.isfinite(values[name]) for name in names):
@@ -265,6 +348,11 @@ def results_page(run_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> s
             lines += ["", "<details><summary>All metrics</summary>", "",
                       markdown_table(rows[["metric", "n", "mean", "std"]].reset_index(drop=True)),
                       "</details>", ""]
+        by_notebook = {nb: dict(zip(rows["metric"], rows["mean"].astype(float)))
+                       for nb, rows in config.groupby("notebook", sort=False)}
+        reconciled = reconcile(by_notebook)
+        if reconciled:
+            lines += ["### Two notebooks, one quantity", ""] + [f"- {s}" for s in reconciled] + [""]
     return "\n".join(lines)
 
 

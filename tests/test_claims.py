@@ -331,3 +331,51 @@ def test_claim9_runs_both_explainers_against_a_local_endpoint(toy_2l, make_serve
                                                 n_boot=50)
     assert result.verdict == "not supported", result.reason
     assert result.measured is None or result.measured == pytest.approx(1.0)
+
+
+def test_claims_table_names_the_deciding_subtest_and_the_forest_plot_shows_every_number():
+    """Issue 26: claimed, measured with interval, the sub-test that decided and the verdict in one
+    row; the failing sub-test of a 'not supported' claim is in the row, not only in the text."""
+    from interp_lib import findings, plots
+
+    (zv, yv), (zt, yt) = skewed_task(6000, 0), skewed_task(6000, 1)
+    calibrated = claims.claim1_temperature_scaling(predictions(zv, yv), predictions(zt, yt), n_boot=100)
+    rng = np.random.default_rng(0)
+    clean = 2 + rng.normal(0, 0.05, 40)
+    everything = clean + 2 + rng.normal(0, 0.1, 40)
+    carried = clean + 0.8 * (everything - clean)
+    # 8 heads, one ablated: 8 possible one-head sets, the smallest p is 1/8 = 0.125 > alpha
+    # every one-head set scored, the top one included (as measure_few_heads enumerates a small model)
+    top_share = float((carried - clean).mean() / (everything - clean).mean())
+    few = claims.claim5_few_heads(clean, carried, everything, null_fractions=[*np.linspace(0, 0.3, 7), top_share],
+                                  k=1, n_heads_total=8, n_boot=100)
+    stable = pd.DataFrame({"accuracy": 0.4 * (1 + rng.normal(0, 0.2, 10))})
+    noisy = claims.claim6_reproducibility(stable, n_boot=100)
+    results = [calibrated, few, noisy, claims.claim4_named_heads("toy-2l")]
+    table = claims.claims_table(results)
+    assert list(table.columns) == ["metric", "claimed", "measured", "ci_low", "ci_high", "decided_by", "verdict"]
+    failing = [t["test"] for t in calibrated.details["subtests"] if not t["passed"]]
+    assert calibrated.verdict == "not supported" and failing
+    assert table.loc[1, "decided_by"] == "failed: " + "; ".join(failing)
+    assert f"{calibrated.measured:.1%}" in table.loc[1, "decided_by"] or calibrated.measured >= 0.15
+    assert few.verdict == "supported" and few.details["p_value"] == pytest.approx(0.125)
+    assert "the smallest p possible is 1/8 = 0.125" in few.reason
+    assert table.loc[5, "decided_by"].startswith("passed: share 80") and "the smallest possible with 8 sets" in \
+        table.loc[5, "decided_by"]
+    assert table.loc[6, "decided_by"] == f"failed: largest CV (accuracy) {noisy.measured:.2%} < 2%"
+    assert table.loc[4, "verdict"] == "not testable" and table.loc[4, "decided_by"] == results[3].reason
+    assert (table["measured"].iloc[:3].to_numpy() == [r.measured for r in results[:3]]).all()
+    text = findings.claim_verdicts(table)
+    assert text.startswith("1 of 4 claims are supported (5), 2 not supported (1, 6) and 1 not testable")
+    assert f"Claim 1 fails: {'; '.join(failing)}." in text and "Claim 6 fails: largest CV" in text
+    fig = plots.claims_forest(table)
+    measured = {y: x for trace in fig.data if trace.name.startswith("measured") for x, y in zip(trace.x, trace.y)}
+    claimed = {y: x for trace in fig.data if trace.name == "claimed" for x, y in zip(trace.x, trace.y)}
+    assert len(measured) == 3 and "nothing measured for claim 4" in fig.layout.title.text
+    for claim_id in (1, 5, 6):
+        label = next(y for y in measured if y.startswith(f"{claim_id}."))
+        assert measured[label] == pytest.approx(table.loc[claim_id, "measured"])
+        assert claimed[label] == pytest.approx(table.loc[claim_id, "claimed"])
+    red = next(t for t in fig.data if t.name == "measured (not supported)")
+    label_1 = next(i for i, y in enumerate(red.y) if y.startswith("1."))
+    assert red.error_x.arrayminus[label_1] == pytest.approx(table.loc[1, "measured"] - table.loc[1, "ci_low"])

@@ -209,6 +209,9 @@ def test_report_keeps_full_explanations_names_the_salience_and_flags_contradicti
     assert "| contradicted |" in row
     shown = records_table(records)
     assert shown.cells["verdict"].tolist() == ["contradicted", "supported", "supported", "supported"]
+    records[2].causal_effect = 0.0   # a unit that does nothing (toy-2l's neurons): "supported" says so
+    assert records_table(records).cells["verdict"].tolist()[2] == \
+        "supported by its score, but ablating the unit changes nothing (0 nats)"
     assert shown.cells["explanation"][0] == long
     assert shown.cells["ablated at top events (Δ loss, nats)"].tolist()[:2] == ["—", "0.250"]
     assert shown.cells["unit (chance)"][1] == "Pearson r (0)"

@@ -65,3 +65,45 @@ def test_interp_lib_results_merges_folders_and_the_runner_writes_the_page(tmp_pa
     missing = subprocess.run([sys.executable, "-m", "interp_lib.cli", "results", str(tmp_path / "nowhere")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "does not exist" in missing.stderr
+
+
+def test_page_says_what_the_numbers_say_smollm2_metrics(tmp_path):
+    """Issue 26, with the metrics results/smollm2-135m.md recorded: every OOD score with the ones
+    below 0.5 said as ranking the wrong way, the lens that never reaches top-1, 04's shrunken work
+    and the two pairs of notebooks that measure one quantity differently, reconciled."""
+    _record(tmp_path, 0, "01_calibration", {"ece_before": 0.0404, "ece_after": 0.02037, "temperature": 1.083,
+                                            "nll_before": 3.816, "nll_after": 3.798, "accuracy": 0.34})
+    _record(tmp_path, 0, "02_selective_prediction", {"ood_auroc_msp": 0.1807, "ood_auroc_energy": 0.36352,
+                                                     "ood_auroc_log_prob": 0.2493, "ood_auroc_mahalanobis": 0.968})
+    _record(tmp_path, 0, "03_logit_lens_and_dla", {"logit_diff": 13.06, "lens_layers": 30, "answer_preferred": 1.0,
+                                                   "lens_final_target_prob": 0.09662, "dla_sum_error": 9.5e-6,
+                                                   "lens_before_last_target_prob": 0.0001012})
+    _record(tmp_path, 0, "04_activation_patching", {"clean_logit_diff": 8.32, "n_prompts": 4, "prompt_tokens": 17,
+                                                    "n_prompts_toy_setting": 16, "patching_agreement_r": 0.5765,
+                                                    "patching_agreement_spearman": 0.8832,
+                                                    "patching_sign_agreement": 0.9381})
+    _record(tmp_path, 0, "09_claims", {"claim1_measured": -0.07438, "claim1_ci_low": -0.5449,
+                                       "claim1_ci_high": 0.2997})
+    page = R.results_page(tmp_path)
+    assert ("max-probability 0.181, energy 0.364, log-probability 0.249, Mahalanobis 0.968; best Mahalanobis "
+            "(0.968); max-probability (0.181), energy (0.364), log-probability (0.249) rank the wrong way") in page
+    assert "the answer never becomes the lens' top prediction at any of the 30 layers" in page
+    assert "04 ran 4 prompts of 17 tokens, fewer than the 16 of its toy setting" in page
+    assert "Attribution patching agrees" not in page and "Pearson r 0.58" in page
+    assert "ECE reduction by temperature scaling: 01 measures 49.6% (0.0404 -> 0.0204)" in page
+    assert "claim 1 in 09 measures -7.4% [-54.5%, 30.0%]" in page and "01's cut lies outside claim 1's interval" in page
+    assert "03 measures 13.06 (prompt count not recorded by this run), 04 8.32 on its clean prompts (4 prompts of " \
+           "17 tokens)" in page
+    # a lens that does reach top-1 keeps the fuller sentence; a cut inside claim 1's interval is said to agree
+    _record(tmp_path / "b", 0, "03_logit_lens_and_dla", {"lens_answer_layer": 2, "lens_layers": 2,
+                                                         "lens_final_target_prob": 0.9,
+                                                         "lens_before_last_target_prob": 0.1})
+    _record(tmp_path / "b", 0, "01_calibration", {"ece_before": 0.04, "ece_after": 0.03})
+    _record(tmp_path / "b", 0, "09_claims", {"claim1_measured": 0.2, "claim1_ci_low": 0.1, "claim1_ci_high": 0.4})
+    other = R.results_page(tmp_path / "b")
+    assert "first becomes the lens' top prediction after layer 2 of 2" in other and "never" not in other
+    _record(tmp_path / "c", 0, "03_logit_lens_and_dla", {"logit_diff": 12.59, "n_prompts": 16, "prompt_tokens": 41})
+    _record(tmp_path / "c", 0, "04_activation_patching", {"clean_logit_diff": 12.589, "n_prompts": 16,
+                                                          "prompt_tokens": 41})
+    assert "03 and 04 both measure 12.59 (16 prompts of 41 tokens)." in R.results_page(tmp_path / "c")
+    assert "01's cut lies inside claim 1's interval" in other

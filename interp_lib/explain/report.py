@@ -120,11 +120,21 @@ def score_verdict(record: HeadRecord) -> dict | None:
     return verdict(record)
 
 
+def _verdict_word(record: HeadRecord, verdict: dict) -> str:
+    """'contradicted' / 'supported' by the score; a supported explanation of a unit whose ablation
+    changes the loss by exactly 0 says so (e.g. toy-2l's neurons: its MLP outputs are zero)."""
+    if verdict["contradicted"]:
+        return "contradicted"
+    if record.causal_effect is not None and record.causal_effect == 0:
+        return "supported by its score, but ablating the unit changes nothing (0 nats)"
+    return "supported"
+
+
 def _verdict_cell(record: HeadRecord) -> str:
     verdict = score_verdict(record)
     if verdict is None:
         return "–"
-    return "contradicted" if verdict["contradicted"] else "supported"
+    return _verdict_word(record, verdict)
 
 
 def markdown_report(records: Sequence[HeadRecord], meta: Mapping | None = None, n_best: int = 5,
@@ -319,7 +329,7 @@ def records_table(records: Sequence[HeadRecord], *, digits: int = 3):
                      "scorer": None if verdict is None else verdict["scorer"] + (" (refined)" if verdict["scores_key"] == "refined" else ""),
                      "score": None if verdict is None else verdict["score"],
                      "unit (chance)": None if verdict is None else f"{verdict['unit']} ({verdict['chance']:g})",
-                     "verdict": None if verdict is None else ("contradicted" if verdict["contradicted"] else "supported"),
+                     "verdict": None if verdict is None else _verdict_word(r, verdict),
                      "causal_effect": r.causal_effect, "causal_random": r.stats.get("causal_random")})
     return table(pd.DataFrame(rows), digits=digits, units={"causal_effect": "Δ loss, nats", "causal_random": "Δ loss, nats"},
                  names={"causal_effect": "ablated at top events", "causal_random": "ablated at random positions"})
