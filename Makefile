@@ -4,6 +4,10 @@
 #   make lock         re-resolve requirements.lock (and colab/constraints.txt) from pyproject's ranges
 #   make test-latest  the oracle tests in a second environment with the newest versions the ranges allow
 #   make test-lowest  the same with the lowest versions the ranges allow (transitive ones newest)
+#   make colab        rewrite every notebook's Colab badge and install cell from pyproject's Repository URL
+#   make colab-bundle the wheel (bundled data included) + colab/constraints.txt in dist/colab, for Drive
+#   make colab-sim    a simulated Colab runtime (Colab's published versions, CPU torch): the install
+#                     cell must change none of Colab's own packages; then nbval + oracle tests there
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -25,7 +29,7 @@ LOCK_PYTHON ?= 3.11
 LOCK_PLATFORM ?= x86_64-manylinux_2_28
 
 .PHONY: venv run test test-unit test-notebooks test-oracle lock tools venv-latest test-latest venv-lowest \
-	test-lowest data models corpus clean
+	test-lowest data models corpus clean colab colab-bundle colab-sim
 
 venv: $(BIN)/.installed
 
@@ -98,6 +102,21 @@ test-lowest: venv-lowest
 	$(LOWEST_VENV)/bin/python -m pytest $(ORACLE_ARGS)
 	$(LOWEST_VENV)/bin/python -m pytest --nbval-lax $(ORACLE_NOTEBOOKS)
 
+# Colab. colab/constraints.txt (written by `make lock`) follows Colab's published freeze,
+# interp_lib.versions.COLAB_RUNTIME; the repository URL is pyproject's [project.urls] Repository.
+COLAB_VENV ?= .venv-colab
+# notebooks run under nbval in the simulated runtime: "all", or a comma-separated list
+COLAB_SIM_NOTEBOOKS ?= all
+COLAB_SIM_ARGS ?= --oracle
+colab:
+	$(PYTHON) scripts/colab.py
+
+colab-bundle:
+	$(PYTHON) scripts/colab.py --bundle dist/colab
+
+colab-sim:
+	$(PYTHON) scripts/colab_sim.py --venv $(COLAB_VENV) --notebooks $(COLAB_SIM_NOTEBOOKS) $(COLAB_SIM_ARGS)
+
 # Rebuild data/ (not part of CI: the corpus needs Debian's python3.11-doc; models take a while).
 corpus: venv
 	$(BIN)/python scripts/build_corpus.py
@@ -113,4 +132,4 @@ models: venv
 data: corpus models
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) $(LOWEST_VENV) $(TOOLS_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(LOWEST_VENV) $(TOOLS_VENV) $(COLAB_VENV) runs .pytest_cache
