@@ -28,7 +28,7 @@ UV_SPEC ?= uv==0.13.8
 LOCK_PYTHON ?= 3.11
 LOCK_PLATFORM ?= x86_64-manylinux_2_28
 
-.PHONY: venv run test test-unit test-notebooks test-oracle lock tools venv-latest test-latest venv-lowest \
+.PHONY: venv run test test-unit test-notebooks test-oracle lock tools lock-313 venv-latest test-latest venv-lowest \
 	test-lowest data models corpus clean colab colab-bundle colab-sim
 
 venv: $(BIN)/.installed
@@ -61,18 +61,34 @@ test-oracle: venv
 	$(BIN)/python -m pytest $(ORACLE_ARGS)
 	$(BIN)/python -m pytest --nbval-lax $(ORACLE_NOTEBOOKS)
 
-UV_COMPILE = $(TOOLS_VENV)/bin/uv pip compile pyproject.toml --extra dev --extra cluster --upgrade --quiet \
-	    --python-version $(LOCK_PYTHON) --python-platform $(LOCK_PLATFORM) \
+# $(call UV_COMPILE_FOR,PYTHON): resolve pyproject's ranges for that Python
+UV_COMPILE_FOR = $(TOOLS_VENV)/bin/uv pip compile pyproject.toml --extra dev --extra cluster --quiet \
+	    --python-version $(1) --python-platform $(LOCK_PLATFORM) \
 	    $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -c $(TOOLS_VENV)/torch.txt
+UV_COMPILE = $(call UV_COMPILE_FOR,$(LOCK_PYTHON)) --upgrade
 
 tools:
 	test -x $(TOOLS_VENV)/bin/uv || ($(PYTHON) -m venv $(TOOLS_VENV) && $(TOOLS_VENV)/bin/$(PIP) "$(UV_SPEC)")
 	echo "$(TORCH_SPEC)" > $(TOOLS_VENV)/torch.txt
 
+# Colab runs Python 3.13: the lock is resolved for it too, preferring the 3.11 lock's versions (a
+# difference shows in tests/test_colab.py). Both resolutions accept only wheels for their Python,
+# so a package without one fails `make lock`; the exception: transformers-stream-generator, a
+# pure-Python sdist (no wheel for any Python) that TransformerLens requires.
+LOCK_313 := requirements-py313.lock
+SDIST_ONLY := transformers-stream-generator
+WHEELS_ONLY := --only-binary :all: $(addprefix --no-binary ,$(SDIST_ONLY))
 lock: tools
-	$(UV_COMPILE) --custom-compile-command "make lock" -o $(LOCK)
+	$(UV_COMPILE) $(WHEELS_ONLY) --custom-compile-command "make lock" -o $(LOCK)
 	sed -i 's/^torch==\([^ +;]*\)+[a-z0-9.]*/torch==\1/' $(LOCK)   # the release, not one build of it
+	$(MAKE) lock-313
 	$(PYTHON) -m interp_lib.versions --colab-constraints $(LOCK) colab/constraints.txt
+
+lock-313: tools
+	cp $(LOCK) $(LOCK_313)
+	$(call UV_COMPILE_FOR,3.13) $(WHEELS_ONLY) \
+	    --custom-compile-command "make lock (Python 3.13, wheels only, the 3.11 lock's versions preferred)" -o $(LOCK_313)
+	sed -i 's/^torch==\([^ +;]*\)+[a-z0-9.]*/torch==\1/' $(LOCK_313)
 
 venv-latest:
 	rm -rf $(LATEST_VENV)

@@ -179,3 +179,34 @@ def test_dry_run_report_and_runtime_selection():
         {"torch": "2.11.0+cu128", "triton": "3.6.0", "nvidia-nccl-cu12": "2.27", "numpy": "2.1.3", "jax": "0.7"},
         {"torch": "2.13.0", "triton": "3.7.0", "nvidia-nccl-cu12": "2.28", "numpy": "2.4.6", "gguf": "0.18.0"})
     assert chosen == {"numpy": "2.1.3"} and skipped == {"triton": "a CUDA build", "nvidia-nccl-cu12": "a CUDA build"}
+
+
+# --------------------------------------------------------------------------------------------
+# Python 3.13 (Colab's)
+# --------------------------------------------------------------------------------------------
+
+def test_the_lock_resolves_for_python_3_13_with_the_same_versions_and_wheels_only():
+    """`make lock` resolves pyproject for Python 3.11 (requirements.lock) and 3.13
+    (requirements-py313.lock), both accepting wheels only (a package without a wheel for either
+    Python fails `make lock`); the 3.13 resolution must keep the 3.11 lock's versions, so CI's
+    tested set is the one Colab's Python can install. torch / CUDA packages may differ (Colab
+    keeps its own)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    lock311 = V.read_pins((ROOT / "requirements.lock").read_text())
+    text313 = (ROOT / "requirements-py313.lock").read_text()
+    assert "Python 3.13, wheels only" in text313.splitlines()[1]
+    lock313 = V.read_pins(text313)
+    platform = V.PLATFORM_PACKAGES
+    differ = {n: (v, lock313.get(n)) for n, v in lock311.items() if not platform.match(n) and lock313.get(n) != v}
+    extra = {n: v for n, v in lock313.items() if n not in lock311 and not platform.match(n)}
+    assert differ == {} and extra == {}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in map(Requirement, project["dependencies"]):
+        assert requirement.specifier.contains(Version(lock313[V._canonical(requirement.name)].split("+")[0]))
+    makefile = (ROOT / "Makefile").read_text()
+    assert "WHEELS_ONLY := --only-binary :all: $(addprefix --no-binary ,$(SDIST_ONLY))" in makefile
+    assert makefile.count("$(WHEELS_ONLY)") == 2 and "SDIST_ONLY := transformers-stream-generator\n" in makefile
