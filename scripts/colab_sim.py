@@ -127,8 +127,10 @@ def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
 
 
 def freeze(python: Path) -> dict[str, str]:
-    out = _run([python, *PIP, "freeze", "--all"], capture_output=True, check=True).stdout
-    return read_pins(out)
+    """``{canonical name: version}`` of every installed distribution (those installed from a
+    file or URL too, which ``pip freeze`` shows without a version)."""
+    out = _run([python, *PIP, "list", "--format", "json"], capture_output=True, check=True).stdout
+    return {_canonical(item["name"]): item["version"] for item in json.loads(out)}
 
 
 def pip_check(python: Path) -> str:
@@ -167,12 +169,22 @@ def build(venv: Path, runtime_path: Path) -> None:
         sys.exit("building the simulated runtime: gave up after 10 rounds of skipping packages")
     installed = freeze(python)
     differs = {n: (runtime[n], v) for n, v in installed.items() if n in runtime and n != "torch"
-               and runtime[n].split("+")[0] != v}
+               and not CUDA_ONLY.match(n) and runtime[n].split("+")[0] != v}
+    for name in runtime:   # Colab's CUDA stack: replaced by the torch above
+        if CUDA_ONLY.match(name) and name not in skipped:
+            skipped[name] = "a CUDA build"
+    others = sorted(set(runtime) - set(chosen) - set(skipped) - {"torch"} - set(installed))
     (venv / "colab-sim.json").write_text(json.dumps({"runtime": str(runtime_path), "skipped": skipped,
                                                       "not_colab_versions": differs}, indent=1))
+    cuda = sorted(n for n in installed if CUDA_ONLY.match(n))
+    torch_note = (f"torch {installed['torch']}, a CPU build" if not cuda else
+                  f"torch {installed['torch']}, the registry's build with {len(cuda)} CUDA packages (no CPU wheel of "
+                  f"{torch} was installable; it runs on the CPU here)")
     print(f"simulated Colab runtime in {venv}: {len(installed)} packages from {runtime_path.name} "
-          f"(torch {torch} CPU in place of {runtime['torch']}); skipped {len(skipped)}: "
+          f"({torch_note}, in place of Colab's {runtime['torch']}); skipped {len(skipped)}: "
           + ", ".join(f"{n} ({why})" for n, why in sorted(skipped.items())))
+    print(f"not simulated: {len(others)} more packages of Colab's runtime, not on interp-lib's dependency path "
+          f"(e.g. {', '.join(others[:8])}, ...)")
     if differs:
         print("installed at other versions than Colab's (pip chose them): "
               + ", ".join(f"{n} {v} (Colab {c})" for n, (c, v) in sorted(differs.items())))
@@ -230,7 +242,22 @@ def run_cell(python: Path, code: str, work: Path, name: str) -> None:
     _run([python, runner, path], check=True, cwd=work)
 
 
-def install(venv: Path, work: Path, wheel_dir: Path | None) -> list[str]:
+def baseline_dry_run(python: Path, work: Path, ref: str, before: dict[str, str]) -> dict[str, list]:
+    """What the install command of git ``ref`` (before the install cell kept Colab's packages:
+    ``pip install -c colab/constraints.txt "interp-lib @ <checkout>"``) would change, as a dry run."""
+    tree = work.resolve() / f"baseline-{ref}"
+    if tree.exists():
+        shutil.rmtree(tree)
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    report = work / f"dry-run-{ref}.json"
+    _run([python, *PIP, "install", "-q", "--dry-run", "--report", report, "-c", tree / "colab" / "constraints.txt",
+          f"interp-lib @ {tree.as_uri()}"], check=True)
+    return report_diff(json.loads(report.read_text()), before)
+
+
+def install(venv: Path, work: Path, wheel_dir: Path | None, baseline: str | None = None) -> list[str]:
     python = venv / "bin" / "python"
     work.mkdir(parents=True, exist_ok=True)
     drive = work / "drive"
@@ -242,7 +269,11 @@ def install(venv: Path, work: Path, wheel_dir: Path | None) -> list[str]:
         for item in wheel_dir.iterdir():
             shutil.copy(item, drive / item.name)
     before, check_before = freeze(python), pip_check(python)
+    (work / "runtime-freeze.json").write_text(json.dumps(before, indent=1))
     problems = []
+    if baseline:
+        old = baseline_dry_run(python, work, baseline, before)
+        print(f"\n## before: the install command of {baseline} (dry run)\n\n{table(old)}\n")
     for source in ("checkout", "wheel"):
         report = work / f"dry-run-{source}.json"
         code = cell_code(work, source).replace("%pip install ", f"%pip install --dry-run --report {report} ")
@@ -293,7 +324,8 @@ def test(venv: Path, work: Path, notebooks: list[str], oracle: bool) -> int:
     if copy.exists():
         shutil.rmtree(copy)
     copy.mkdir()
-    for name in ("tests", "notebooks", "pyproject.toml"):
+    for name in ("tests", "notebooks", "scripts", "colab", "pyproject.toml", "Makefile", "requirements.lock",
+                 "requirements-py313.lock"):
         source = ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, copy / name)
     env = dict(os.environ, PYTHONNOUSERSITE="1")
@@ -315,14 +347,17 @@ def main(argv=None) -> int:
     parser.add_argument("--wheel-dir", type=Path, help="a `make colab-bundle` folder (default: build one)")
     parser.add_argument("--notebooks", default="all", help="'all' or comma-separated notebook files for nbval")
     parser.add_argument("--oracle", action="store_true", help="also run the oracle tests (-m oracle)")
+    parser.add_argument("--baseline", metavar="GIT_REF",
+                        help="also show what the install command of this commit would change (dry run)")
     args = parser.parse_args(argv)
+    args.venv = args.venv.resolve()
     work = args.venv / "colab-sim"
     start = time.time()
     if "build" in args.steps:
         build(args.venv, args.runtime)
         print(f"[colab-sim] built at +{time.time() - start:.0f} s", flush=True)
     if "install" in args.steps:
-        problems = install(args.venv, work, args.wheel_dir)
+        problems = install(args.venv, work, args.wheel_dir, args.baseline)
         print(f"[colab-sim] installed at +{time.time() - start:.0f} s", flush=True)
         if problems:
             print("\nthe install cell would harm Colab's runtime:\n  " + "\n  ".join(problems), file=sys.stderr)
