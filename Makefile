@@ -126,7 +126,7 @@ COLAB_VENV ?= .venv-colab
 # TransformerLens), 08 (sentence-transformers, umap-learn, scikit-learn, pandas, the ipywidgets
 # rating widget, the explainer through 07's pipeline); the oracle tests cover torchmetrics, scipy, HF.
 COLAB_SIM_NOTEBOOKS ?= 00_tour.ipynb,04_activation_patching.ipynb,08_head_taxonomy.ipynb
-# `make colab-sim COLAB_SIM_ARGS=--oracle` also runs the oracle tests there (about 12 min here: not in CI)
+# `make colab-sim COLAB_SIM_ARGS=--oracle` also runs the oracle tests there (26 min here on a shared machine: not in CI)
 COLAB_SIM_ARGS ?=
 colab:
 	$(PYTHON) scripts/colab.py
