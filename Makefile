@@ -4,6 +4,10 @@
 #   make lock         re-resolve requirements.lock (and colab/constraints.txt) from pyproject's ranges
 #   make test-latest  the oracle tests in a second environment with the newest versions the ranges allow
 #   make test-lowest  the same with the lowest versions the ranges allow (transitive ones newest)
+#   make colab        rewrite every notebook's Colab badge and install cell from pyproject's Repository URL
+#   make colab-bundle the wheel (bundled data included) + colab/constraints.txt in dist/colab, for Drive
+#   make colab-sim    a simulated Colab runtime (Colab's published versions, CPU torch): the install
+#                     cell must change none of Colab's own packages; then nbval + oracle tests there
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -24,8 +28,8 @@ UV_SPEC ?= uv==0.13.8
 LOCK_PYTHON ?= 3.11
 LOCK_PLATFORM ?= x86_64-manylinux_2_28
 
-.PHONY: venv run test test-unit test-notebooks test-oracle lock tools venv-latest test-latest venv-lowest \
-	test-lowest data models corpus clean
+.PHONY: venv run test test-unit test-notebooks test-oracle lock tools lock-313 venv-latest test-latest venv-lowest \
+	test-lowest data models corpus clean colab colab-bundle colab-sim
 
 venv: $(BIN)/.installed
 
@@ -57,18 +61,34 @@ test-oracle: venv
 	$(BIN)/python -m pytest $(ORACLE_ARGS)
 	$(BIN)/python -m pytest --nbval-lax $(ORACLE_NOTEBOOKS)
 
-UV_COMPILE = $(TOOLS_VENV)/bin/uv pip compile pyproject.toml --extra dev --extra cluster --upgrade --quiet \
-	    --python-version $(LOCK_PYTHON) --python-platform $(LOCK_PLATFORM) \
+# $(call UV_COMPILE_FOR,PYTHON): resolve pyproject's ranges for that Python
+UV_COMPILE_FOR = $(TOOLS_VENV)/bin/uv pip compile pyproject.toml --extra dev --extra cluster --quiet \
+	    --python-version $(1) --python-platform $(LOCK_PLATFORM) \
 	    $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -c $(TOOLS_VENV)/torch.txt
+UV_COMPILE = $(call UV_COMPILE_FOR,$(LOCK_PYTHON)) --upgrade
 
 tools:
 	test -x $(TOOLS_VENV)/bin/uv || ($(PYTHON) -m venv $(TOOLS_VENV) && $(TOOLS_VENV)/bin/$(PIP) "$(UV_SPEC)")
 	echo "$(TORCH_SPEC)" > $(TOOLS_VENV)/torch.txt
 
+# Colab runs Python 3.13: the lock is resolved for it too, preferring the 3.11 lock's versions (a
+# difference shows in tests/test_colab.py). Both resolutions accept only wheels for their Python,
+# so a package without one fails `make lock`; the exception: transformers-stream-generator, a
+# pure-Python sdist (no wheel for any Python) that TransformerLens requires.
+LOCK_313 := requirements-py313.lock
+SDIST_ONLY := transformers-stream-generator
+WHEELS_ONLY := --only-binary :all: $(addprefix --no-binary ,$(SDIST_ONLY))
 lock: tools
-	$(UV_COMPILE) --custom-compile-command "make lock" -o $(LOCK)
+	$(UV_COMPILE) $(WHEELS_ONLY) --custom-compile-command "make lock" -o $(LOCK)
 	sed -i 's/^torch==\([^ +;]*\)+[a-z0-9.]*/torch==\1/' $(LOCK)   # the release, not one build of it
+	$(MAKE) lock-313
 	$(PYTHON) -m interp_lib.versions --colab-constraints $(LOCK) colab/constraints.txt
+
+lock-313: tools
+	cp $(LOCK) $(LOCK_313)
+	$(call UV_COMPILE_FOR,3.13) $(WHEELS_ONLY) \
+	    --custom-compile-command "make lock (Python 3.13, wheels only, the 3.11 lock's versions preferred)" -o $(LOCK_313)
+	sed -i 's/^torch==\([^ +;]*\)+[a-z0-9.]*/torch==\1/' $(LOCK_313)
 
 venv-latest:
 	rm -rf $(LATEST_VENV)
@@ -98,6 +118,25 @@ test-lowest: venv-lowest
 	$(LOWEST_VENV)/bin/python -m pytest $(ORACLE_ARGS)
 	$(LOWEST_VENV)/bin/python -m pytest --nbval-lax $(ORACLE_NOTEBOOKS)
 
+# Colab. colab/constraints.txt (written by `make lock`) follows Colab's published freeze,
+# interp_lib.versions.COLAB_RUNTIME; the repository URL is pyproject's [project.urls] Repository.
+COLAB_VENV ?= .venv-colab
+# notebooks run under nbval in the simulated runtime: "all" (9.6 min here), or a comma-separated list.
+# CI's pick covers every dependency: 00 (plotly, circuitsvis, the model loaders), 04 (patching,
+# TransformerLens), 08 (sentence-transformers, umap-learn, scikit-learn, pandas, the ipywidgets
+# rating widget, the explainer through 07's pipeline); the oracle tests cover torchmetrics, scipy, HF.
+COLAB_SIM_NOTEBOOKS ?= 00_tour.ipynb,04_activation_patching.ipynb,08_head_taxonomy.ipynb
+# `make colab-sim COLAB_SIM_ARGS=--oracle` also runs the oracle tests there (26 min here on a shared machine: not in CI)
+COLAB_SIM_ARGS ?=
+colab:
+	$(PYTHON) scripts/colab.py
+
+colab-bundle:
+	$(PYTHON) scripts/colab.py --bundle dist/colab
+
+colab-sim:
+	$(PYTHON) scripts/colab_sim.py --venv $(COLAB_VENV) --notebooks $(COLAB_SIM_NOTEBOOKS) $(COLAB_SIM_ARGS)
+
 # Rebuild data/ (not part of CI: the corpus needs Debian's python3.11-doc; models take a while).
 corpus: venv
 	$(BIN)/python scripts/build_corpus.py
@@ -113,4 +152,4 @@ models: venv
 data: corpus models
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) $(LOWEST_VENV) $(TOOLS_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(LOWEST_VENV) $(TOOLS_VENV) $(COLAB_VENV) runs .pytest_cache

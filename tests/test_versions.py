@@ -63,8 +63,8 @@ def test_committed_lock_satisfies_pyproject_and_colab_constraints_are_current():
         assert requirement.specifier.contains(Version(pins[name]), prereleases=True), \
             f"locked {name}=={pins[name]} is outside pyproject's {requirement}: run make lock"
     constraints = (ROOT / "colab" / "constraints.txt").read_text()
-    expected = V.constraints_from_lock((ROOT / "requirements.lock").read_text())
-    assert constraints.split("\n", 2)[2] == expected, "colab/constraints.txt is stale: run make lock"
+    expected = V.colab_constraints((ROOT / "requirements.lock").read_text(), (ROOT / V.COLAB_RUNTIME).read_text())
+    assert constraints == expected, "colab/constraints.txt is stale: run make lock"
     assert not any(line.startswith(("torch==", "nvidia-", "triton==")) for line in constraints.splitlines())
 
 
@@ -88,16 +88,13 @@ def test_notebook_setup_records_the_environment(tmp_path, capsys):
 
 def test_colab_installs_use_the_tested_constraints():
     """Every notebook's Colab install cell (and the series launcher) installs with
-    colab/constraints.txt, the file `make lock` writes."""
-    import json
-
+    colab/constraints.txt, the file `make lock` writes (tests/test_colab.py checks the rest)."""
     url = "https://raw.githubusercontent.com/interp-lib/interp_lib/main/colab/constraints.txt"
     notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
     assert notebooks
     for path in notebooks:
-        cells = json.loads(path.read_text())["cells"]
-        installs = [line for cell in cells for line in cell["source"] if "%pip install" in "".join(line)]
-        assert installs and all(f"-c {url}" in line for line in installs), path.name
+        text = path.read_text()
+        assert f"-c {url}" in text and "%pip install -q -c /tmp/colab-runtime.txt {source}" in text, path.name
     launcher = (ROOT / "colab" / "run_series.ipynb").read_text()
     assert '\\"-c\\", str(checkout / \\"colab\\" / \\"constraints.txt\\")' in launcher
     assert (ROOT / url.split("/main/")[1]).is_file()
