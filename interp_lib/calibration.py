@@ -1306,7 +1306,8 @@ def next_token_confidence(model: Any, tokens: Int[Tensor, "batch pos"], scaler: 
     frames = []
     for start in range(0, tokens.shape[0], batch_size):
         batch = tokens[start:start + batch_size]
-        predictions = next_token_predictions(model, batch, batch_size=batch_size, keep_logits=scaler is not None)
+        predictions = next_token_predictions(model, batch, batch_size=batch_size,
+                                             keep_logits="memory" if scaler is not None else False)
         frame = pd.DataFrame({"group": predictions.group + start, "position": predictions.position,
                               "confidence": predictions.confidence, "correct": predictions.correct})
         if scaler is not None:
