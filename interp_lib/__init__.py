@@ -7,7 +7,7 @@ Layers (imports point down only; ``tests/test_layers.py`` checks it):
 
 1. foundation: ``models``, ``data``, ``units``, ``paths``, ``artifacts`` (atomic files, metrics,
    run manifests), ``errors``, ``runtime`` (Colab, every ``"auto"``), ``checkpoint``,
-   ``safe_serialize``, ``versions``, ``display`` (tables);
+   ``safe_serialize``, ``versions``, ``display`` (tables), ``streaming`` (logits on disk, work sizes);
 2. analyses: ``calibration``, ``selective``, ``attribution``, ``patching``, ``heads``, ``probing``,
    ``stats``, ``explain``;
 3. figures: ``plots``;
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 _SUBMODULES = {
     "artifacts", "attribution", "calibration", "checkpoint", "claims", "cli", "cluster", "data", "display",
     "errors", "explain", "findings", "heads", "models", "notebook", "patching", "paths", "plots", "probing", "results",
-    "runner", "runtime", "selective", "stats", "tasks", "units", "versions",
+    "runner", "runtime", "selective", "stats", "streaming", "tasks", "units", "versions",
 }
 
 __all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "ModelLoadError", "load_model", "select_device",

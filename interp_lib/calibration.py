@@ -34,6 +34,7 @@ from torch import Tensor
 
 # "auto" model lists: their home is interp_lib.runtime (re-exported here)
 from .runtime import COMPARE_COLAB, COMPARE_OFFLINE, resolve_compare_models
+from .streaming import LogitStore, block_rows_for
 
 ArrayLike = Union[np.ndarray, Tensor]
 Strategy = Literal["uniform", "quantile"]
@@ -42,7 +43,7 @@ STRATEGIES = ("uniform", "quantile")
 PROB_SUM_ATOL = 1e-3
 
 __all__ = [
-    "ArrayLike", "BootstrapCI", "CalibrationReport", "Predictions", "TemperatureScaler", "ScalingResult",
+    "ArrayLike", "BootstrapCI", "CalibrationReport", "LogitStore", "Predictions", "TemperatureScaler", "ScalingResult",
     "bootstrap_ci", "brier_score", "classify_labelled", "classify_with_answer_tokens", "classwise_ece",
     "compare_models", "confidence_and_correct", "confidence_from_logits", "evaluate_temperature_scaling",
     "expected_calibration_error", "maximum_calibration_error", "negative_log_likelihood",
@@ -558,6 +559,31 @@ def _logits_tensor(logits: Any, name: str = "logits") -> Tensor:
     return z.double() if z.numel() <= 2 ** 24 else z.float()
 
 
+def _compute_dtype(numel: int) -> torch.dtype:
+    """The dtype :func:`_logits_tensor` works in for ``numel`` logits (float64 when small)."""
+    return torch.float64 if numel <= 2 ** 24 else torch.float32
+
+
+def _check_logits_source(logits: Any, name: str = "logits") -> "Tensor | LogitStore":
+    """A :class:`LogitStore` as it is (it holds finite float32 logits written by this library), or
+    validated logits as a tensor (:func:`_logits_tensor`)."""
+    if isinstance(logits, LogitStore):
+        if len(logits) == 0 or logits.n_classes < 2:
+            raise ValueError(f"{name} is {logits!r}; expected at least one row and 2 classes")
+        return logits
+    return _logits_tensor(logits, name)
+
+
+def _logit_blocks(logits: "Tensor | LogitStore", block_rows: int | None = None):
+    """Consecutive row blocks of in-memory or stored logits."""
+    if isinstance(logits, LogitStore):
+        yield from logits.blocks(block_rows)
+        return
+    block_rows = block_rows or block_rows_for(logits.shape[1] * logits.element_size())
+    for start in range(0, logits.shape[0], block_rows):
+        yield logits[start:start + block_rows]
+
+
 class TemperatureScaler:
     """Post-hoc calibration of logits (Guo et al. 2017), scikit-learn style.
 
@@ -606,20 +632,43 @@ class TemperatureScaler:
             return z * torch.exp(-log_t)
         return z * torch.exp(log_scale) + bias
 
-    def fit(self, logits: Float[ArrayLike, "n c"], labels: Int[ArrayLike, " n"]) -> "TemperatureScaler":
-        """Fit on validation ``logits`` [N, C] and class ``labels`` [N]; returns self."""
-        z = _logits_tensor(logits)
+    def fit(self, logits: Float[ArrayLike, "n c"] | LogitStore, labels: Int[ArrayLike, " n"]) -> "TemperatureScaler":
+        """Fit on validation ``logits`` [N, C] and class ``labels`` [N]; returns self.
+
+        ``logits`` may be a :class:`~interp_lib.streaming.LogitStore` (logits on disk). Every
+        evaluation of the NLL and its gradient streams the rows a block at a time (from the store,
+        or from the tensor in memory), in float64, summing the per-block NLL and accumulating the
+        gradient: the optimiser sees the exact float64 NLL of the float32 logits whether they are
+        in memory or on disk, while memory holds one block. (Before, large logit matrices were
+        fitted in float32, whose rounding moved SmolLM2's fitted T by about 1.5e-5.)"""
+        z = _check_logits_source(logits)
         y_np = _class_labels(labels, z.shape[1])
         _check_same_length(z, "logits", y_np, "labels")
-        y = torch.from_numpy(y_np).to(z.device)
+        dtype = torch.float64
+        device = torch.device("cpu") if isinstance(z, LogitStore) else z.device
+        y = torch.from_numpy(y_np).to(device)
         n_classes = z.shape[1]
-        log_t = torch.zeros((), dtype=z.dtype, device=z.device, requires_grad=True)
-        log_scale = torch.zeros(n_classes, dtype=z.dtype, device=z.device, requires_grad=True)
-        bias = torch.zeros(n_classes, dtype=z.dtype, device=z.device, requires_grad=True)
+        log_t = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
+        log_scale = torch.zeros(n_classes, dtype=dtype, device=device, requires_grad=True)
+        bias = torch.zeros(n_classes, dtype=dtype, device=device, requires_grad=True)
         params = [log_t] if self.mode == "temperature" else [log_scale, bias]
 
+        def streamed_nll(backward: bool) -> Tensor:
+            """Mean NLL over the store's blocks (float64 sum of per-block sums); with
+            ``backward`` the gradient of the mean is accumulated block by block."""
+            total, start = 0.0, 0
+            for block in _logit_blocks(z):
+                rows = slice(start, start + block.shape[0])
+                start += block.shape[0]
+                loss = F.cross_entropy(self._apply(block.to(dtype), self.mode, log_t, log_scale, bias), y[rows],
+                                       reduction="sum") / len(y)
+                if backward:
+                    loss.backward()
+                total += float(loss.detach())
+            return torch.tensor(total, dtype=dtype)
+
         def nll() -> Tensor:
-            return F.cross_entropy(self._apply(z, self.mode, log_t, log_scale, bias), y)
+            return streamed_nll(backward=False)
 
         with torch.no_grad():
             nll_identity = float(nll())
@@ -629,9 +678,7 @@ class TemperatureScaler:
 
         def closure() -> Tensor:
             optimizer.zero_grad()
-            loss = nll()
-            loss.backward()
-            return loss
+            return streamed_nll(backward=True)
 
         reason = None
         try:
@@ -727,7 +774,9 @@ class Predictions:
     correct: Bool[np.ndarray, " n"] | None = None
     nll: Float[np.ndarray, " n"] | None = None
     position: Int[np.ndarray, " n"] | None = None
-    logits: Float[Tensor, "n c"] | None = None
+    logits: Float[Tensor, "n c"] | LogitStore | None = None
+    """[N, C] logits: a tensor (``keep_logits="memory"``, classification prompts) or a
+    :class:`~interp_lib.streaming.LogitStore` on disk (next-token predictions, ``keep_logits=True``)"""
     class_names: list[str] | None = None
     """answer strings of the classes (classification prompts)"""
 
@@ -744,7 +793,8 @@ class Predictions:
         """Softmax of the kept logits (float64 numpy)."""
         if self.logits is None:
             raise ValueError("logits were not kept (keep_logits=False); probabilities are unavailable")
-        return self.logits.double().softmax(dim=1).numpy()
+        logits = self.logits.to_tensor() if isinstance(self.logits, LogitStore) else self.logits
+        return logits.double().softmax(dim=1).numpy()
 
     def subset(self, rows: Int[np.ndarray, " k"] | Bool[np.ndarray, " n"]) -> "Predictions":
         """The predictions of the given rows (indices or a boolean mask)."""
@@ -753,7 +803,9 @@ class Predictions:
         return replace(self, prediction=self.prediction[rows], confidence=self.confidence[rows],
                        group=self.group[rows], labels=take(self.labels), correct=take(self.correct),
                        nll=take(self.nll), position=take(self.position),
-                       logits=None if self.logits is None else self.logits[torch.from_numpy(rows)])
+                       logits=None if self.logits is None else (
+                           self.logits.subset(rows) if isinstance(self.logits, LogitStore)
+                           else self.logits[torch.from_numpy(rows)]))
 
     def split(self, val_fraction: float = 0.5, seed: int = 0) -> tuple["Predictions", "Predictions"]:
         """Disjoint (validation, test) splits by ``group``: all positions of a sequence land on the
@@ -813,15 +865,23 @@ def _check_batch_size(batch_size: Any) -> None:
 
 @torch.no_grad()
 def next_token_predictions(model: Any, tokens: Int[Tensor, "batch pos"], batch_size: int = 8,
-                           keep_logits: bool = True, attention_mask: Int[Tensor, "batch pos"] | None = None,
-                           max_logits_bytes: int = 2 * 2 ** 30) -> Predictions:
+                           keep_logits: bool | Literal["memory"] = True,
+                           attention_mask: Int[Tensor, "batch pos"] | None = None,
+                           max_logits_bytes: int = 2 * 2 ** 30, spill_dir: str | os.PathLike | None = None
+                           ) -> Predictions:
     """Next-token predictions on held-out text, flattened over positions.
 
     Position ``t`` of each row predicts token ``t + 1``: confidence = top probability, correct =
     the top token is the true next token, ``nll`` = -log p(true token). Runs ``model(tokens)`` in
-    batches of ``batch_size`` rows; only per-position summaries are kept unless ``keep_logits``
-    (float32 [N, vocab] on the CPU, needed for temperature scaling), whose size is checked against
-    ``max_logits_bytes`` before any work is done.
+    batches of ``batch_size`` rows and keeps per-position summaries. The logits (needed for
+    temperature scaling) are kept as ``keep_logits`` says:
+
+    * ``True``: a :class:`~interp_lib.streaming.LogitStore`, the float32 logits written to a
+      temporary file (in ``spill_dir``, ``$INTERP_LIB_SPILL_DIR`` or the system temporary folder)
+      a batch at a time: memory does not grow with positions x vocabulary;
+    * ``"memory"``: one float32 [N, vocab] tensor on the CPU, checked against
+      ``max_logits_bytes`` before any work is done;
+    * ``False``: none.
 
     Args:
         model: a TransformerLens bridge (or anything whose ``model(tokens)`` gives logits
@@ -832,6 +892,8 @@ def next_token_predictions(model: Any, tokens: Int[Tensor, "batch pos"], batch_s
     """
     tokens = _token_batch(tokens, model=model)
     _check_batch_size(batch_size)
+    if keep_logits not in (True, False, "memory"):
+        raise ValueError(f"keep_logits={keep_logits!r}: expected True (on disk), 'memory' or False")
     keep = torch.ones_like(tokens[:, 1:], dtype=torch.bool)
     if attention_mask is not None:
         mask = torch.as_tensor(_to_numpy(attention_mask, "attention_mask")) if not isinstance(attention_mask, Tensor) \
@@ -845,33 +907,44 @@ def next_token_predictions(model: Any, tokens: Int[Tensor, "batch pos"], batch_s
         raise ValueError("attention_mask leaves no position to predict; expected at least one 1-1 pair")
     cfg = getattr(model, "cfg", None)
     vocab = getattr(cfg, "d_vocab_out", None) or getattr(cfg, "d_vocab", None)
-    if keep_logits and vocab and n_kept * int(vocab) * 4 > max_logits_bytes:
+    if keep_logits == "memory" and vocab and n_kept * int(vocab) * 4 > max_logits_bytes:
         raise ValueError(f"keeping logits for {n_kept} positions x {vocab} vocabulary entries needs "
                          f"{n_kept * int(vocab) * 4 / 2 ** 30:.2f} GiB > max_logits_bytes="
-                         f"{max_logits_bytes / 2 ** 30:.2f} GiB; pass fewer tokens, keep_logits=False, "
-                         "or raise max_logits_bytes")
+                         f"{max_logits_bytes / 2 ** 30:.2f} GiB; pass fewer tokens, keep_logits=True (on disk), "
+                         "keep_logits=False, or raise max_logits_bytes")
     device = _model_device(model)
     parts: dict[str, list] = {k: [] for k in ("prediction", "confidence", "labels", "nll", "group", "position", "logits")}
     positions = torch.arange(tokens.shape[1] - 1).expand(tokens.shape[0], -1)
     rows = torch.arange(tokens.shape[0])[:, None].expand(-1, tokens.shape[1] - 1)
+    store = None
     for start in range(0, tokens.shape[0], batch_size):
         batch = tokens[start:start + batch_size]
-        logits = _forward_logits(model, batch.to(device))[:, :-1].float()
-        batch_keep = keep[start:start + batch_size].to(logits.device)
-        logits = logits[batch_keep]                      # [n, vocab]
-        targets = batch[:, 1:].to(logits.device)[batch_keep]
-        log_probs = logits.log_softmax(dim=-1)
-        top_log_prob, top = log_probs.max(dim=-1)
-        parts["prediction"].append(top.cpu())
-        parts["confidence"].append(top_log_prob.exp().cpu())
-        parts["labels"].append(targets.cpu())
-        parts["nll"].append(-log_probs.gather(-1, targets[:, None])[:, 0].cpu())
+        batch_logits = _forward_logits(model, batch.to(device))[:, :-1]
+        batch_keep = keep[start:start + batch_size].to(batch_logits.device)
+        if keep_logits is True and store is None:
+            store = LogitStore(batch_logits.shape[-1], spill_dir)
+        # one sequence at a time: no float32 copy of the whole batch's [b, pos, vocab] logits
+        for i in range(batch_logits.shape[0]):
+            logits = batch_logits[i][batch_keep[i]].float()          # [n, vocab]
+            targets = batch[i, 1:].to(logits.device)[batch_keep[i]]
+            log_probs = logits.log_softmax(dim=-1)
+            top_log_prob, top = log_probs.max(dim=-1)
+            parts["prediction"].append(top.cpu())
+            parts["confidence"].append(top_log_prob.exp().cpu())
+            parts["labels"].append(targets.cpu())
+            parts["nll"].append(-log_probs.gather(-1, targets[:, None])[:, 0].cpu())
+            del log_probs
+            if keep_logits == "memory":
+                parts["logits"].append(logits.cpu())
+            elif keep_logits:
+                store.append(logits)
         cpu_keep = batch_keep.cpu()
         parts["group"].append(rows[start:start + batch_size][cpu_keep])
         parts["position"].append(positions[start:start + batch_size][cpu_keep])
-        if keep_logits:
-            parts["logits"].append(logits.cpu())
+        del batch_logits
     cat = {k: torch.cat(v) for k, v in parts.items() if v}
+    if store is not None:
+        cat["logits"] = store
     labels = cat["labels"].numpy().astype(np.int64)
     prediction = cat["prediction"].numpy().astype(np.int64)
     return Predictions(prediction=prediction, confidence=cat["confidence"].double().numpy(),
@@ -999,6 +1072,62 @@ def _metrics_from_logits(logits: Tensor, labels: np.ndarray, n_bins: int, strate
     }
 
 
+def _scaled_block(block: Tensor, scaler: "TemperatureScaler | None", dtype: torch.dtype) -> Tensor:
+    """``scaler.transform(block)`` computed in ``dtype`` (the dtype the all-logits path uses for
+    the whole matrix, so streamed and in-memory results agree), as float32."""
+    z = block.to(dtype)
+    if scaler is not None:
+        if scaler.mode == "temperature":
+            z = z / scaler.temperature_
+        else:
+            z = z * torch.as_tensor(scaler.scale_, dtype=dtype, device=z.device) \
+                + torch.as_tensor(scaler.bias_, dtype=dtype, device=z.device)
+    return z.float()
+
+
+def _streamed_row_stats(logits: "Tensor | LogitStore", labels: np.ndarray | None,
+                        scalers: dict[str, "TemperatureScaler | None"]) -> dict[str, dict[str, np.ndarray]]:
+    """One pass over the rows of ``logits``: per row and per scaler (None = raw logits) the top
+    probability ``confidence``, ``prediction``, and with labels ``log_p_true`` and the Brier term
+    ``sum_c p_c^2 - 2 p_label + 1``. Memory: one block of rows (and [N] vectors)."""
+    dtype = _compute_dtype(logits.numel())
+    y = None if labels is None else torch.from_numpy(labels)
+    keys = ("confidence", "prediction", "log_p_true", "brier") if y is not None else ("confidence", "prediction")
+    parts: dict[str, dict[str, list[Tensor]]] = {name: {k: [] for k in keys} for name in scalers}
+    start = 0
+    for block in _logit_blocks(logits):
+        y_block = None if y is None else y[start:start + block.shape[0]].to(block.device)
+        start += block.shape[0]
+        for name, scaler in scalers.items():
+            log_p = _scaled_block(block, scaler, dtype).log_softmax(dim=1)
+            top_log_p, prediction = log_p.max(dim=1)
+            part = parts[name]
+            part["confidence"].append(top_log_p.exp().cpu())
+            part["prediction"].append(prediction.cpu())
+            if y_block is not None:
+                log_p_true = log_p.gather(1, y_block[:, None])[:, 0]
+                part["log_p_true"].append(log_p_true.cpu())
+                part["brier"].append((log_p.exp().pow(2).sum(dim=1) - 2 * log_p_true.exp() + 1).cpu())
+            del log_p
+    return {name: {k: torch.cat(v).numpy() for k, v in part.items()} for name, part in parts.items()}
+
+
+def _metrics_from_stats(stats: dict[str, np.ndarray], labels: np.ndarray, n_bins: int, strategy: str
+                        ) -> dict[str, float]:
+    """accuracy, NLL, ECE, MCE and Brier from :func:`_streamed_row_stats` (as :func:`_metrics_from_logits`)."""
+    confidence = stats["confidence"].astype(np.float64)
+    correct = stats["prediction"] == labels
+    _, count, mean_conf, accuracy, _ = _binned(confidence, correct, n_bins, strategy)
+    filled = count > 0
+    return {
+        "accuracy": float(correct.mean()),
+        "nll": float(-stats["log_p_true"].astype(np.float64).mean()),
+        "ece": _ece_from_bins(count, mean_conf, accuracy),
+        "mce": float(np.max(np.abs(accuracy[filled] - mean_conf[filled]))),
+        "brier": float(stats["brier"].astype(np.float64).mean()),
+    }
+
+
 @dataclass
 class ScalingResult:
     """Temperature (or vector) scaling fitted on a validation split, measured on a test split."""
@@ -1035,6 +1164,17 @@ def evaluate_temperature_scaling(val_logits: Float[ArrayLike, "n_val c"], val_la
     if val_logits is test_logits:
         raise ValueError("val_logits and test_logits are the same object; expected disjoint validation and test splits")
     scaler = TemperatureScaler(mode=mode).fit(val_logits, val_labels)
+    if isinstance(test_logits, LogitStore):  # streamed: one pass over the stored test logits
+        _check_logits_source(test_logits, "test_logits")
+        if test_logits.n_classes != scaler.n_classes_:
+            raise ValueError(f"test_logits has {test_logits.n_classes} classes; expected {scaler.n_classes_} like "
+                             "val_logits")
+        y_test = _class_labels(test_labels, test_logits.n_classes, "test_labels")
+        _check_same_length(test_logits, "test_logits", y_test, "test_labels")
+        stats = _streamed_row_stats(test_logits, y_test, {"before": None, "after": scaler})
+        return ScalingResult(scaler=scaler, before=_metrics_from_stats(stats["before"], y_test, n_bins, strategy),
+                             after=_metrics_from_stats(stats["after"], y_test, n_bins, strategy),
+                             n_val=len(_to_numpy(val_labels, "val_labels")), n_test=len(y_test))
     z_test = _logits_tensor(test_logits, "test_logits")
     if z_test.shape[1] != scaler.n_classes_:
         raise ValueError(f"test_logits has {z_test.shape[1]} classes; expected {scaler.n_classes_} like val_logits")
@@ -1141,7 +1281,13 @@ def confidence_from_logits(logits: Float[ArrayLike, "n c"], scaler: TemperatureS
                            chunk_size: int = 4096) -> Float[np.ndarray, " n"]:
     """Top-label confidence ``max softmax(logits)`` [N], after ``scaler.transform`` when given.
 
-    Works in chunks of ``chunk_size`` rows without a float64 [N, C] copy (LM vocabularies)."""
+    Works in chunks of ``chunk_size`` rows without a float64 [N, C] copy (LM vocabularies);
+    ``logits`` may be a :class:`~interp_lib.streaming.LogitStore`."""
+    if isinstance(logits, LogitStore):
+        _check_logits_source(logits)
+        dtype = _compute_dtype(logits.numel())
+        return torch.cat([_scaled_block(block, scaler, dtype).softmax(dim=1).max(dim=1).values.double()
+                          for block in logits.blocks()]).numpy()
     z = _logits_tensor(logits)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r}: expected a positive integer")
@@ -1166,7 +1312,8 @@ def next_token_confidence(model: Any, tokens: Int[Tensor, "batch pos"], scaler: 
     frames = []
     for start in range(0, tokens.shape[0], batch_size):
         batch = tokens[start:start + batch_size]
-        predictions = next_token_predictions(model, batch, batch_size=batch_size, keep_logits=scaler is not None)
+        predictions = next_token_predictions(model, batch, batch_size=batch_size,
+                                             keep_logits="memory" if scaler is not None else False)
         frame = pd.DataFrame({"group": predictions.group + start, "position": predictions.position,
                               "confidence": predictions.confidence, "correct": predictions.correct})
         if scaler is not None:
@@ -1243,14 +1390,31 @@ def temperature_scaling_report(val: Predictions, test: Predictions, n_bins: int 
         raise ValueError("val and test are the same Predictions; expected disjoint validation and test splits")
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 2:
         raise ValueError(f"n_boot={n_boot!r}: expected an integer >= 2")
-    result = evaluate_temperature_scaling(val.logits, val.labels, test.logits, test.labels,
-                                          n_bins=n_bins, strategy="uniform", mode=mode)
-    scaler = result.scaler
-    test_scaled = confidence_from_logits(test.logits, scaler)
-    test_raw = confidence_from_logits(test.logits)
-    # with mode="vector" the argmax may change; correctness is that of the scaled prediction then
-    correct_after = test.correct if mode == "temperature" else (
-        scaler.transform(test.logits).argmax(dim=1).cpu().numpy() == test.labels)
+    if isinstance(val.logits, LogitStore) or isinstance(test.logits, LogitStore):
+        # streamed: the scaler is fitted through the stored validation logits, then one pass over
+        # each split gives every per-row number the report needs
+        scaler = TemperatureScaler(mode=mode).fit(val.logits, val.labels)
+        y_test = _class_labels(test.labels, scaler.n_classes_, "test.labels")
+        test_stats = _streamed_row_stats(test.logits, y_test, {"before": None, "after": scaler})
+        val_stats = _streamed_row_stats(val.logits, None, {"before": None, "after": scaler})
+        result = ScalingResult(scaler=scaler, before=_metrics_from_stats(test_stats["before"], y_test, n_bins, "uniform"),
+                               after=_metrics_from_stats(test_stats["after"], y_test, n_bins, "uniform"),
+                               n_val=len(val), n_test=len(test))
+        test_raw = test_stats["before"]["confidence"].astype(np.float64)
+        test_scaled = test_stats["after"]["confidence"].astype(np.float64)
+        val_raw = val_stats["before"]["confidence"].astype(np.float64)
+        val_scaled = val_stats["after"]["confidence"].astype(np.float64)
+        correct_after = test.correct if mode == "temperature" else test_stats["after"]["prediction"] == y_test
+    else:
+        result = evaluate_temperature_scaling(val.logits, val.labels, test.logits, test.labels,
+                                              n_bins=n_bins, strategy="uniform", mode=mode)
+        scaler = result.scaler
+        test_scaled = confidence_from_logits(test.logits, scaler)
+        test_raw = confidence_from_logits(test.logits)
+        val_raw, val_scaled = confidence_from_logits(val.logits), confidence_from_logits(val.logits, scaler)
+        # with mode="vector" the argmax may change; correctness is that of the scaled prediction then
+        correct_after = test.correct if mode == "temperature" else (
+            scaler.transform(test.logits).argmax(dim=1).cpu().numpy() == test.labels)
     rows = {}
     for stage, confidence, correct, measured in (("before", test_raw, test.correct, result.before),
                                                  ("after", test_scaled, correct_after, result.after)):
@@ -1275,8 +1439,7 @@ def temperature_scaling_report(val: Predictions, test: Predictions, n_bins: int 
     reliability = {"before": reliability_data(test_raw, test.correct, n_bins),
                    "after": reliability_data(test_scaled, correct_after, n_bins)}
     return CalibrationReport(scaler=scaler, metrics=metrics, ece_ci=ece_ci, reliability=reliability,
-                             val_confidence=confidence_from_logits(val.logits),
-                             val_confidence_scaled=confidence_from_logits(val.logits, scaler),
+                             val_confidence=val_raw, val_confidence_scaled=val_scaled,
                              val_correct=val.correct.copy(), test_confidence=test_raw,
                              test_confidence_scaled=test_scaled, test_correct=np.asarray(correct_after).copy(),
                              n_bins=n_bins, val_group=val.group.copy(), test_group=test.group.copy())

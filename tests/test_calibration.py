@@ -380,7 +380,7 @@ def test_next_token_predictions_masks_padding_and_bounds_memory(tiny, windows):
     masked = cal.next_token_predictions(tiny, windows, attention_mask=mask)
     assert len(masked) == windows.shape[0] * (windows.shape[1] - 6) and masked.position.max() == windows.shape[1] - 7
     with pytest.raises(ValueError, match="GiB > max_logits_bytes"):
-        cal.next_token_predictions(tiny, windows, max_logits_bytes=1000)
+        cal.next_token_predictions(tiny, windows, keep_logits="memory", max_logits_bytes=1000)
     with pytest.raises(ValueError, match=r"tokens has shape \(3, 1\)"):
         cal.next_token_predictions(tiny, torch.zeros(3, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="batch_size=0"):

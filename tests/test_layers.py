@@ -28,7 +28,7 @@ PACKAGE = "interp_lib"
 # Lowest first: a module may import modules of its own layer or a lower one, never a higher one.
 # A name covers the module and, for a package, everything in it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("interp_lib", "models", "data", "units", "paths", "artifacts", "errors", "runtime",
+    ("foundation", ("interp_lib", "models", "data", "units", "paths", "artifacts", "errors", "runtime", "streaming",
                     "checkpoint", "safe_serialize", "signing", "versions", "display")),
     ("analyses", ("calibration", "selective", "attribution", "patching", "heads", "probing", "stats",
                   "explain")),

@@ -57,7 +57,7 @@ def windows(smollm2):
 
 @pytest.fixture(scope="module")
 def predictions(smollm2, windows):
-    return {split: C.next_token_predictions(smollm2, tokens, batch_size=4, keep_logits=True)
+    return {split: C.next_token_predictions(smollm2, tokens, batch_size=4, keep_logits="memory")
             for split, tokens in windows.items()}
 
 
