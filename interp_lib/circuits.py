@@ -510,12 +510,14 @@ def _accumulate(model, graph: EdgeGraph, tokens: Tensor, rows: Tensor, metric: C
         logits = model.run_with_hooks(tokens, fwd_hooks=list(extra_hooks) + [(g[0], probe(g[0])) for g in groups])
         values = _metric_values(metric, logits, rows)
         grads = torch.autograd.grad(values.sum(), [probes[g[0]] for g in groups], allow_unused=True)
+    b, p, _, d = diff.shape
+    flat = diff[:, :, lo:hi].permute(0, 2, 1, 3).reshape(b, hi - lo, p * d)   # once: [prompt, upstream, pos*d]
     for (name, start, count, prefix), grad in zip(groups, grads):
         if grad is None:
             continue
-        grad = grad if grad.ndim == 4 else grad.unsqueeze(2)
+        grad = grad if grad.ndim == 4 else grad.unsqueeze(2)                   # [prompt, pos, n, d]
         top = min(prefix, hi)
-        part = torch.einsum("bpud,bpnd->bun", diff[:, :, lo:top].to(grad.dtype), grad)
+        part = torch.bmm(flat[:, :top - lo].to(grad.dtype), grad.permute(0, 1, 3, 2).reshape(b, p * d, count))
         out[:, lo:top, start:start + count] += weight * part.detach().float().cpu()
     return values.detach().float().cpu()
 
@@ -728,21 +730,25 @@ def _patched_run(model, graph: EdgeGraph, tokens: Tensor, rows: Tensor, corrupte
     n_circuits, (b, p, n_up, d) = cut.shape[0], corrupted_out.shape
     device = corrupted_out.device
     cut = cut.to(device=device, dtype=corrupted_out.dtype)
-    gap = torch.zeros(n_circuits, b, p, n_up, d, device=device, dtype=corrupted_out.dtype)
+    # upstream-major, so that the nodes before a downstream input are one contiguous slice
+    gap = torch.zeros(n_circuits, n_up, b * p * d, device=device, dtype=corrupted_out.dtype)
+    corrupted_flat = corrupted_out.permute(2, 0, 1, 3).reshape(n_up, b * p * d)
 
     def record(start, count):
         def hook(act, hook):
-            act = act if act.ndim == 4 else act.unsqueeze(2)
-            gap[:, :, :, start:start + count] = corrupted_out[None, :, :, start:start + count] - act.view(n_circuits, b, p, count, d)
+            act = (act if act.ndim == 4 else act.unsqueeze(2)).view(n_circuits, b, p, count, d)
+            gap[:, start:start + count] = corrupted_flat[None, start:start + count] - \
+                act.permute(0, 3, 1, 2, 4).reshape(n_circuits, count, b * p * d)
         return hook
 
     def patch(start, count, prefix):
-        weights = cut[:, :prefix, start:start + count]
+        weights = cut[:, :prefix, start:start + count].transpose(1, 2).contiguous()   # [circuit, n, prefix]
         if not bool(weights.any()):
             return None
 
         def hook(act, hook):
-            delta = torch.einsum("cbpud,cun->cbpnd", gap[:, :, :, :prefix], weights).reshape(n_circuits * b, p, count, d)
+            delta = torch.bmm(weights, gap[:, :prefix]).view(n_circuits, count, b, p, d)
+            delta = delta.permute(0, 2, 3, 1, 4).reshape(n_circuits * b, p, count, d)
             return act + (delta if act.ndim == 4 else delta[:, :, 0])
         return hook
 
