@@ -60,6 +60,7 @@ def main(argv=None) -> None:
     graph = C.edge_graph(model)
     clean, corrupted, metric = task(model, args.prompts, args.length, args.seed)
     C.check_edge_hooks(model)  # once per model, outside the timings
+    C.edge_scores(model, clean[:1], corrupted[:1], metric, "eap", progress=False)  # warm-up: first autograd pass
     subset = graph.valid.clone()
     if args.exact_edges and args.exact_edges < graph.n_edges:
         u, v = graph.valid.nonzero(as_tuple=True)
