@@ -9,7 +9,7 @@ Layers (imports point down only; ``tests/test_layers.py`` checks it):
    run manifests), ``errors``, ``runtime`` (Colab, every ``"auto"``), ``checkpoint``,
    ``safe_serialize``, ``versions``, ``display`` (tables), ``streaming`` (logits on disk, work sizes);
 2. analyses: ``calibration``, ``selective``, ``attribution``, ``patching``, ``heads``, ``probing``,
-   ``stats``, ``explain``;
+   ``stats``, ``explain``, ``circuits``;
 3. figures: ``plots``;
 4. notebook glue: ``claims``, ``findings``, ``notebook``, ``results``;
 5. commands: ``runner``, ``tasks``, ``cluster``, ``cli``.
@@ -23,7 +23,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "artifacts", "attribution", "calibration", "checkpoint", "claims", "cli", "cluster", "data", "display",
+    "artifacts", "attribution", "calibration", "checkpoint", "circuits", "claims", "cli", "cluster", "data", "display",
     "errors", "explain", "findings", "heads", "models", "notebook", "patching", "paths", "plots", "probing", "results",
     "runner", "runtime", "selective", "stats", "streaming", "tasks", "units", "versions",
 }

@@ -772,3 +772,42 @@ class _Summary:
 
     def __repr__(self) -> str:
         return "\n".join(self._lines()) + "\n\n" + self.table.to_text()
+
+
+# --------------------------------------------------------------------------------------------
+# Circuits (notebook 10): edge attribution patching, faithfulness and its resampling spread
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["circuit", "circuit_heads_known"]
+
+
+def circuit(n_edges: int, n_total: int, faithfulness: float, interval: Sequence[float], n_core: int,
+            core_faithfulness: float, method: str, stable: float = 0.9, confidence: float = 0.95) -> str:
+    """The circuit's size, its faithfulness with a bootstrap interval over prompts, and its stable
+    core (edges kept in at least ``stable`` of the resamples), with a verdict on each."""
+    low, high = (float(v) for v in interval)
+    text = (f"{method.upper()} picks a circuit of {n_edges} of {n_total} edges ({_pct(n_edges / max(n_total, 1))}); "
+            f"with every other edge patched from the corrupted run it restores {_pct(faithfulness, 0)} of the "
+            f"clean metric ({confidence:.0%} interval over resampled prompts {_pct(low, 0)} to {_pct(high, 0)}).")
+    share = n_core / max(n_edges, 1)
+    text += (f" Its stable core (edges in at least {stable:.0%} of the resamples) has {n_core} edges "
+             f"({_pct(share, 0)} of the circuit) and alone restores {_pct(core_faithfulness, 0)}.")
+    if low < 0.5:
+        text += " The interval reaches below 50%: on other prompts from the same task the circuit may not hold."
+    elif share < 0.5:
+        text += " Most of the circuit's edges change when the prompts are resampled: only the core is a finding."
+    else:
+        text += " Both the faithfulness and most of the edges survive resampling the prompts."
+    return text
+
+
+def circuit_heads_known(found: Sequence[str], classes: Mapping[str, Sequence[str]]) -> str:
+    """Which heads of a circuit belong to published head classes (e.g. Wang et al.'s IOI circuit)."""
+    known = {head: name for name, heads in classes.items() for head in heads}
+    hits = [f"{head} ({known[head]})" for head in found if head in known]
+    if not found:
+        return "The circuit contains no attention head."
+    if not hits:
+        return f"None of the circuit's {len(found)} heads is in a published class."
+    return (f"{len(hits)} of the circuit's {len(found)} heads are in a published class: {', '.join(hits)}; "
+            f"{len(set(known) - set(found))} published heads are not in it.")

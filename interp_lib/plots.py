@@ -616,3 +616,28 @@ def claims_forest(table, title: str | None = None):
         xaxis_title="value (each row in its claim's own unit)", yaxis=dict(autorange="reversed"),
         height=max(260, 60 + 48 * len(shown)), width=_width(FIGURE_WIDTH))
     return fig
+
+
+def faithfulness_curve(*curves, title: str | None = None):
+    """Faithfulness against circuit size (fraction of edges, log axis) for one or more
+    :func:`interp_lib.circuits.faithfulness_curve` frames (e.g. MIB's ``cmd_curve`` and
+    ``cpr_curve``: circuits ranked by |score| and by signed score); 1 = the clean model."""
+    import plotly.graph_objects as go
+
+    if not curves:
+        raise ValueError("faithfulness_curve needs at least one curve (a circuits.faithfulness_curve frame)")
+    fig = go.Figure()
+    for i, curve in enumerate(curves):
+        missing = {"fraction", "n_edges", "faithfulness"} - set(curve.columns)
+        if missing:
+            raise ValueError(f"curve {i} lacks columns {sorted(missing)}: expected a circuits.faithfulness_curve frame")
+        shown = curve[curve["fraction"] > 0]
+        name = ["ranked by |score|", "ranked by signed score"][i] if len(curves) == 2 else f"curve {i}"
+        fig.add_trace(go.Scatter(x=shown["fraction"], y=shown["faithfulness"], mode="lines+markers", name=name,
+                                 customdata=shown["n_edges"],
+                                 hovertemplate="%{customdata} edges (%{x:.1%})<br>faithfulness %{y:.3f}<extra></extra>"))
+    fig.add_hline(y=1.0, line=dict(color="#888", dash="dot"), annotation_text="clean model")
+    fig.update_xaxes(type="log")
+    fig.update_layout(title=title, xaxis_title="circuit size (fraction of edges)", yaxis_title="faithfulness",
+                      height=420, width=640, legend=dict(orientation="h", y=-0.25))
+    return fig

@@ -103,6 +103,13 @@ HEADLINES: dict[str, tuple[str, Sequence[str | tuple[str, ...]]]] = {
         "wide as resampling tokens; debiased L2 calibration error {ece_debiased_l2:.4f} vs binned "
         "{ece_binned_l2:.4f}.",
     ]),
+    "10_circuits": ("Circuits", [
+        "A circuit of {circuit_edges:.0f} of {n_edges_total:.0f} edges restores {circuit_faithfulness:.0%} of the "
+        "clean metric under true edge patching (95% interval over resampled prompts "
+        "{circuit_faithfulness_ci_low:.0%} to {circuit_faithfulness_ci_high:.0%}); its stable core of "
+        "{stable_core_edges:.0f} edges restores {stable_core_faithfulness:.0%}.",
+        "MIB: CPR {cpr:.3f} (higher is better), CMD {cmd:.3f} (lower is better).",
+    ]),
     "08_head_taxonomy": ("Head taxonomy", [
         "{families:.0f} families covering {coverage:.0%} of the heads; text and behaviour "
         "clusterings agree with ARI {text_vs_behaviour_ari:.2f}.",

@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("interp_lib", "models", "data", "units", "paths", "artifacts", "errors", "runtime", "streaming",
                     "checkpoint", "safe_serialize", "signing", "versions", "display")),
     ("analyses", ("calibration", "selective", "attribution", "patching", "heads", "probing", "stats",
-                  "explain")),
+                  "explain", "circuits")),
     ("figures", ("plots",)),
     ("notebook glue", ("claims", "findings", "notebook", "results")),
     ("commands", ("runner", "notebook_params", "tasks", "cluster", "cli")),

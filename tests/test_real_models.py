@@ -340,6 +340,30 @@ def test_notebooks_03_and_04_run_their_ioi_branch_on_a_gpt2_architecture_model(r
     assert json.loads((out / "seed-0" / "metrics" / "03_logit_lens_and_dla.json").read_text())["metrics"]["dla_sum_error"] < 1e-3
 
 
+def test_notebook_10_finds_a_circuit_on_smollm2(smollm2_location, tmp_path):
+    """Notebook 10 end to end on SmolLM2 through the runner (repeat task; "auto" work sizes shrink
+    on a CPU: 4 prompts, 8 resamples; 3 EAP-IG steps): the edge graph has the grouped-query
+    layout (30 layers, 9 query and 3 key / value heads, one MLP each: 70,651 edges), the circuit
+    is the smallest of the size grid restoring 80%, and the bootstrap reports an interval and a
+    stable core. Measured here: 43,480 edges, faithfulness 0.92 [0.65, 1.08], core 19,403 edges
+    restoring 0.20 (about 4 CPU minutes)."""
+    import subprocess
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "interp_lib.cli", "run", "10", "--model", "smollm2-135m",
+                           "--out", str(out), "--no-progress", "-p", "ig_steps", "3"],
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((out / "seed-0" / "metrics" / "10_circuits.json").read_text())["metrics"]
+    per_layer = lambda layer: (9 + 3 + 3) * (1 + 10 * layer) + (1 + 10 * layer + 9)  # noqa: E731
+    assert metrics["n_edges_total"] == sum(per_layer(layer) for layer in range(30)) + 301 == 70651
+    assert 0 < metrics["circuit_edges"] < metrics["n_edges_total"]
+    assert metrics["circuit_faithfulness"] >= 0.8 - 1e-6
+    assert metrics["circuit_faithfulness_ci_low"] <= metrics["circuit_faithfulness_ci_high"]
+    assert 0 <= metrics["stable_core_edges"] <= metrics["n_edges_total"]
+    assert math.isfinite(metrics["cpr"]) and metrics["cmd"] >= 0
+
+
 # --------------------------------------------------------------------------------------------
 # Any local .gguf file; fetching errors
 # --------------------------------------------------------------------------------------------
