@@ -145,12 +145,18 @@ SCHEMA: dict[str, dict[str, Param]] = {
     "09_claims": {"dataset": _DATASET, "window_len": _int(4), "n_windows": _int(2), "n_runs": _int(2),
                   "n_boot": _int(1), "n_perm": _int(1), "base_url": Param("url", choices=("none", "")),
                   "explain_windows": _int(1)},
+    "10_circuits": {"task": _choice("auto", "ioi", "repeat"), "n_prompts": _int(2, auto=True),
+                    "repeat_length": _int(2, auto=True),
+                    "method": _choice("eap", "eap-ig-inputs", "eap-ig-activations"), "ig_steps": _int(1),
+                    "circuit_edges": _int(1, auto=True), "n_resamples": _int(1, auto=True),
+                    "stable": _float(0, 1, low_open=True)},
 }
 # What "auto" means for model_name offline, per notebook (for the layer bounds).
 _OFFLINE_MODEL = {"00_tour": "toy-lm", "01_calibration": "toy-lm", "02_selective_prediction": "toy-lm",
                   "03_logit_lens_and_dla": "toy-2l", "04_activation_patching": "toy-2l",
                   "05_induction_and_qk": "toy-2l", "06_positional_probing": "toy-lm",
-                  "07_head_explainer": "toy-2l", "08_head_taxonomy": "toy-2l", "09_claims": "toy-2l"}
+                  "07_head_explainer": "toy-2l", "08_head_taxonomy": "toy-2l", "09_claims": "toy-2l",
+                  "10_circuits": "toy-2l"}
 
 _HEADS_RE = re.compile(r"\s*(all|L\d+H\d+(\s*,\s*L\d+H\d+)*)\s*")
 _MODEL_NAME_RE = re.compile(r"[\w./@:+-]+")
