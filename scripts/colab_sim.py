@@ -341,7 +341,8 @@ def test(venv: Path, work: Path, notebooks: list[str], oracle: bool) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("steps", nargs="*", default=["build", "install", "test"], choices=["build", "install", "test"])
+    # no `choices` with nargs="*": Python 3.11's argparse checks the list default against them
+    parser.add_argument("steps", nargs="*", help="build, install and / or test (default: all three)")
     parser.add_argument("--venv", type=Path, default=ROOT / ".venv-colab")
     parser.add_argument("--runtime", type=Path, default=ROOT / COLAB_RUNTIME)
     parser.add_argument("--wheel-dir", type=Path, help="a `make colab-bundle` folder (default: build one)")
@@ -350,6 +351,10 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", metavar="GIT_REF",
                         help="also show what the install command of this commit would change (dry run)")
     args = parser.parse_args(argv)
+    args.steps = args.steps or ["build", "install", "test"]
+    unknown = sorted(set(args.steps) - {"build", "install", "test"})
+    if unknown:
+        parser.error(f"steps={unknown}: expected build, install or test")
     args.venv = args.venv.resolve()
     work = args.venv / "colab-sim"
     start = time.time()
