@@ -183,8 +183,10 @@ def test_chunking_and_metric_positions_do_not_change_results(tiny):
     reference = P.activation_patch(tiny, clean, corrupted, metric, "z", patches_per_batch=1)
     tiny_budget = P.activation_patch(tiny, clean, corrupted, metric, "z", memory_limit_mb=0.05)
     plain = P.activation_patch(tiny, clean, corrupted, lambda logits: metric(logits))  # no reads_positions
+    # Chunks of other sizes reduce in another order: float32 noise only (torch 2.11, Colab's, differs
+    # by 1.5e-5 on 2 of 56 cells of about 0.7); a chunking bug moves cells by their own size.
     for other in (tiny_budget, plain):
-        torch.testing.assert_close(other, reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(other, reference, atol=5e-5, rtol=0)
     # Positions before the first corrupted token cannot change anything: exactly the corrupted run.
     assert torch.all(reference[:, 0] == 0)
 
