@@ -604,6 +604,10 @@ class TemperatureScaler:
         n_classes_: number of classes seen in fit.
     """
 
+    # what a checkpoint stores and rebuilds (safe_serialize: declared fields only)
+    __stored_fields__ = ("mode", "max_iter", "lr", "line_search_fn", "temperature_", "scale_", "bias_",
+                         "n_classes_", "nll_before_", "nll_after_", "fallback_reason_")
+
     def __init__(self, mode: Literal["temperature", "vector"] = "temperature", max_iter: int = 100,
                  lr: float = 1.0, line_search_fn: str | None = "strong_wolfe"):
         if mode not in ("temperature", "vector"):

@@ -52,6 +52,15 @@ _PATH_TYPES = {cls.__name__: cls for cls in (Path, PurePath, PurePosixPath, Pure
 _TRUSTED_PACKAGES = ("interp_lib",)
 
 
+def _declared_fields(cls: type) -> tuple[str, ...]:
+    """The fields an ``interp_lib`` class that is not a dataclass declares as its stored state
+    (``__stored_fields__``, e.g. a fitted TemperatureScaler); empty for any other class."""
+    names = vars(cls).get("__stored_fields__") if _trusted_module(cls.__module__) else None
+    if not isinstance(names, tuple) or not all(isinstance(n, str) and n.isidentifier() for n in names):
+        return ()
+    return names
+
+
 def _has_finalizer(cls: type) -> bool:
     return any("__del__" in vars(c) for c in cls.__mro__ if c is not object)
 
@@ -262,7 +271,7 @@ class _Encoder:
                                 or cls.__name__ in ("builtin_function_or_method", "method")):
             raise TypeError(f"{path} is a function or class ({value!r}): not storable; store "
                             "its result or its name")
-        if not dataclasses.is_dataclass(value):
+        if not (dataclasses.is_dataclass(value) or _declared_fields(cls)):
             raise TypeError(f"{path} is a {_class_name(cls)}: not storable without pickle "
                             "(store tensors, arrays, DataFrames, dataclasses or plain values; "
                             "an object is stored only as a dataclass, by its declared fields)")
@@ -272,7 +281,8 @@ class _Encoder:
         if cls.__new__ is not object.__new__ or "<locals>" in cls.__qualname__:
             raise TypeError(f"{path} is a {_class_name(cls)}: only module-level classes without "
                             "a custom __new__ can be stored")
-        names = [f.name for f in dataclasses.fields(value)]
+        names = [f.name for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value) \
+            else list(_declared_fields(cls))
         state = {n: getattr(value, n) for n in names if hasattr(value, n)}
         return {_TAG: "object", "cls": _class_name(cls),
                 "state": {k: self.encode(v, f"{path}.{k}") for k, v in state.items()}}
@@ -497,23 +507,25 @@ class _Decoder:
         cls = _find_class(node["cls"])
         # only declared result types: dataclasses, by their declared fields; nothing that holds a
         # live resource (a rebuilt AnswerStore's __del__ once took a RunLock at a path in the file)
-        if not dataclasses.is_dataclass(cls) or issubclass(cls, (type, enum.Enum, BaseException)) \
-                or _has_finalizer(cls):
+        if not (dataclasses.is_dataclass(cls) or _declared_fields(cls)) \
+                or issubclass(cls, (type, enum.Enum, BaseException)) or _has_finalizer(cls):
             raise ValueError(f"class {node['cls']!r} may not be rebuilt from a file (only "
-                             "dataclasses without __del__ are)")
+                             "dataclasses and interp_lib classes declaring __stored_fields__, "
+                             "without __del__, are)")
         if cls.__new__ is not object.__new__:
             raise ValueError(f"class {node['cls']!r} has a custom __new__: not rebuilt")
         state = node["state"]
         if not isinstance(state, dict):
             raise ValueError(f"bad state for {node['cls']!r}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        fields = ({f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls)
+                  else {name: None for name in _declared_fields(cls)})
         unknown = sorted(str(k) for k in state if k not in fields)
         if unknown:
             raise ValueError(f"{node['cls']!r} declares no field {unknown[0]!r}: not rebuilt")
         obj = object.__new__(cls)
         values = {str(k): self.decode(v) for k, v in state.items()}
         for name, spec in fields.items():  # a field stored by an older version: its default
-            if name not in values:
+            if name not in values and spec is not None:
                 if spec.default is not dataclasses.MISSING:
                     values[name] = spec.default
                 elif spec.default_factory is not dataclasses.MISSING:

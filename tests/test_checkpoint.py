@@ -579,3 +579,25 @@ def test_auto_resolution_lives_in_runtime(tmp_path, monkeypatch):
     assert il.notebook.resolve_model_name is runtime.resolve_model_name
     assert il.calibration.resolve_compare_models is runtime.resolve_compare_models
     assert il.selective.resolve_ensemble_members is runtime.resolve_ensemble_members
+
+
+def test_a_fitted_temperature_scaler_round_trips_by_its_declared_fields_only():
+    """Notebooks 01 / 02 checkpoint a fitted TemperatureScaler (not a dataclass): it is stored
+    and rebuilt by its ``__stored_fields__``, transforms as before, and a field it does not
+    declare is refused on load."""
+    import json
+
+    import interp_lib.safe_serialize as S
+    from interp_lib.calibration import TemperatureScaler
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 7, generator=gen) * 3
+    labels = torch.randint(0, 7, (200,), generator=gen)
+    scaler = TemperatureScaler().fit(logits, labels)
+    back = S.loads(S.dumps({"scaler": scaler}))["scaler"]
+    assert isinstance(back, TemperatureScaler) and back.temperature_ == scaler.temperature_
+    torch.testing.assert_close(back.transform(logits), scaler.transform(logits), atol=0, rtol=0)
+
+    node = {S._TAG: "object", "cls": "interp_lib.calibration:TemperatureScaler", "state": {"_lock": None}}
+    with pytest.raises(ValueError, match="declares no field"):
+        S._Decoder({}).decode(node)
