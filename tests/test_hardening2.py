@@ -611,7 +611,7 @@ def test_21_ctrl_c_while_a_batch_is_polled_is_one_line_and_keeps_the_batch_id(tm
         assert server.batches, "the run never submitted a batch"
         time.sleep(0.5)  # polling now
         process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=60)
+        stdout, stderr = process.communicate(timeout=180)
     finally:
         if process.poll() is None:
             process.kill()
