@@ -211,26 +211,27 @@ def _rank_trend(x, y, what: str, against: str, units: str) -> str:
     return f"no trend of {what} with {against} (Spearman {rho:+.2f}, n = {n}, p = {p:.3f})"
 
 
-def _spearman(x, y) -> tuple[float, float]:
-    from scipy import stats
-
+def _correlation(test, x, y) -> tuple[float, float]:
+    """``test`` (scipy.stats.spearmanr / pearsonr) of x and y: (statistic, p); NaN for fewer
+    than 3 pairs or a constant side, where neither is defined."""
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return math.nan, math.nan
-    result = stats.spearmanr(x, y)
+    result = test(x, y)
     return float(result.statistic), float(result.pvalue)
+
+
+def _spearman(x, y) -> tuple[float, float]:
+    from scipy import stats
+
+    return _correlation(stats.spearmanr, x, y)
 
 
 def _pearson(x, y) -> tuple[float, float]:
     from scipy import stats
 
-    x = np.asarray(x, dtype=float)
-    y = np.asarray(y, dtype=float)
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan, math.nan
-    result = stats.pearsonr(x, y)
-    return float(result.statistic), float(result.pvalue)
+    return _correlation(stats.pearsonr, x, y)
 
 
 # -------------------------------------------------------------------------------- 02 selective
