@@ -8,7 +8,6 @@ Real files, real symlinks, real subprocesses and real HTTP servers on 127.0.0.1;
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,24 +17,14 @@ import torch
 
 from interp_lib.checkpoint import Checkpointer
 
+from test_hardening import _cli, _env  # the first round's CLI runner
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--model", "toy-2l", "--windows", "12", "--window-len", "16", "--top-k", "4",
          "--n-random", "3", "--n-quantile", "2", "--batch-size", "6", "--no-progress"]
 PLANTED = "sk-PLANTED-hardening2-0123456789abcdef"
 LLM_FLAGS = ["--explainer", "test-model", "--scorers", "contrastive", "--refine-rounds", "0",
              "--skip", "taxonomy", "--max-retries", "1", "--timeout", "20"]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(extra)
-    return env
-
-
-def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "interp_lib.cli", *args], env=env or _env(),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def _files_containing(root: Path, needle: str) -> list[Path]:
